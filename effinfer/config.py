@@ -1,0 +1,111 @@
+"""One configuration source: dataclass sub-configs composed into `EngineConfig`.
+
+Every field has a one-line docstring and is validated in `__post_init__` with a message that names the
+bad value and the fix. `EngineConfig.from_kwargs` takes flat field names (`LLM(model, max_num_seqs=8)`),
+and the CLI derives its flags from the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from effinfer.loader.catalog import DEFAULT_MODEL
+from effinfer.utils import DTYPES
+
+
+@dataclass
+class ModelConfig:
+    model: str = DEFAULT_MODEL
+    """Catalog name, GGUF file or Hugging Face folder."""
+    dtype: str = "bfloat16"
+    """Weight and activation dtype: bfloat16, float32 or float16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    cache_dir: str | None = None
+    """Where pulled models are kept (default: $EFFINFER_CACHE_DIR or ~/.cache/effinfer)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory for the KV-cache block pool, in GiB."""
+    num_blocks: int | None = None
+    """Exact number of blocks; overrides kv_cache_memory_gb when set."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of equal prompt prefixes across requests."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two, e.g. 16")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be positive")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks={self.num_blocks} must be at least 1")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most requests in the running batch."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks and decodes together)."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); default: the model's context length, capped by the cache."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps so running decodes keep flowing."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be at least 2")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 0
+    """Seed of the engine's global RNG (requests without their own seed draw from it)."""
+    show_progress: bool = True
+    """Progress bars while pulling and loading."""
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Route flat field names to their sub-config; unknown names list the valid ones."""
+        sub_kwargs: dict[str, dict] = {name: {} for name in SUB_CONFIGS}
+        top = {}
+        for key, value in kwargs.items():
+            owner = next((name for name, sub in SUB_CONFIGS.items() if key in _field_names(sub)), None)
+            if owner is not None:
+                sub_kwargs[owner][key] = value
+            elif key in all_option_names():
+                top[key] = value
+            else:
+                raise TypeError(f"unknown engine option {key!r}; valid options: {', '.join(sorted(all_option_names()))}")
+        return cls(**{g: SUB_CONFIGS[g](**kw) for g, kw in sub_kwargs.items()}, **top)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def all_option_names() -> set[str]:
+    top = _field_names(EngineConfig) - set(SUB_CONFIGS)
+    return top.union(*(_field_names(c) for c in SUB_CONFIGS.values()))

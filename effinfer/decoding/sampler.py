@@ -1,0 +1,114 @@
+"""Batched sampling with per-request parameters: penalties, temperature, top-k, top-p, min-p, greedy.
+
+Each request owns a `torch.Generator`; a sample is `argmax(probs / q)` with `q ~ Exp(1)` drawn from that
+generator (the exponential-race form of categorical sampling). A seeded request therefore draws the
+same noise whatever else is in the batch, so its tokens do not depend on the batch composition.
+Logprobs are those of the model's raw distribution (before penalties and temperature), as vLLM reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from effinfer.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One row of the step's logits: a request's settings, its generator and its tokens so far."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float
+    """Log-probability of the sampled token."""
+    top: list[tuple[int, float]]
+    """The `logprobs` most likely (token id, log-probability) pairs, most likely first."""
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        # logits [num_rows, vocab] fp32
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        if any(r.params.has_penalties for r in rows):
+            logits = apply_penalties(logits.clone(), rows)
+        token_ids = self.sample(logits, rows)
+        return SamplerOutput(token_ids.tolist(), gather_logprobs(raw_logprobs, token_ids, rows))
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        greedy = logits.argmax(dim=-1)
+        if all(r.params.is_greedy for r in rows):
+            return greedy
+        temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
+        probs = torch.softmax(apply_top_k_top_p_min_p(logits / temps[:, None], rows), dim=-1)
+        noise = torch.empty_like(probs)
+        for i, row in enumerate(rows):
+            noise[i].exponential_(generator=row.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([r.params.is_greedy for r in rows], device=logits.device)
+        return torch.where(is_greedy, greedy, sampled)
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition penalty over prompt + output (divide positive logits, multiply negative ones);
+    presence and frequency penalties over the output only, as OpenAI defines them."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), device=logits.device, dtype=torch.long)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+            out = torch.tensor(row.output_ids, device=logits.device, dtype=torch.long)
+            counts = torch.zeros_like(logits[i]).scatter_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Mask (to -inf) the tokens that top-k, top-p or min-p rule out, per row."""
+    device = logits.device
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else logits.shape[-1] for r in rows], device=device)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device)
+    min_p = torch.tensor([r.params.min_p for r in rows], device=device)
+    if bool((top_k < logits.shape[-1]).any() or (top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[-1], device=device)[None, :]
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # keep a token while the mass before it is below top_p: the smallest set reaching top_p
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        remove = (ranks >= top_k[:, None]) | (mass_before >= top_p[:, None])
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def gather_logprobs(raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor,
+                    rows: list[SamplingRow]) -> list[TokenLogprobs | None]:
+    if raw_logprobs is None:
+        return [None] * len(rows)
+    out: list[TokenLogprobs | None] = []
+    for i, row in enumerate(rows):
+        n = row.params.logprobs
+        if n is None:
+            out.append(None)
+            continue
+        values, ids = raw_logprobs[i].topk(n) if n else (raw_logprobs[i][:0], token_ids[:0])
+        out.append(TokenLogprobs(float(raw_logprobs[i, token_ids[i]]), list(zip(ids.tolist(), values.tolist()))))
+    return out

@@ -1,0 +1,148 @@
+"""The engine core: requests in, one `step()` = schedule -> execute -> update, outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from effinfer.config import EngineConfig
+from effinfer.decoding.sampler import Sampler, SamplingRow
+from effinfer.engine.block_manager import BlockManager
+from effinfer.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
+from effinfer.engine.output_processor import OutputProcessor
+from effinfer.engine.request import FinishReason, Request
+from effinfer.engine.scheduler import Scheduler, SchedulerOutput
+from effinfer.models import LoadedModel, load_model
+from effinfer.outputs import RequestOutput
+from effinfer.sampling_params import SamplingParams
+from effinfer.utils import default_device, parse_dtype
+
+Prompt = str | list[int] | list[dict]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        torch.manual_seed(config.seed)
+        mc = config.model
+        self.device = torch.device(default_device() if mc.device == "auto" else mc.device)
+        self.dtype = parse_dtype(mc.dtype)
+        self.loaded = loaded or load_model(mc.model, self.dtype, str(self.device), mc.cache_dir, config.show_progress)
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.block_manager = BlockManager(self._num_blocks(), config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        allocate_kv_cache(self.model, self.block_manager.num_blocks, config.cache.block_size, self.dtype, self.device)
+        self.max_model_len = self._max_model_len()
+        sc = config.scheduler
+        self.scheduler = Scheduler(self.block_manager, sc.max_num_seqs, sc.max_num_batched_tokens,
+                                   self.max_model_len, sc.enable_chunked_prefill)
+        self.runner = ModelRunner(self.model, config.cache.block_size, self.device)
+        self.sampler = Sampler()
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    def _num_blocks(self) -> int:
+        cc = self.config.cache
+        if cc.num_blocks:
+            return cc.num_blocks
+        per_block = bytes_per_block(self.model, cc.block_size, self.dtype)
+        return max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
+
+    def _max_model_len(self) -> int:
+        capacity = self.block_manager.num_blocks * self.config.cache.block_size
+        limit = self.config.scheduler.max_model_len or min(self.loaded.config.max_position_embeddings, capacity)
+        if limit > self.loaded.config.max_position_embeddings:
+            raise ValueError(f"max_model_len={limit} exceeds the model's context length "
+                             f"{self.loaded.config.max_position_embeddings}")
+        if limit > capacity:
+            raise ValueError(f"max_model_len={limit} tokens do not fit in the KV cache ({capacity} tokens); "
+                             "raise kv_cache_memory_gb or num_blocks, or lower max_model_len")
+        return limit
+
+    # ---- requests in ---------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            return self.tokenizer.encode_chat(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.loaded.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.loaded.config.vocab_size})")
+            return list(prompt)
+        raise TypeError("a prompt is a non-empty string, list of token ids, or list of chat messages")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0) -> Request:
+        params = params or SamplingParams()
+        prompt_ids = self.encode_prompt(prompt)
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
+                             "including at least one generated token; shorten the prompt")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, prompt_ids, params, self.loaded.config.eos_token_ids, priority)
+        request.generator = _generator(params.seed, self.device)
+        self.requests[request_id] = request
+        self.outputs.add(request)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request, FinishReason.ABORT)
+            self.outputs.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        sampled, logprobs = self.execute(scheduled) if not scheduled.is_empty else ({}, {})
+        updated = self.scheduler.update(scheduled, sampled)
+        return self._make_outputs(updated, scheduled.finished, logprobs)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> tuple[dict[str, int], dict]:
+        """Run the model on the step's packed tokens and sample for requests that reach their end."""
+        seqs, sampling = [], []
+        for request in scheduled.requests:
+            num_new = scheduled.num_new_tokens[request.request_id]
+            start = request.num_computed_tokens
+            completes = start + num_new == request.num_tokens
+            seqs.append(ScheduledSeq(request.token_slice(start, start + num_new), start, request.block_ids, completes))
+            if completes:
+                sampling.append(request)
+        logits = self.runner.execute(seqs)
+        if not sampling:
+            return {}, {}
+        rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in sampling]
+        out = self.sampler(logits, rows)
+        ids = [r.request_id for r in sampling]
+        return dict(zip(ids, out.token_ids)), dict(zip(ids, out.logprobs))
+
+    def _make_outputs(self, updated: list[Request], ended: list[Request], logprobs: dict) -> list[RequestOutput]:
+        """`updated` got a token this step (detokenize it, check stop strings); `ended` were finished
+        by the scheduler without one."""
+        for request in updated:
+            stop = self.outputs.process(request, logprobs.get(request.request_id))
+            if stop is not None:
+                self.scheduler.finish(request, FinishReason.STOP, stop_reason=stop)
+        outputs = [self.outputs.make_output(r) for r in updated + ended]
+        for request in updated + ended:
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    return generator

@@ -1,0 +1,63 @@
+"""Packs one step's scheduled tokens into a ragged batch, runs the model, returns last-token logits.
+
+No padding: the step's tokens of all sequences are concatenated; `AttentionMetadata` tells attention
+where each sequence starts and which cache slots it owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from effinfer.layers.attention import AttentionMetadata
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's work in a step: compute `token_ids` at positions `num_computed`, ... ."""
+
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+    needs_logits: bool = True
+    """Whether the last token's logits are wanted (False for a prompt chunk short of the prompt's end)."""
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device | str):
+        self.model = model
+        self.block_size = block_size
+        self.device = torch.device(device)
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+        """-> fp32 logits [num_seqs_needing_logits, vocab] of those sequences' last scheduled token."""
+        input_ids, positions, meta, logit_rows = self.prepare(seqs)
+        hidden = self.model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[logit_rows])
+
+    def prepare(self, seqs: list[ScheduledSeq]):
+        ids, positions, slots, starts, seq_lens, context_slots = [], [], [], [0], [], []
+        for seq in seqs:
+            seq_len = seq.num_computed + len(seq.token_ids)
+            seq_slots = self._slots(seq.block_table, seq_len)
+            ids.extend(seq.token_ids)
+            positions.extend(range(seq.num_computed, seq_len))
+            slots.append(seq_slots[seq.num_computed:])
+            starts.append(starts[-1] + len(seq.token_ids))
+            seq_lens.append(seq_len)
+            context_slots.append(seq_slots)
+        meta = AttentionMetadata(torch.cat(slots), starts, seq_lens, context_slots)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        logit_rows = as_tensor([end - 1 for end, seq in zip(starts[1:], seqs) if seq.needs_logits])
+        return as_tensor(ids), as_tensor(positions), meta, logit_rows
+
+    def _slots(self, block_table: list[int], seq_len: int) -> torch.Tensor:
+        # [num_blocks] -> [seq_len] flat slot ids of positions 0..seq_len-1
+        num_blocks = -(-seq_len // self.block_size)
+        assert len(block_table) >= num_blocks, "scheduler must allocate blocks before the step"
+        blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
+        offsets = torch.arange(self.block_size, device=self.device)
+        return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:seq_len]

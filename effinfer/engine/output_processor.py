@@ -1,0 +1,80 @@
+"""Turns appended tokens into text deltas: incremental detokenization and stop strings.
+
+A stop string may span token boundaries, so the text that could still turn out to begin one
+(`max stop length - 1` characters) is held back until the next token decides; on a match the text is
+cut where the stop string starts and the request finishes with reason `stop`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from effinfer.decoding.sampler import TokenLogprobs
+from effinfer.engine.request import Request
+from effinfer.loader.tokenizer import IncrementalDetokenizer, Tokenizer
+from effinfer.outputs import RequestMetrics, RequestOutput
+
+
+@dataclass
+class RequestState:
+    detokenizer: IncrementalDetokenizer
+    metrics: RequestMetrics
+    text: str = ""
+    num_emitted_chars: int = 0
+    num_emitted_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add(self, request: Request) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.skip_special_tokens)
+        self.states[request.request_id] = RequestState(detok, RequestMetrics(request.arrival_time))
+
+    def process(self, request: Request, logprobs: TokenLogprobs | None) -> str | None:
+        """Detokenize the request's newest token; returns a matched stop string, if any."""
+        state = self.states[request.request_id]
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = time.monotonic()
+        if logprobs is not None:
+            state.logprobs.append(logprobs)
+        old_len = len(state.text)
+        state.text += state.detokenizer.add(request.output_ids[-1])
+        return self._find_stop(state, request.params.stop, old_len)
+
+    def _find_stop(self, state: RequestState, stops: list[str], old_len: int) -> str | None:
+        for stop in stops:
+            index = state.text.find(stop, max(0, old_len - len(stop) + 1))
+            if index >= 0:
+                state.text = state.text[:index]
+                return stop
+        return None
+
+    def make_output(self, request: Request) -> RequestOutput:
+        state = self.states[request.request_id]
+        if request.is_finished:
+            if request.finish_reason != "stop" or not isinstance(request.stop_reason, str):
+                state.text += state.detokenizer.flush()
+            visible = len(state.text)
+            state.metrics.finished_time = time.monotonic()
+            del self.states[request.request_id]
+        else:
+            holdback = max((len(s) for s in request.params.stop), default=1) - 1
+            visible = max(state.num_emitted_chars, len(state.text) - holdback)
+        state.metrics.num_cached_tokens = max(request.num_cached_tokens, 0)
+        state.metrics.num_preemptions = request.num_preemptions
+        new_text = state.text[state.num_emitted_chars:visible]
+        new_ids = request.output_ids[state.num_emitted_tokens:]
+        state.num_emitted_chars, state.num_emitted_tokens = visible, len(request.output_ids)
+        return RequestOutput(
+            request.request_id, request.prompt_ids, list(request.output_ids), state.text[:visible],
+            new_ids, new_text, state.logprobs if request.params.logprobs is not None else None,
+            request.is_finished, request.finish_reason.value if request.finish_reason else None,
+            request.stop_reason, state.metrics)
+
+    def abort(self, request_id: str) -> None:
+        self.states.pop(request_id, None)

@@ -1,0 +1,56 @@
+"""Attention over a paged KV cache: write this step's K/V into their slots, then attend.
+
+The step's tokens arrive packed (no padding): sequence i owns rows
+`query_start_loc[i]:query_start_loc[i+1]` and, after this step, has `seq_lens[i]` tokens in the cache.
+Slot `s` of a layer's cache is row `s` of its flattened `[num_blocks * block_size]` axis, and
+`slot = block_id * block_size + offset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from effinfer.layers.attn_backends import torch_ref
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's packed batch; built once per step, shared by all layers."""
+
+    slot_mapping: torch.Tensor
+    """[num_tokens] cache slot of each new token."""
+    query_start_loc: list[int]
+    """[num_seqs + 1] row offsets of each sequence's new tokens."""
+    seq_lens: list[int]
+    """[num_seqs] cached tokens per sequence after this step (prefix + new)."""
+    context_slots: list[torch.Tensor]
+    """Per sequence: [seq_len] slots of positions 0..seq_len-1 in order."""
+    mask_cache: dict = field(default_factory=dict)
+    """Masks built by the backend for one window size, reused by every layer of the step."""
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.kv_cache: torch.Tensor | None = None
+        """[2, num_blocks, block_size, num_kv_heads, head_dim], bound by the model runner."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
+        assert self.kv_cache is not None, "KV cache not bound: the model runner binds it before the first forward"
+        k_cache, v_cache = (c.view(-1, self.num_kv_heads, self.head_dim) for c in self.kv_cache)
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        out = torch_ref.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,78 @@
+"""The offline facade: `LLM(model, **config).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+from effinfer.config import EngineConfig
+from effinfer.engine.llm_engine import LLMEngine, Prompt
+from effinfer.loader.catalog import DEFAULT_MODEL
+from effinfer.outputs import GenerationResult, RequestOutput
+from effinfer.sampling_params import SamplingParams
+from effinfer.utils import progress
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, **config):
+        self.config = EngineConfig.from_kwargs(model=model, **config)
+        self.engine = LLMEngine(self.config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[GenerationResult]:
+        """Run every prompt to completion in one continuous batch; results come back in prompt order."""
+        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        encoded = [self.engine.encode_prompt(p) for p in prompts]  # fail before anything is queued
+        ids = self._add_all(encoded, params, priority or [0] * len(prompts))
+        finals = self._run(sum(p.n for p in params), use_tqdm)
+        return [GenerationResult(prompt_ids, [finals[i] for i in group]) for prompt_ids, group in zip(encoded, ids)]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one request's output after every step that adds to it; abort it if the caller stops early."""
+        request = self.engine.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == request.request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(request.request_id)
+
+    def _add_all(self, encoded: list[list[int]], params: list[SamplingParams], priority: list[int]) -> list[list[str]]:
+        groups = []
+        for i, (prompt_ids, p) in enumerate(zip(encoded, params)):
+            groups.append([self.engine.add_request(prompt_ids, _nth_sample(p, k), f"gen-{i}-{k}", priority[i]).request_id
+                           for k in range(p.n)])
+        return groups
+
+    def _run(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finals: dict[str, RequestOutput] = {}
+        bar = progress(range(num_requests), "generate", use_tqdm, unit="req")
+        bar_iter = iter(bar)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+                    next(bar_iter, None)
+        return finals
+
+
+def _nth_sample(params: SamplingParams, k: int) -> SamplingParams:
+    """Sample k of n: a single-sample request whose seed (if any) is offset so the n samples differ."""
+    seed = None if params.seed is None else params.seed + k
+    return dataclasses.replace(params, n=1, seed=seed)
+
+
+def _is_single_prompt(prompts) -> bool:
+    if isinstance(prompts, str):
+        return True
+    return bool(prompts) and isinstance(prompts, list) and all(isinstance(x, (int, dict)) for x in prompts)

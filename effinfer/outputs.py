@@ -1,0 +1,58 @@
+"""What the engine hands back for each request, every step (streaming) and at the end (offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from effinfer.decoding.sampler import TokenLogprobs
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens served by the prefix cache."""
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    """All output tokens so far."""
+    text: str
+    """All output text so far (stop strings cut off; text that may begin a stop string held back)."""
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    """The text that this step adds to `text`: the streaming delta."""
+    logprobs: list[TokenLogprobs] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    """stop, length or abort (OpenAI's names)."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended the request, if any."""
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The `n` samples of one prompt from `LLM.generate`."""
+
+    prompt_token_ids: list[int]
+    outputs: list[RequestOutput]
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids

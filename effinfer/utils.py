@@ -1,0 +1,38 @@
+"""Small helpers shared by every layer of the package: errors users see, progress bars, devices."""
+
+from __future__ import annotations
+
+from typing import Iterable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found, fetched or read; the message says what and how to fix it."""
+
+
+def progress(items: Iterable[T], desc: str, enabled: bool = True, total: int | None = None,
+             unit: str = "it") -> Iterable[T]:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit=unit, leave=False)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
