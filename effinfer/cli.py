@@ -1,0 +1,165 @@
+"""`effinfer models | pull | generate | chat`: the command line.
+
+Engine flags come from the config dataclasses' field names (`--max-num-seqs`, `--dtype`, ...), so the
+CLI and `LLM(**config)` always accept the same options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+
+from effinfer.config import SUB_CONFIGS, EngineConfig
+from effinfer.loader import catalog
+from effinfer.sampling_params import SamplingParams
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, TypeError) as exc:  # bad input: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effinfer", description="Efficient LLM inference in PyTorch.")
+    sub = parser.add_subparsers(title="commands")
+    p = sub.add_parser("models", help="list the catalog models and whether they are pulled")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("pull", help="fetch a catalog model into the cache")
+    p.add_argument("name", nargs="?", default=catalog.DEFAULT_MODEL)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("generate", help="stream a completion for one prompt, then report speed")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling_args(p, max_tokens=512, temperature=0.7)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128, temperature: float = 0.0) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, named after it, with its docstring-free default shown."""
+    for group_name, cls in SUB_CONFIGS.items():
+        g = p.add_argument_group(f"engine: {group_name}")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _arg_type(hints[f.name])
+            if kind is bool:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            else:
+                g.add_argument(flag, type=kind, default=f.default, dest=f.name)
+
+
+def _arg_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    names = {f.name for cls in SUB_CONFIGS.values() for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def make_llm(args: argparse.Namespace):
+    from effinfer.llm import LLM
+
+    EngineConfig.from_kwargs(**engine_kwargs(args))  # validate flags before the model loads
+    return LLM(**engine_kwargs(args))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    for entry in catalog.CATALOG.values():
+        mark = "pulled" if catalog.is_pulled(entry.name, args.cache_dir) else "-"
+        default = " (default)" if entry.name == catalog.DEFAULT_MODEL else ""
+        print(f"{entry.name:<30} {entry.size / 1e6:>8.1f} MB  {mark:<7} {entry.description}{default}")
+    print(f"\ncache: {catalog.cache_dir(args.cache_dir)}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    print(catalog.pull(args.name, args.cache_dir))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params_from(args)
+    llm = make_llm(args)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    start = time.perf_counter()
+    first = last = None
+    for out in llm.stream(prompt, params):
+        now = time.perf_counter()
+        first = first or now
+        last = now
+        print(out.new_text, end="", flush=True)
+    print()
+    report_speed(len(out.prompt_token_ids), len(out.token_ids), first - start, last - first)
+    return 0
+
+
+def report_speed(num_prompt: int, num_output: int, ttft: float, decode_time: float) -> None:
+    decode_rate = (num_output - 1) / decode_time if num_output > 1 and decode_time > 0 else float("nan")
+    print(f"\nprompt tokens: {num_prompt}  output tokens: {num_output}  "
+          f"time to first token: {ttft * 1000:.0f} ms  decode: {decode_rate:.1f} tokens/s", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params_from(args)
+    llm = make_llm(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("effinfer chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            message = input("\n> ").strip()
+        except EOFError:
+            return 0
+        if not message:
+            return 0
+        history.append({"role": "user", "content": message})
+        reply = ""
+        for out in llm.stream(history, params):
+            print(out.new_text, end="", flush=True)
+            reply = out.text
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Exact engine invariants on the real default model in fp32 with greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from effinfer import SamplingParams
+from conftest import make_engine, run_to_completion
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a Python function that reverses a string.",
+    "List three colors:",
+    "In 1969, the first humans landed on the Moon. The mission was called",
+    "Question: what is 12 times 12? Answer:",
+    "Once upon a time",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def generate(engine, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, request_id=str(i))
+    finals = run_to_completion(engine)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return [finals[str(i)].token_ids for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def singles(smollm2_fp32):
+    return [generate(make_engine(smollm2_fp32, enable_prefix_caching=False), [p])[0] for p in PROMPTS]
+
+
+def test_batch_equals_singles(smollm2_fp32, singles):
+    assert generate(make_engine(smollm2_fp32, enable_prefix_caching=False)) == singles
+
+
+def test_chunked_prefill_equals_unchunked(smollm2_fp32, singles):
+    engine = make_engine(smollm2_fp32, max_num_batched_tokens=5, enable_prefix_caching=False)
+    assert generate(engine) == singles
+
+
+def test_prefix_cache_on_equals_off(smollm2_fp32, singles):
+    engine = make_engine(smollm2_fp32, block_size=4)
+    shared = "You are a careful assistant. Answer briefly and precisely. "
+    prompts = [shared + p for p in PROMPTS]
+    off = generate(make_engine(smollm2_fp32, block_size=4, enable_prefix_caching=False), prompts)
+    first = generate(engine, prompts)          # hits between requests of the same batch
+    again = generate(engine, prompts)          # hits on blocks freed by the first batch
+    assert first == off and again == off
+    assert engine.block_manager.num_hit_tokens > 0
+
+
+def test_preempted_request_resumes_with_identical_output(smollm2_fp32, singles):
+    engine = make_engine(smollm2_fp32, block_size=4, num_blocks=24)   # 96 slots for ~6 x 35 tokens
+    assert generate(engine) == singles
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_seeded_sampling_same_in_any_batch(smollm2_fp32):
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = generate(make_engine(smollm2_fp32), [PROMPTS[0]], params)[0]
+    engine = make_engine(smollm2_fp32)
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=5, temperature=1.0), request_id="other")
+    mixed = generate(engine, [PROMPTS[0]], params)[0]
+    assert alone == mixed
+    different = generate(make_engine(smollm2_fp32), [PROMPTS[0]], SamplingParams(**{**params.__dict__, "seed": 99}))
+    assert different[0] != alone
+
+
+def test_abort_returns_every_block(smollm2_fp32):
+    engine = make_engine(smollm2_fp32)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(p, GREEDY, request_id=str(i))
+    engine.step()
+    engine.step()
+    for i in range(0, len(PROMPTS), 2):
+        engine.abort(str(i))
+    run_to_completion(engine)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
+def test_stop_string_is_cut_across_tokens(smollm2_fp32):
+    engine = make_engine(smollm2_fp32)
+    full = generate(engine, [PROMPTS[3]])[0]
+    text = engine.tokenizer.decode(full)
+    stop = text[5:12]          # a stop string that most likely straddles token boundaries
+    engine.add_request(PROMPTS[3], SamplingParams(max_tokens=24, temperature=0.0, stop=[stop]), request_id="s")
+    out = run_to_completion(engine)["s"]
+    assert out.text == text[:text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_streamed_deltas_add_up_to_the_text(smollm2_fp32):
+    engine = make_engine(smollm2_fp32)
+    engine.add_request("Write some emoji and accented words: ", SamplingParams(max_tokens=40, temperature=0.8, seed=3,
+                                                                             stop=["zzz"]), request_id="x")
+    pieces, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            pieces.append(out.new_text)
+            final = out
+    assert "".join(pieces) == final.text == engine.tokenizer.decode(final.token_ids)
+    assert "\ufffd" not in "".join(pieces)
+
+
+def test_prompt_too_long_is_a_clear_error(smollm2_fp32):
+    engine = make_engine(smollm2_fp32, max_model_len=64)
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        engine.add_request(list(range(1, 100)), GREEDY)
+    assert not engine.has_unfinished()

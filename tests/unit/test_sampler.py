@@ -1,0 +1,100 @@
+"""Sampler, parameter by parameter, on hand-made logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from effinfer.decoding.sampler import Sampler, SamplingRow, apply_penalties, apply_top_k_top_p_min_p
+from effinfer.sampling_params import SamplingParams
+
+LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+
+
+def row(seed=0, prompt=(), output=(), **kw):
+    return SamplingRow(SamplingParams(seed=seed, **kw), torch.Generator().manual_seed(seed), list(prompt), list(output))
+
+
+def draw(logits, r, n=2000):
+    counts = torch.zeros(logits.shape[-1])
+    sampler = Sampler()
+    for _ in range(n):
+        counts[sampler(logits, [r]).token_ids[0]] += 1
+    return counts / n
+
+
+def test_greedy_is_argmax():
+    assert Sampler()(LOGITS.repeat(2, 1), [row(temperature=0.0), row(temperature=0.0)]).token_ids == [0, 0]
+
+
+def test_temperature_one_matches_distribution():
+    freq = draw(LOGITS, row(temperature=1.0))
+    assert torch.allclose(freq, LOGITS.softmax(-1)[0], atol=0.04)
+
+
+def test_low_temperature_sharpens():
+    assert draw(LOGITS, row(temperature=0.1), 300)[0] > 0.95
+
+
+def test_top_k():
+    masked = apply_top_k_top_p_min_p(LOGITS, [row(top_k=2)])
+    assert torch.isinf(masked[0, 2:]).all() and torch.isfinite(masked[0, :2]).all()
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    masked = apply_top_k_top_p_min_p(LOGITS, [row(top_p=0.7)])   # 0.5 + 0.25 >= 0.7
+    assert torch.isfinite(masked[0, :2]).all() and torch.isinf(masked[0, 2:]).all()
+    masked = apply_top_k_top_p_min_p(LOGITS, [row(top_p=0.5)])   # 0.5 alone reaches 0.5
+    assert torch.isfinite(masked[0, 0]) and torch.isinf(masked[0, 1:]).all()
+
+
+def test_min_p():
+    masked = apply_top_k_top_p_min_p(LOGITS, [row(min_p=0.4)])   # threshold 0.2
+    assert torch.isfinite(masked[0, :2]).all() and torch.isinf(masked[0, 2:]).all()
+
+
+def test_per_row_parameters_in_one_batch():
+    masked = apply_top_k_top_p_min_p(LOGITS.repeat(2, 1), [row(top_k=1), row()])
+    assert torch.isinf(masked[0, 1:]).all() and torch.isfinite(masked[1]).all()
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_penalties(logits.clone(), [row(prompt=[0], output=[1], repetition_penalty=2.0)])
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_presence_and_frequency_penalties_use_output_counts():
+    logits = torch.zeros(1, 3)
+    out = apply_penalties(logits, [row(prompt=[2], output=[0, 0, 1], presence_penalty=0.5, frequency_penalty=0.25)])
+    assert out.tolist() == [[-1.0, -0.75, 0.0]]    # token 2 only in the prompt: untouched
+
+
+def test_seed_reproducible_whatever_the_batch():
+    alone = [Sampler()(LOGITS, [row(seed=7)]).token_ids[0] for _ in range(1)]
+    r1 = row(seed=7)
+    batch = Sampler()(LOGITS.repeat(3, 1), [row(seed=1), r1, row(seed=2)]).token_ids[1]
+    r2 = row(seed=7)
+    assert alone[0] == batch == Sampler()(LOGITS, [r2]).token_ids[0]
+    seq_a = [Sampler()(LOGITS, [r]).token_ids[0] for r in [row(seed=3)] for _ in range(20)]
+    r3, r4 = row(seed=3), row(seed=3)
+    assert [Sampler()(LOGITS, [r3]).token_ids[0] for _ in range(20)] == \
+           [Sampler()(LOGITS.repeat(2, 1), [row(seed=9), r4]).token_ids[1] for _ in range(20)]
+    assert len(seq_a) == 20
+
+
+def test_logprobs_are_raw_model_logprobs_with_top_n():
+    out = Sampler()(LOGITS, [row(temperature=0.0, logprobs=2)])
+    lp = out.logprobs[0]
+    assert math.isclose(lp.logprob, math.log(0.5), rel_tol=1e-5)
+    assert [t for t, _ in lp.top] == [0, 1]
+    assert math.isclose(lp.top[1][1], math.log(0.25), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=2),
+                                 dict(max_tokens=0), dict(n=0), dict(logprobs=99), dict(stop=[""])])
+def test_invalid_values_name_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
