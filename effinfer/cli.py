@@ -12,7 +12,7 @@ import sys
 import time
 import typing
 
-from effinfer.config import SUB_CONFIGS, EngineConfig
+from effinfer.config import SUB_CONFIGS, EngineConfig, all_option_names
 from effinfer.loader import catalog
 from effinfer.sampling_params import SamplingParams
 
@@ -74,11 +74,13 @@ def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """One flag per config field, named after it, with its docstring-free default shown."""
-    for group_name, cls in SUB_CONFIGS.items():
+    """One flag per config field, named after it (`max_num_seqs` -> `--max-num-seqs`)."""
+    for group_name, cls in {**SUB_CONFIGS, "engine": EngineConfig}.items():
         g = p.add_argument_group(f"engine: {group_name}")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if f.name in SUB_CONFIGS and cls is EngineConfig:
+                continue
             flag = "--" + f.name.replace("_", "-")
             kind = _arg_type(hints[f.name])
             if kind is bool:
@@ -93,8 +95,7 @@ def _arg_type(hint):
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    names = {f.name for cls in SUB_CONFIGS.values() for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
+    return {k: v for k, v in vars(args).items() if k in all_option_names()}
 
 
 def make_llm(args: argparse.Namespace):

@@ -75,7 +75,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    seed: int = 0
+    global_seed: int = 0
     """Seed of the engine's global RNG (requests without their own seed draw from it)."""
     show_progress: bool = True
     """Progress bars while pulling and loading."""

@@ -8,7 +8,7 @@ import transformers
 VOCAB = 256
 
 
-def tiny_hf_config(family: str):
+def tiny_hf_config(family: str, num_layers: int | None = None):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                   max_position_embeddings=512)
     if family == "llama":
@@ -17,15 +17,16 @@ def tiny_hf_config(family: str):
     if family == "qwen2":
         return transformers.Qwen2Config(num_hidden_layers=2, num_key_value_heads=2, **common)
     if family == "gemma3":
+        types = ["sliding_attention", "sliding_attention", "full_attention"] if num_layers is None else None
         return transformers.Gemma3TextConfig(
-            num_hidden_layers=3, num_key_value_heads=1, head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common)
+            num_hidden_layers=num_layers or 3, num_key_value_heads=1, head_dim=32, sliding_window=8,
+            query_pre_attn_scalar=32, layer_types=types, **common)
     raise ValueError(family)
 
 
-def tiny_hf_model(family: str, seed: int = 0):
+def tiny_hf_model(family: str, seed: int = 0, num_layers: int | None = None):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config(family)).eval().float()
+    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config(family, num_layers)).eval().float()
     with torch.no_grad():  # random norms and biases so that every weight matters in the comparison
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name:

@@ -26,7 +26,7 @@ Prompt = str | list[int] | list[dict]
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.global_seed)
         mc = config.model
         self.device = torch.device(default_device() if mc.device == "auto" else mc.device)
         self.dtype = parse_dtype(mc.dtype)
