@@ -24,6 +24,8 @@ class ModelConfig:
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     cache_dir: str | None = None
     """Where pulled models are kept (default: $EFFINFER_CACHE_DIR or ~/.cache/effinfer)."""
+    attention_backend: str = "torch_sdpa"
+    """Paged attention implementation: torch_sdpa (batched decodes) or torch_ref (per-sequence oracle)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

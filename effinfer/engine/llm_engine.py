@@ -34,7 +34,8 @@ class LLMEngine:
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.block_manager = BlockManager(self._num_blocks(), config.cache.block_size,
                                           config.cache.enable_prefix_caching)
-        allocate_kv_cache(self.model, self.block_manager.num_blocks, config.cache.block_size, self.dtype, self.device)
+        allocate_kv_cache(self.model, self.block_manager.num_blocks, config.cache.block_size, self.dtype, self.device,
+                          mc.attention_backend)
         self.max_model_len = self._max_model_len()
         sc = config.scheduler
         self.scheduler = Scheduler(self.block_manager, sc.max_num_seqs, sc.max_num_batched_tokens,

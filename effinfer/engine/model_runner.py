@@ -39,25 +39,30 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logit_rows])
 
     def prepare(self, seqs: list[ScheduledSeq]):
-        ids, positions, slots, starts, seq_lens, context_slots = [], [], [], [0], [], []
+        ids, positions, slots, starts, seq_lens, context_slots, tables = [], [], [], [0], [], [], []
         for seq in seqs:
             seq_len = seq.num_computed + len(seq.token_ids)
-            seq_slots = self._slots(seq.block_table, seq_len)
+            table = self._table(seq.block_table, seq_len)
+            seq_slots = self._slots(table, seq_len)
+            tables.append(table)
             ids.extend(seq.token_ids)
             positions.extend(range(seq.num_computed, seq_len))
             slots.append(seq_slots[seq.num_computed:])
             starts.append(starts[-1] + len(seq.token_ids))
             seq_lens.append(seq_len)
             context_slots.append(seq_slots)
-        meta = AttentionMetadata(torch.cat(slots), starts, seq_lens, context_slots)
+        meta = AttentionMetadata(torch.cat(slots), starts, seq_lens, context_slots, tables)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         logit_rows = as_tensor([end - 1 for end, seq in zip(starts[1:], seqs) if seq.needs_logits])
         return as_tensor(ids), as_tensor(positions), meta, logit_rows
 
-    def _slots(self, block_table: list[int], seq_len: int) -> torch.Tensor:
-        # [num_blocks] -> [seq_len] flat slot ids of positions 0..seq_len-1
+    def _table(self, block_table: list[int], seq_len: int) -> torch.Tensor:
+        """The blocks that hold positions 0..seq_len-1."""
         num_blocks = -(-seq_len // self.block_size)
         assert len(block_table) >= num_blocks, "scheduler must allocate blocks before the step"
-        blocks = torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
+        return torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
+
+    def _slots(self, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
+        # [num_blocks] -> [seq_len] flat slot ids of positions 0..seq_len-1
         offsets = torch.arange(self.block_size, device=self.device)
         return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:seq_len]

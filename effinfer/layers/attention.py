@@ -2,7 +2,7 @@
 
 The step's tokens arrive packed (no padding): sequence i owns rows
 `query_start_loc[i]:query_start_loc[i+1]` and, after this step, has `seq_lens[i]` tokens in the cache.
-Slot `s` of a layer's cache is row `s` of its flattened `[num_blocks * block_size]` axis, and
+Slot `s` of a layer's cache is index `s` of its flattened `[num_blocks * block_size]` axis, and
 `slot = block_id * block_size + offset`.
 """
 
@@ -28,6 +28,8 @@ class AttentionMetadata:
     """[num_seqs] cached tokens per sequence after this step (prefix + new)."""
     context_slots: list[torch.Tensor]
     """Per sequence: [seq_len] slots of positions 0..seq_len-1 in order."""
+    block_tables: list[torch.Tensor]
+    """Per sequence: [num_blocks] the block ids that hold its context, in order."""
     mask_cache: dict = field(default_factory=dict)
     """Masks built by the backend for one window size, reused by every layer of the step."""
 
@@ -44,13 +46,15 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None
-        """[2, num_blocks, block_size, num_kv_heads, head_dim], bound by the model runner."""
+        """[2, num_kv_heads, num_blocks, block_size, head_dim], bound by the engine."""
+        self.backend = torch_ref.paged_attention
+        """The paged attention function; the engine binds the configured backend."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
         assert self.kv_cache is not None, "KV cache not bound: the model runner binds it before the first forward"
-        k_cache, v_cache = (c.view(-1, self.num_kv_heads, self.head_dim) for c in self.kv_cache)
-        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-        out = torch_ref.paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        k_cache, v_cache = self.kv_cache.flatten(2, 3)    # each [num_kv_heads, num_slots, head_dim]
+        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+        out = self.backend(q, self.kv_cache, meta, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,76 @@
+"""Batched paged attention: all single-token (decode) queries of a step attended in one go.
+
+Decode rows are the bulk of a busy step; attending them one sequence at a time costs a few dozen tiny
+ops per sequence per layer. Here their K/V blocks are gathered by block id (whole blocks, one index op
+for K and V together) into a padded `[num_kv_heads, num_decodes, max_blocks * block_size]` batch with
+the padding masked, the query heads that share a KV head become rows of one matrix, and two batched
+matmuls with a softmax between them do the attention. Multi-token queries (prefill chunks) take the reference path.
+Checked against `torch_ref` by the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effinfer.layers.attn_backends import torch_ref
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
+                    sliding_window: int | None) -> torch.Tensor:
+    # q [num_tokens, num_heads, head_dim]; kv_cache [2, num_kv_heads, num_blocks, block_size, head_dim]
+    batch = _decode_batch(meta, sliding_window, kv_cache.shape[3], q.device)
+    if batch is None:
+        return torch_ref.paged_attention(q, kv_cache, meta, scale, sliding_window)
+    rows, block_tables, mask, others = batch
+    decode_out = _attend_decodes(q.index_select(0, rows), kv_cache, block_tables, mask, scale)
+    if not others:  # a pure decode step: rows are 0..n-1 in order
+        return decode_out
+    out = torch.empty_like(q)
+    out.index_copy_(0, rows, decode_out)
+    k_cache, v_cache = kv_cache.flatten(2, 3)
+    for i in others:
+        torch_ref.attend_one(q, k_cache, v_cache, meta, i, scale, sliding_window, out)
+    return out
+
+
+def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    max_len = block_tables.shape[1] * block_size
+    # whole blocks, K and V at once: [2, num_kv_heads, num_seqs * max_blocks, block_size * head_dim]
+    kv = kv_cache.view(2, num_kv_heads, num_blocks, -1).index_select(2, block_tables.flatten())
+    k, v = kv.to(q.dtype).view(2, num_kv_heads, num_seqs, max_len, head_dim)
+    # query heads that share a KV head side by side: [num_kv_heads, num_seqs, group, head_dim]
+    q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale    # [num_kv_heads, num_seqs, group, max_len]
+    probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+
+
+def _decode_batch(meta, window: int | None, block_size: int, device):
+    """(rows, padded block tables, mask, indices of the other sequences) for this step's decodes, built
+    once per step and cached in `meta`; None when fewer than two sequences decode."""
+    key = ("decode", window)
+    if key not in meta.mask_cache:
+        meta.mask_cache[key] = _build_decode_batch(meta, window, block_size, device)
+    return meta.mask_cache[key]
+
+
+def _build_decode_batch(meta, window, block_size: int, device):
+    decodes = [i for i in range(meta.num_seqs) if meta.query_start_loc[i + 1] - meta.query_start_loc[i] == 1]
+    if len(decodes) < 2:
+        return None
+    lens = torch.tensor([meta.seq_lens[i] for i in decodes], device=device)
+    max_blocks = -(-int(lens.max()) // block_size)
+    tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long, device=device)
+    for row, i in enumerate(decodes):
+        table = meta.block_tables[i]
+        tables[row, :len(table)] = table
+    positions = torch.arange(max_blocks * block_size, device=device)[None, :]
+    mask = positions < lens[:, None]
+    if window is not None:
+        mask &= positions > lens[:, None] - 1 - window
+    rows = torch.tensor([meta.query_start_loc[i] for i in decodes], device=device)
+    decode_set = set(decodes)
+    others = [i for i in range(meta.num_seqs) if i not in decode_set]
+    return rows, tables, mask[None, :, None, :], others
