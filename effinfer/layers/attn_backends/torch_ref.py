@@ -30,9 +30,13 @@ def attend_one(q, k_cache, v_cache, meta, i: int, scale: float, sliding_window: 
     v = v_cache.index_select(1, slots).to(q.dtype)
     mask = _mask(meta, i, kv_start, sliding_window, q.device)
     is_causal = mask is None and query_len > 1
+    group = q.shape[1] // k.shape[0]
+    if group > 1:  # repeat KV heads ourselves: SDPA's enable_gqa falls back to its slow math kernel on CPU
+        k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    # 4-D inputs: SDPA's fused CPU kernel only takes [batch, heads, tokens, head_dim]
     out[start:end] = F.scaled_dot_product_attention(
-        q[start:end].transpose(0, 1), k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-        enable_gqa=True).transpose(0, 1)
+        q[start:end].transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=is_causal,
+        scale=scale)[0].transpose(0, 1)
 
 
 def _first_visible_key(seq_len: int, query_len: int, window: int | None) -> int:
