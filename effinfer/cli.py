@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (binds 127.0.0.1 unless told otherwise)")
+    add_server_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
@@ -87,6 +91,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             else:
                 g.add_argument(flag, type=kind, default=f.default, dest=f.name)
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    from effinfer.serving.api_server import ServerConfig
+
+    g = p.add_argument_group("server")
+    for f in dataclasses.fields(ServerConfig):
+        if f.name == "api_keys":
+            g.add_argument("--api-key", action="append", dest="api_keys", default=[],
+                           help="accepted bearer token (repeat for several); none means no authentication")
+        else:
+            g.add_argument("--" + f.name.replace("_", "-"), type=_arg_type(typing.get_type_hints(ServerConfig)[f.name]),
+                           default=f.default, dest=f.name)
 
 
 def _arg_type(hint):
@@ -139,6 +156,25 @@ def report_speed(num_prompt: int, num_output: int, ttft: float, decode_time: flo
     decode_rate = (num_output - 1) / decode_time if num_output > 1 and decode_time > 0 else float("nan")
     print(f"\nprompt tokens: {num_prompt}  output tokens: {num_output}  "
           f"time to first token: {ttft * 1000:.0f} ms  decode: {decode_rate:.1f} tokens/s", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from effinfer.serving.api_server import ServerConfig, build_app
+
+    server_config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
+    llm = make_llm(args)
+    app = build_app(llm.engine, server_config)
+    name = app.state.server.model_name
+    base = f"http://{server_config.host}:{server_config.port}"
+    auth = ' -H "Authorization: Bearer $KEY"' if server_config.api_keys else ""
+    print(f"\neffinfer serving {name!r} at {base}  (chat page: {base}/ , metrics: {base}/metrics)\n"
+          f"try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+          f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
+          flush=True)
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

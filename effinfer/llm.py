@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator, Sequence
 
 from effinfer.config import EngineConfig
@@ -50,7 +49,7 @@ class LLM:
     def _add_all(self, encoded: list[list[int]], params: list[SamplingParams], priority: list[int]) -> list[list[str]]:
         groups = []
         for i, (prompt_ids, p) in enumerate(zip(encoded, params)):
-            groups.append([self.engine.add_request(prompt_ids, _nth_sample(p, k), f"gen-{i}-{k}", priority[i]).request_id
+            groups.append([self.engine.add_request(prompt_ids, p.for_sample(k), f"gen-{i}-{k}", priority[i]).request_id
                            for k in range(p.n)])
         return groups
 
@@ -64,12 +63,6 @@ class LLM:
                     finals[out.request_id] = out
                     next(bar_iter, None)
         return finals
-
-
-def _nth_sample(params: SamplingParams, k: int) -> SamplingParams:
-    """Sample k of n: a single-sample request whose seed (if any) is offset so the n samples differ."""
-    seed = None if params.seed is None else params.seed + k
-    return dataclasses.replace(params, n=1, seed=seed)
 
 
 def _is_single_prompt(prompts) -> bool:

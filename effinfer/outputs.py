@@ -40,6 +40,8 @@ class RequestOutput:
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request, if any."""
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per prompt token (None for the first), when the request asked for them."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -33,6 +34,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """Return the log-probability of each sampled token and of this many top alternatives."""
+    prompt_logprobs: int | None = None
+    """Also return the log-probability of every prompt token (and this many top alternatives); such a
+    request computes its whole prompt (no prefix-cache hits)."""
     n: int = 1
     """Samples per prompt; they share the prompt's KV blocks."""
     skip_special_tokens: bool = True
@@ -50,8 +54,14 @@ class SamplingParams:
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                f"between 0 and {MAX_LOGPROBS}")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+               self.prompt_logprobs, f"between 0 and {MAX_LOGPROBS}")
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+
+    def for_sample(self, k: int) -> "SamplingParams":
+        """Sample k of n as a single-sample request; a seed is offset by k so the n samples differ."""
+        return dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + k)
 
     @property
     def is_greedy(self) -> bool:

@@ -81,6 +81,8 @@ class LLMEngine:
                     priority: int = 0) -> Request:
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty (it encodes to no tokens)")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
                              "including at least one generated token; shorten the prompt")
@@ -113,21 +115,30 @@ class LLMEngine:
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> tuple[dict[str, int], dict]:
         """Run the model on the step's packed tokens and sample for requests that reach their end."""
-        seqs, sampling = [], []
-        for request in scheduled.requests:
-            num_new = scheduled.num_new_tokens[request.request_id]
-            start = request.num_computed_tokens
-            completes = start + num_new == request.num_tokens
-            seqs.append(ScheduledSeq(request.token_slice(start, start + num_new), start, request.block_ids, completes))
-            if completes:
-                sampling.append(request)
+        seqs = [self._scheduled_seq(r, scheduled.num_new_tokens[r.request_id]) for r in scheduled.requests]
         logits = self.runner.execute(seqs)
+        sample_rows, sampling, row = [], [], 0
+        for request, seq in zip(scheduled.requests, seqs):
+            num_rows = len(seq.token_ids) if seq.all_logits else int(seq.needs_logits)
+            if seq.all_logits:
+                self.outputs.add_prompt_logprobs(request, seq.num_computed, logits[row:row + num_rows])
+            if seq.needs_logits:
+                sample_rows.append(row + num_rows - 1)
+                sampling.append(request)
+            row += num_rows
         if not sampling:
             return {}, {}
         rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in sampling]
-        out = self.sampler(logits, rows)
+        out = self.sampler(logits[sample_rows], rows)
         ids = [r.request_id for r in sampling]
         return dict(zip(ids, out.token_ids)), dict(zip(ids, out.logprobs))
+
+    @staticmethod
+    def _scheduled_seq(request: Request, num_new: int) -> ScheduledSeq:
+        start = request.num_computed_tokens
+        completes = start + num_new == request.num_tokens
+        in_prompt = request.params.prompt_logprobs is not None and start < len(request.prompt_ids)
+        return ScheduledSeq(request.token_slice(start, start + num_new), start, request.block_ids, completes, in_prompt)
 
     def _make_outputs(self, updated: list[Request], ended: list[Request], logprobs: dict) -> list[RequestOutput]:
         """`updated` got a token this step (detokenize it, check stop strings); `ended` were finished

@@ -23,6 +23,8 @@ class ScheduledSeq:
     block_table: list[int]
     needs_logits: bool = True
     """Whether the last token's logits are wanted (False for a prompt chunk short of the prompt's end)."""
+    all_logits: bool = False
+    """Logits of every scheduled token (prompt logprobs), not only the last."""
 
 
 class ModelRunner:
@@ -33,7 +35,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        """-> fp32 logits [num_seqs_needing_logits, vocab] of those sequences' last scheduled token."""
+        """-> fp32 logits [num_logit_rows, vocab]: per sequence in order, all its rows if `all_logits`,
+        else its last row if `needs_logits`, else none."""
         input_ids, positions, meta, logit_rows = self.prepare(seqs)
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[logit_rows])
@@ -53,7 +56,8 @@ class ModelRunner:
             context_slots.append(seq_slots)
         meta = AttentionMetadata(torch.cat(slots), starts, seq_lens, context_slots, tables)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        logit_rows = as_tensor([end - 1 for end, seq in zip(starts[1:], seqs) if seq.needs_logits])
+        logit_rows = as_tensor([row for start, end, seq in zip(starts, starts[1:], seqs)
+                                for row in (range(start, end) if seq.all_logits else [end - 1] if seq.needs_logits else [])])
         return as_tensor(ids), as_tensor(positions), meta, logit_rows
 
     def _table(self, block_table: list[int], seq_len: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ class RequestState:
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
+    """Per prompt position; the first token has no logprob (nothing precedes it)."""
 
 
 class OutputProcessor:
@@ -46,6 +48,22 @@ class OutputProcessor:
         state.text += state.detokenizer.add(request.output_ids[-1])
         return self._find_stop(state, request.params.stop, old_len)
 
+    def add_prompt_logprobs(self, request: Request, start: int, logits) -> None:
+        """Row j of `logits` (position start + j) scores prompt token start + j + 1. Positions already
+        recorded (a preempted request recomputes its prompt) are skipped."""
+        state = self.states.get(request.request_id)
+        if state is None:
+            return
+        logprobs = logits.log_softmax(dim=-1)
+        num_top = request.params.prompt_logprobs
+        for j in range(logprobs.shape[0]):
+            target = start + j + 1
+            if target >= len(request.prompt_ids) or target < len(state.prompt_logprobs):
+                continue
+            token = request.prompt_ids[target]
+            values, ids = logprobs[j].topk(num_top) if num_top else (logprobs[j][:0], logprobs[j][:0].long())
+            state.prompt_logprobs.append(TokenLogprobs(float(logprobs[j, token]), list(zip(ids.tolist(), values.tolist()))))
+
     def _find_stop(self, state: RequestState, stops: list[str], old_len: int) -> str | None:
         for stop in stops:
             index = state.text.find(stop, max(0, old_len - len(stop) + 1))
@@ -66,6 +84,7 @@ class OutputProcessor:
             holdback = max((len(s) for s in request.params.stop), default=1) - 1
             visible = max(state.num_emitted_chars, len(state.text) - holdback)
         state.metrics.num_cached_tokens = max(request.num_cached_tokens, 0)
+        state.metrics.first_scheduled_time = request.first_scheduled_time
         state.metrics.num_preemptions = request.num_preemptions
         new_text = state.text[state.num_emitted_chars:visible]
         new_ids = request.output_ids[state.num_emitted_tokens:]
@@ -74,7 +93,8 @@ class OutputProcessor:
             request.request_id, request.prompt_ids, list(request.output_ids), state.text[:visible],
             new_ids, new_text, state.logprobs if request.params.logprobs is not None else None,
             request.is_finished, request.finish_reason.value if request.finish_reason else None,
-            request.stop_reason, state.metrics)
+            request.stop_reason, state.metrics,
+            state.prompt_logprobs if request.params.prompt_logprobs is not None else None)
 
     def abort(self, request_id: str) -> None:
         self.states.pop(request_id, None)

@@ -47,7 +47,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    first_token_time: float | None = None
+    first_scheduled_time: float | None = None
     generator: torch.Generator | None = None
     """This request's own sampling generator, made on the engine's device when the request is added."""
 

@@ -11,6 +11,7 @@ recomputed from its prompt and the tokens it already produced, which gives the s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from effinfer.engine.block_manager import BlockManager
@@ -105,7 +106,8 @@ class Scheduler:
         self.waiting.sort(key=Request.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            cached = self.block_manager.find_cached_prefix(request)
+            wants_prompt_logprobs = request.params.prompt_logprobs is not None
+            cached = [] if wants_prompt_logprobs else self.block_manager.find_cached_prefix(request)
             num_cached = len(cached) * self.block_manager.block_size
             num_new = request.num_tokens - num_cached
             if num_new > budget and not self.enable_chunked_prefill:
@@ -116,6 +118,7 @@ class Scheduler:
             self.waiting.pop(0)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from effinfer import SamplingParams
-from conftest import make_engine, run_to_completion
+from helpers import make_engine, run_to_completion
 
 PROMPTS = [
     "The capital of France is",

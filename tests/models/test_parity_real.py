@@ -10,7 +10,7 @@ import transformers
 from effinfer import SamplingParams
 from effinfer.loader import catalog
 from effinfer.models import load_model
-from conftest import make_engine, run_to_completion
+from helpers import make_engine, run_to_completion
 
 MODELS = [
     "smollm2-135m-instruct",

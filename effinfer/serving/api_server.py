@@ -1,0 +1,431 @@
+"""The OpenAI-compatible HTTP server (FastAPI) on one background engine loop.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (streaming and not), GET /v1/models,
+GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET / (a small chat page).
+Every bad input gets an OpenAI error object with a 4xx status; internal errors a 500 without a
+traceback. Limits on body size, prompt length, max_tokens, n and requests in flight keep one client
+from taking the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from effinfer.engine.llm_engine import LLMEngine
+from effinfer.outputs import RequestOutput
+from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from effinfer.serving.async_engine import AsyncEngine, EngineDeadError
+from effinfer.serving.metrics import ServerMetrics
+from effinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError,
+                                       SamplingRequest, TokenizeRequest, new_id, now)
+from effinfer.serving.responses import LogprobFormatter, chat_choice, completion_choice, sse, usage
+
+log = logging.getLogger("effinfer.serving")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to bind; 127.0.0.1 unless you mean to expose the server."""
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    """Accepted bearer tokens for /v1 routes; empty means no authentication."""
+    served_model_name: str | None = None
+    """The model id clients send and /v1/models lists (default: the model argument)."""
+    max_body_bytes: int = 4 << 20
+    max_tokens_limit: int | None = None
+    """Largest max_tokens a request may ask for (default: the context length)."""
+    max_n: int = 16
+    max_requests_in_flight: int = 256
+    """More concurrent sequences than this get 503 with Retry-After."""
+
+
+class OpenAIServer:
+    def __init__(self, engine: LLMEngine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        self.model_name = config.served_model_name or engine.config.model.model
+        self.metrics = ServerMetrics(self.model_name)
+        self.async_engine = AsyncEngine(engine, self.metrics.on_step)
+        self.tokenizer = engine.tokenizer
+        self.logprobs = LogprobFormatter(self.tokenizer)
+        self.max_model_len = engine.max_model_len
+
+    # ---- validation ----------------------------------------------------------------------------------
+    def check_auth(self, request: Request) -> None:
+        if not self.config.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header[7:] not in self.config.api_keys:
+            raise OpenAIError("invalid or missing API key", 401, "authentication_error", code="invalid_api_key")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                              404, param="model", code="model_not_found")
+
+    def encode(self, prompt) -> list[int]:
+        try:
+            ids = self.engine.encode_prompt(prompt)
+        except (ValueError, TypeError) as exc:
+            raise OpenAIError(str(exc), param="prompt") from exc
+        return ids
+
+    def check_lengths(self, num_prompt: int, max_tokens: int | None) -> int:
+        """The max_tokens to use; 400 when the prompt plus requested tokens exceed the context."""
+        room = self.max_model_len - num_prompt
+        if room < 1:
+            raise self._context_error(num_prompt, max_tokens or 1)
+        limit = self.config.max_tokens_limit or self.max_model_len
+        if max_tokens is not None and max_tokens > limit:
+            raise OpenAIError(f"max_tokens={max_tokens} exceeds this server's limit of {limit}", param="max_tokens")
+        if max_tokens is not None and num_prompt + max_tokens > self.max_model_len:
+            raise self._context_error(num_prompt, max_tokens)
+        return max_tokens if max_tokens is not None else room
+
+    def _context_error(self, num_prompt: int, max_tokens: int) -> OpenAIError:
+        return OpenAIError(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.", param="messages", code="context_length_exceeded")
+
+    def sampling_params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> list[SamplingParams]:
+        if req.n > self.config.max_n:
+            raise OpenAIError(f"n={req.n} exceeds this server's limit of {self.config.max_n}", param="n")
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise OpenAIError(f"logprobs={logprobs} exceeds the limit of {MAX_LOGPROBS}", param="logprobs")
+        try:
+            params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
+        except ValueError as exc:
+            raise OpenAIError(str(exc), param=str(exc).split("=")[0]) from exc
+        return [params.for_sample(k) for k in range(req.n)]
+
+    def check_capacity(self, num_sequences: int) -> None:
+        if self.async_engine.num_in_flight + num_sequences > self.config.max_requests_in_flight:
+            raise OpenAIError("the server is at capacity; retry shortly", 503, "server_overloaded",
+                              code="server_overloaded", headers={"Retry-After": "1"})
+
+    # ---- running requests ----------------------------------------------------------------------------
+    async def run_prompts(self, prompts: list[list[int]], params: list[SamplingParams], rid: str
+                          ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """All samples of all prompts at once; yields (choice index, output delta)."""
+        n = len(params)
+        streams = [self.async_engine.generate(ids, params, f"{rid}-{i}") for i, ids in enumerate(prompts)]
+        async for prompt_index, (k, out) in merge(streams):
+            yield prompt_index * n + k, out
+
+    async def collect(self, request: Request, stream: AsyncIterator) -> dict[int, RequestOutput]:
+        """Final outputs by choice index; abandons (and so aborts) the work if the client disconnects."""
+        async def consume():
+            finals = {}
+            async for index, out in stream:
+                if out.finished:
+                    finals[index] = out
+            return finals
+
+        task = asyncio.create_task(consume())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError()
+        return task.result()
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Interleave several async iterators as (iterator index, item); errors propagate, and leaving
+    early cancels every pump (which closes the iterators and aborts their requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# ---- /v1/completions -----------------------------------------------------------------------------
+async def create_completion(server: OpenAIServer, req: CompletionRequest, request: Request):
+    server.check_model(req.model)
+    raw_prompts = _completion_prompts(req.prompt)
+    prompts = [server.encode(p) for p in raw_prompts]
+    max_tokens = req.max_tokens or 16   # OpenAI's default for completions
+    for ids in prompts:
+        server.check_lengths(len(ids), max_tokens)
+    echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+    params = server.sampling_params(req, max_tokens, req.logprobs, echo_logprobs)
+    server.check_capacity(len(prompts) * req.n)
+    rid, created = new_id("cmpl"), now()
+    echo_text = [p if isinstance(p, str) else server.tokenizer.decode(ids) for p, ids in zip(raw_prompts, prompts)] \
+        if req.echo else None
+    stream = server.run_prompts(prompts, params, rid)
+    head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
+    if req.stream:
+        return _sse_response(_completion_chunks(server, req, stream, head, prompts, echo_text))
+    finals = await server.collect(request, stream)
+    choices = [_completion_final(server, req, i, finals[i], prompts[i // req.n], echo_text) for i in sorted(finals)]
+    num_completion = sum(len(o.token_ids) for o in finals.values())
+    return {**head, "choices": choices, "usage": usage(sum(map(len, prompts)), num_completion)}
+
+
+def _completion_prompts(prompt) -> list:
+    """OpenAI's four prompt shapes -> a list of prompts (strings or token-id lists)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise OpenAIError("prompt must not be empty", param="prompt")
+    return list(prompt)
+
+
+def _completion_final(server, req, index, out, prompt_ids, echo_text) -> dict:
+    text = out.text
+    logprobs = None
+    if req.logprobs is not None:
+        ids, lps = out.token_ids, out.logprobs
+        if req.echo:
+            ids, lps = prompt_ids + ids, (out.prompt_logprobs or []) + lps
+        logprobs = server.logprobs.completion(ids, lps, 0)
+    if echo_text is not None:
+        text = echo_text[index // req.n] + text
+    return completion_choice(index, out, text, logprobs)
+
+
+async def _completion_chunks(server, req, stream, head, prompts, echo_text) -> AsyncIterator[str]:
+    offsets: dict[int, int] = {}
+    num_completion = 0
+    async for index, out in stream:
+        first = index not in offsets
+        text = out.new_text
+        ids, lps = out.new_token_ids, (out.logprobs or [])[len(out.token_ids) - len(out.new_token_ids):]
+        if first and echo_text is not None:
+            text = echo_text[index // req.n] + text
+            ids, lps = prompts[index // req.n] + ids, (out.prompt_logprobs or []) + lps
+        offsets.setdefault(index, 0)
+        logprobs = server.logprobs.completion(ids, lps, offsets[index]) if req.logprobs is not None else None
+        offsets[index] += len(text)
+        num_completion += len(out.new_token_ids)
+        if text or out.finished or logprobs:
+            choice = completion_choice(index, out, text, logprobs)
+            choice["finish_reason"] = out.finish_reason if out.finished else None
+            yield sse({**head, "choices": [choice], **({"usage": None} if req.include_usage else {})})
+    if req.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(sum(map(len, prompts)), num_completion)})
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------------
+async def create_chat_completion(server: OpenAIServer, req: ChatCompletionRequest, request: Request):
+    server.check_model(req.model)
+    messages = [m.as_template_input() for m in req.messages]
+    try:
+        prompt_ids = server.tokenizer.encode_chat(messages, req.add_generation_prompt)
+    except ValueError as exc:
+        raise OpenAIError(str(exc), param="messages") from exc
+    max_tokens = server.check_lengths(len(prompt_ids), req.max_completion_tokens or req.max_tokens)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = server.sampling_params(req, max_tokens, top)
+    server.check_capacity(req.n)
+    rid, created = new_id("chatcmpl"), now()
+    stream = server.run_prompts([prompt_ids], params, rid)
+    head = {"id": rid, "created": created, "model": server.model_name}
+    if req.stream:
+        return _sse_response(_chat_chunks(server, req, stream, {**head, "object": "chat.completion.chunk"},
+                                          len(prompt_ids)))
+    finals = await server.collect(request, stream)
+    choices = [chat_choice(i, o, server.logprobs.chat(o.token_ids, o.logprobs) if req.logprobs else None)
+               for i, o in sorted(finals.items())]
+    num_completion = sum(len(o.token_ids) for o in finals.values())
+    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(len(prompt_ids), num_completion)}
+
+
+async def _chat_chunks(server, req, stream, head, num_prompt) -> AsyncIterator[str]:
+    extra = {"usage": None} if req.include_usage else {}
+    started: set[int] = set()
+    num_completion = 0
+    async for index, out in stream:
+        if index not in started:
+            started.add(index)
+            delta = {"role": "assistant", "content": ""}
+            yield sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
+                       **extra})
+        num_completion += len(out.new_token_ids)
+        new_lps = (out.logprobs or [])[len(out.token_ids) - len(out.new_token_ids):]
+        logprobs = server.logprobs.chat(out.new_token_ids, new_lps) if req.logprobs else None
+        if out.new_text or logprobs and logprobs["content"]:
+            yield sse({**head, "choices": [{"index": index, "delta": {"content": out.new_text},
+                                            "logprobs": logprobs, "finish_reason": None}], **extra})
+        if out.finished:
+            yield sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}],
+                       **extra})
+    if req.include_usage:
+        yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
+
+
+def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except OpenAIError as exc:
+            yield sse(exc.body())
+        except EngineDeadError as exc:
+            yield sse(OpenAIError(str(exc), 503, "server_error").body())
+        except Exception:  # headers are sent: report in-band, keep the traceback in the server log
+            log.exception("error while streaming")
+            yield sse(OpenAIError("internal server error", 500, "internal_error").body())
+        yield sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---- the app ---------------------------------------------------------------------------------------
+def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
+    server = OpenAIServer(engine, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.async_engine.start()
+        yield
+        server.async_engine.stop()
+
+    app = FastAPI(title="effinfer", lifespan=lifespan)
+    app.state.server = server
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server.config.max_body_bytes)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        server.check_auth(request)
+        return await create_completion(server, req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        server.check_auth(request)
+        return await create_chat_completion(server, req, request)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.check_auth(request)
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": now(),
+                                            "owned_by": "effinfer", "max_model_len": server.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        if not server.async_engine.is_alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        server.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError("give exactly one of 'prompt' and 'messages'", param="prompt")
+        if req.messages is not None:
+            ids = server.encode([m.as_template_input() for m in req.messages])
+        else:
+            ids = server.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": server.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        server.check_model(req.model)
+        if any(not 0 <= t < server.tokenizer.vocab_size for t in req.tokens):
+            raise OpenAIError(f"token ids must be in [0, {server.tokenizer.vocab_size})", param="tokens")
+        return {"prompt": server.tokenizer.decode(req.tokens)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page():
+        return resources.files("effinfer.serving").joinpath("static/chat.html").read_text()
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = "request body is not valid JSON" if first.get("type") == "json_invalid" else \
+            f"invalid request: {where}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(OpenAIError(message, param=where or None).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        return JSONResponse(OpenAIError(str(exc.detail), exc.status_code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_, exc: EngineDeadError):
+        return JSONResponse(OpenAIError(str(exc), 503, "server_error").body(), status_code=503)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        log.exception("internal error")
+        return JSONResponse(OpenAIError("internal server error", 500, "internal_error").body(), status_code=500)
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over the limit, by Content-Length or by counting a chunked body.
+    Plain ASGI (not `BaseHTTPMiddleware`, which hides client disconnects from the handlers)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse(self._error().body(), status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._error()
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _error(self) -> OpenAIError:
+        return OpenAIError(f"request body exceeds {self.max_bytes} bytes", 413)

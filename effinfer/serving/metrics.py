@@ -1,0 +1,83 @@
+"""Prometheus metrics of the server: queue and cache state per step, latencies per finished request.
+
+Names follow vLLM's (`vllm:` becomes `effinfer:`) so existing dashboards need only a prefix change.
+Each app has its own registry, so several servers (or tests) in one process do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from effinfer.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name, doc):
+            return Gauge(f"effinfer:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(f"effinfer:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"effinfer:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
+        self.prefix_hit_rate = gauge("prefix_cache_hit_rate", "Prompt tokens served by the prefix cache / queried.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.preemptions = counter("num_preemptions", "Requests preempted for lack of KV blocks.")
+        self.finished = counter("request_success", "Finished requests.")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token after the first.",
+                              TOKEN_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.", LATENCY_BUCKETS)
+        self.step_time = histogram("engine_step_seconds", "Wall time of one engine step.", TOKEN_BUCKETS)
+        self._seen_hits = self._seen_queries = self._seen_preemptions = 0
+
+    def on_step(self, engine, outputs: list[RequestOutput], step_time: float) -> None:
+        """Called on the engine thread after every step."""
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(blocks.usage)
+        self.step_time.observe(step_time)
+        self.prefix_hits.inc(blocks.num_hit_tokens - self._seen_hits)
+        self.prefix_queries.inc(blocks.num_queried_tokens - self._seen_queries)
+        self.preemptions.inc(scheduler.num_preemptions - self._seen_preemptions)
+        self._seen_hits, self._seen_queries = blocks.num_hit_tokens, blocks.num_queried_tokens
+        self._seen_preemptions = scheduler.num_preemptions
+        if blocks.num_queried_tokens:
+            self.prefix_hit_rate.set(blocks.num_hit_tokens / blocks.num_queried_tokens)
+        for out in outputs:
+            self.generation_tokens.inc(len(out.new_token_ids))
+            if out.finished:
+                self._observe_finished(out)
+
+    def _observe_finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        self.finished.inc()
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        if m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+            if len(out.token_ids) > 1 and m.finished_time is not None:
+                self.tpot.observe((m.finished_time - m.first_token_time) / (len(out.token_ids) - 1))
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
