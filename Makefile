@@ -1,13 +1,16 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   -- create .venv, install pinned dependencies, pull the default model, run a generation
-#   make test  -- create .venv, install pinned dependencies, run the test suite
+#   make run   -- create .venv, install pinned dependencies, pull the default model, start the
+#                 OpenAI-compatible server on 127.0.0.1:$(PORT) (Ctrl-C stops it)
+#   make test  -- create .venv, install pinned dependencies (and Debian's chromium for the browser
+#                 test, when run as root), run the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain in two sentences why the sky is blue.
+PORT ?= 8000
 
-.PHONY: setup run test test-slow clean
+.PHONY: setup run generate test test-slow browser clean
 
 setup: $(STAMP)
 
@@ -19,9 +22,18 @@ $(STAMP): pyproject.toml requirements.txt
 
 run: setup
 	$(VENV)/bin/effinfer pull
+	$(VENV)/bin/effinfer serve --port $(PORT)
+
+generate: setup
 	$(VENV)/bin/effinfer generate --chat "$(PROMPT)" --max-tokens 96
 
-test: setup
+# Debian's chromium for the chat-page browser test; without root the test is skipped, not failed.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "note: chromium not installed; the browser test will be skipped"
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-slow: setup

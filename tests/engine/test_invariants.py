@@ -110,3 +110,23 @@ def test_prompt_too_long_is_a_clear_error(smollm2_fp32):
     with pytest.raises(ValueError, match="shorten the prompt"):
         engine.add_request(list(range(1, 100)), GREEDY)
     assert not engine.has_unfinished()
+
+
+def test_prompt_logprobs_match_a_full_forward_and_survive_chunking(smollm2_fp32):
+    import torch
+
+    from effinfer.engine.model_runner import ScheduledSeq
+
+    prompt = PROMPTS[3]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)
+    whole = make_engine(smollm2_fp32)
+    ids = whole.tokenizer.encode(prompt)
+    logits = whole.runner.execute([ScheduledSeq(ids, 0, list(range(4)), all_logits=True)])
+    expected = torch.log_softmax(logits, dim=-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    for engine in (make_engine(smollm2_fp32), make_engine(smollm2_fp32, max_num_batched_tokens=4)):
+        engine.add_request(prompt, params, request_id="p")
+        out = run_to_completion(engine)["p"]
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+        got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        assert all(len(lp.top) == 2 for lp in out.prompt_logprobs[1:])
