@@ -12,7 +12,7 @@ import sys
 import time
 import typing
 
-from effinfer.config import SUB_CONFIGS, EngineConfig, all_option_names
+from effinfer.config import SUB_CONFIGS, EngineConfig, all_option_names, field_docs
 from effinfer.loader import catalog
 from effinfer.sampling_params import SamplingParams
 
@@ -81,16 +81,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """One flag per config field, named after it (`max_num_seqs` -> `--max-num-seqs`)."""
     for group_name, cls in {**SUB_CONFIGS, "engine": EngineConfig}.items():
         g = p.add_argument_group(f"engine: {group_name}")
-        hints = typing.get_type_hints(cls)
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name in SUB_CONFIGS and cls is EngineConfig:
                 continue
-            flag = "--" + f.name.replace("_", "-")
-            kind = _arg_type(hints[f.name])
+            flag, kind, doc = "--" + f.name.replace("_", "-"), _arg_type(hints[f.name]), docs.get(f.name)
             if kind is bool:
-                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
             else:
-                g.add_argument(flag, type=kind, default=f.default, dest=f.name)
+                g.add_argument(flag, type=kind, default=f.default, dest=f.name, help=doc)
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -103,7 +102,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                            help="accepted bearer token (repeat for several); none means no authentication")
         else:
             g.add_argument("--" + f.name.replace("_", "-"), type=_arg_type(typing.get_type_hints(ServerConfig)[f.name]),
-                           default=f.default, dest=f.name)
+                           default=f.default, dest=f.name, help=field_docs(ServerConfig).get(f.name))
 
 
 def _arg_type(hint):

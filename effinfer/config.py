@@ -24,12 +24,16 @@ class ModelConfig:
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
     cache_dir: str | None = None
     """Where pulled models are kept (default: $EFFINFER_CACHE_DIR or ~/.cache/effinfer)."""
+    num_threads: int | None = None
+    """CPU threads for PyTorch's kernels (default: PyTorch's choice, one per physical core)."""
     attention_backend: str = "torch_sdpa"
     """Paged attention implementation: torch_sdpa (batched decodes) or torch_ref (per-sequence oracle)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads={self.num_threads} must be at least 1")
 
 
 @dataclass
@@ -111,3 +115,17 @@ def _field_names(cls) -> set[str]:
 def all_option_names() -> set[str]:
     top = _field_names(EngineConfig) - set(SUB_CONFIGS)
     return top.union(*(_field_names(c) for c in SUB_CONFIGS.values()))
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (the CLI shows them as flag help)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field_node, doc in zip(body, body[1:]):
+        if isinstance(field_node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant):
+            docs[field_node.target.id] = str(doc.value.value)
+    return docs

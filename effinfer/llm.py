@@ -17,6 +17,13 @@ class LLM:
         self.config = EngineConfig.from_kwargs(model=model, **config)
         self.engine = LLMEngine(self.config)
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        """The offline facade over an engine built elsewhere (e.g. on an already-loaded model)."""
+        llm = cls.__new__(cls)
+        llm.config, llm.engine = engine.config, engine
+        return llm
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

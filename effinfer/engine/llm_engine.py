@@ -28,6 +28,8 @@ class LLMEngine:
         self.config = config
         torch.manual_seed(config.global_seed)
         mc = config.model
+        if mc.num_threads:
+            torch.set_num_threads(mc.num_threads)
         self.device = torch.device(default_device() if mc.device == "auto" else mc.device)
         self.dtype = parse_dtype(mc.dtype)
         self.loaded = loaded or load_model(mc.model, self.dtype, str(self.device), mc.cache_dir, config.show_progress)

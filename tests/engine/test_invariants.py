@@ -130,3 +130,37 @@ def test_prompt_logprobs_match_a_full_forward_and_survive_chunking(smollm2_fp32)
         got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
         assert all(len(lp.top) == 2 for lp in out.prompt_logprobs[1:])
+
+
+def test_n_samples_share_the_prompt_blocks(smollm2_fp32):
+    from effinfer.llm import LLM
+
+    llm = LLM.from_engine(make_engine(smollm2_fp32, block_size=4))
+    prompt = "You are a careful assistant. Answer briefly and precisely. " + PROMPTS[1]
+    result = llm.generate(prompt, SamplingParams(n=4, max_tokens=8, temperature=1.0, seed=5), use_tqdm=False)[0]
+    assert len(result.outputs) == 4 and len({tuple(o.token_ids) for o in result.outputs}) > 1
+    num_prompt_blocks = (len(result.prompt_token_ids) - 1) // 4
+    assert llm.engine.block_manager.num_hit_tokens == 3 * num_prompt_blocks * 4   # samples 2..4 reuse sample 1's blocks
+
+
+def test_bfloat16_agrees_with_float32(smollm2_path, smollm2_fp32):
+    import torch
+
+    from effinfer.models import load_model
+
+    bf16 = load_model(str(smollm2_path), torch.bfloat16, show_progress=False)
+    rows = []
+    for loaded in (smollm2_fp32, bf16):
+        engine = make_engine(loaded, dtype="bfloat16" if loaded is bf16 else "float32")
+        rows.append(torch.stack([engine.runner.execute([_prompt_seq(engine, p)])[0] for p in PROMPTS]))
+    fp32, low = rows
+    assert torch.equal(fp32.argmax(-1), low.argmax(-1))
+    kl = torch.nn.functional.kl_div(low.log_softmax(-1), fp32.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl < 0.02
+
+
+def _prompt_seq(engine, prompt):
+    from effinfer.engine.model_runner import ScheduledSeq
+
+    ids = engine.tokenizer.encode(prompt)
+    return ScheduledSeq(ids, 0, list(range(-(-len(ids) // engine.config.cache.block_size))))

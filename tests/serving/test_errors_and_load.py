@@ -163,3 +163,34 @@ def test_64_concurrent_streams_complete_correctly(live):
         assert (text, usage.completion_tokens, finish) == expected[prompt]
         assert len(ids) == 1
     assert live.wait_idle()
+
+
+def test_graceful_shutdown_aborts_in_flight_streams(smollm2_fp32):
+    """A server stopping with a long stream in flight ends it within its grace period and frees every block."""
+    import threading
+
+    import uvicorn
+
+    from effinfer.serving.api_server import ServerConfig, build_app
+    from helpers import free_port, make_engine
+
+    engine = make_engine(smollm2_fp32, num_blocks=128)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, ServerConfig(port=port)), host="127.0.0.1", port=port,
+                                           log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.05)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        server.should_exit = True
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, StopIteration)):
+            for _ in range(100_000):
+                next(lines)
+            raise StopIteration
+    thread.join(20)
+    assert not thread.is_alive(), "server did not shut down"
+    assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

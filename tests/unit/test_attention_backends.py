@@ -45,3 +45,28 @@ def test_batched_equals_reference(query_lens, seq_lens, window):
 def test_unknown_backend_lists_the_known():
     with pytest.raises(ValueError, match="supported: torch_ref, torch_sdpa"):
         get_backend("flash")
+
+
+def test_length_buckets_cover_every_decode_once():
+    from types import SimpleNamespace
+
+    from effinfer.layers.attn_backends.torch_sdpa import _length_buckets
+
+    seq_lens = [3, 200, 5, 90, 4, 180, 60, 7]
+    groups = _length_buckets(SimpleNamespace(seq_lens=seq_lens), list(range(len(seq_lens))), block_size=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(seq_lens)))
+    assert len(groups) > 1
+    for g in groups:                 # within a group, lengths stay within the 1.25x (+1 block) rule
+        blocks = sorted(-(-seq_lens[i] // 4) for i in g)
+        assert blocks[-1] <= 1.25 * blocks[0] + 1 or len(groups) == 6
+
+
+def test_bucketed_mixed_lengths_equal_reference():
+    gen = torch.Generator().manual_seed(6)
+    seq_lens = [3, 60, 5, 40, 4, 33, 17, 2]
+    meta = metadata([1] * len(seq_lens), seq_lens, gen)
+    kv_cache = torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen)
+    q = torch.randn(len(seq_lens), HEADS, DIM, generator=gen)
+    expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, None)
+    got = get_backend("torch_sdpa")(q, kv_cache, meta, 0.3, None)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

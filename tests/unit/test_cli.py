@@ -55,3 +55,11 @@ def test_models_lists_the_catalog():
     assert result.returncode == 0
     for name in ("smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"):
         assert name in result.stdout
+
+
+def test_chat_keeps_history_and_quits_on_empty_line(smollm2_path):
+    result = subprocess.run([sys.executable, "-m", "effinfer.cli", "chat", "--model", str(smollm2_path), "--max-tokens",
+                             "8", "--temperature", "0", "--no-show-progress"], input="Hi!\nAnd again?\n\n",
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("> ") == 3          # two turns answered, then the empty line quits

@@ -4,7 +4,8 @@ Decode rows are the bulk of a busy step; attending them one sequence at a time c
 ops per sequence per layer. Here their K/V blocks are gathered by block id (whole blocks, one index op
 for K and V together) into a padded `[num_kv_heads, num_decodes, max_blocks * block_size]` batch with
 the padding masked, the query heads that share a KV head become rows of one matrix, and two batched
-matmuls with a softmax between them do the attention. Multi-token queries (prefill chunks) take the reference path.
+matmuls with a softmax between them do the attention. Sequences of very different lengths go in
+separate length buckets, so a few long contexts do not make every short one pad to their length. Multi-token queries (prefill chunks) take the reference path.
 Checked against `torch_ref` by the tests.
 """
 
@@ -18,15 +19,16 @@ from effinfer.layers.attn_backends import torch_ref
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
                     sliding_window: int | None) -> torch.Tensor:
     # q [num_tokens, num_heads, head_dim]; kv_cache [2, num_kv_heads, num_blocks, block_size, head_dim]
-    batch = _decode_batch(meta, sliding_window, kv_cache.shape[3], q.device)
-    if batch is None:
+    plan = _decode_plan(meta, sliding_window, kv_cache.shape[3], q.device)
+    if plan is None:
         return torch_ref.paged_attention(q, kv_cache, meta, scale, sliding_window)
-    rows, block_tables, mask, others = batch
-    decode_out = _attend_decodes(q.index_select(0, rows), kv_cache, block_tables, mask, scale)
-    if not others:  # a pure decode step: rows are 0..n-1 in order
-        return decode_out
+    buckets, others = plan
+    if len(buckets) == 1 and not others:  # a pure decode step of similar lengths: rows are 0..n-1 in order
+        _, block_tables, mask = buckets[0]
+        return _attend_decodes(q, kv_cache, block_tables, mask, scale)
     out = torch.empty_like(q)
-    out.index_copy_(0, rows, decode_out)
+    for rows, block_tables, mask in buckets:
+        out.index_copy_(0, rows, _attend_decodes(q.index_select(0, rows), kv_cache, block_tables, mask, scale))
     k_cache, v_cache = kv_cache.flatten(2, 3)
     for i in others:
         torch_ref.attend_one(q, k_cache, v_cache, meta, i, scale, sliding_window, out)
@@ -47,30 +49,52 @@ def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
     return torch.matmul(probs, v).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
 
-def _decode_batch(meta, window: int | None, block_size: int, device):
-    """(rows, padded block tables, mask, indices of the other sequences) for this step's decodes, built
-    once per step and cached in `meta`; None when fewer than two sequences decode."""
+def _decode_plan(meta, window: int | None, block_size: int, device):
+    """([(rows, padded block tables, mask)] per length bucket, indices of the other sequences) for this
+    step's decodes, built once per step and cached in `meta`; None when fewer than two sequences decode."""
     key = ("decode", window)
     if key not in meta.mask_cache:
-        meta.mask_cache[key] = _build_decode_batch(meta, window, block_size, device)
+        meta.mask_cache[key] = _build_decode_plan(meta, window, block_size, device)
     return meta.mask_cache[key]
 
 
-def _build_decode_batch(meta, window, block_size: int, device):
+def _build_decode_plan(meta, window, block_size: int, device):
     decodes = [i for i in range(meta.num_seqs) if meta.query_start_loc[i + 1] - meta.query_start_loc[i] == 1]
     if len(decodes) < 2:
         return None
-    lens = torch.tensor([meta.seq_lens[i] for i in decodes], device=device)
+    decode_set = set(decodes)
+    others = [i for i in range(meta.num_seqs) if i not in decode_set]
+    buckets = [_bucket(meta, group, window, block_size, device) for group in _length_buckets(meta, decodes, block_size)]
+    return buckets, others
+
+
+def _length_buckets(meta, decodes: list[int], block_size: int, max_buckets: int = 6) -> list[list[int]]:
+    """Split decodes into groups of similar length, so that padding every sequence of a group to its
+    longest wastes little gather and matmul work: a new group starts once a sequence needs more than
+    1.25x (+1) the blocks of the group's shortest. Groups keep the step's row order when there is one."""
+    by_len = sorted(decodes, key=lambda i: meta.seq_lens[i])
+    groups: list[list[int]] = []
+    for i in by_len:
+        blocks = -(-meta.seq_lens[i] // block_size)
+        if groups and (len(groups) == max_buckets or blocks <= 1.25 * groups[-1][0][1] + 1):
+            groups[-1].append((i, blocks))
+        else:
+            groups.append([(i, blocks)])
+    if len(groups) == 1:
+        return [decodes]
+    return [[i for i, _ in group] for group in groups]
+
+
+def _bucket(meta, seqs: list[int], window, block_size: int, device):
+    lens = torch.tensor([meta.seq_lens[i] for i in seqs], device=device)
     max_blocks = -(-int(lens.max()) // block_size)
-    tables = torch.zeros(len(decodes), max_blocks, dtype=torch.long, device=device)
-    for row, i in enumerate(decodes):
+    tables = torch.zeros(len(seqs), max_blocks, dtype=torch.long, device=device)
+    for row, i in enumerate(seqs):
         table = meta.block_tables[i]
         tables[row, :len(table)] = table
     positions = torch.arange(max_blocks * block_size, device=device)[None, :]
     mask = positions < lens[:, None]
     if window is not None:
         mask &= positions > lens[:, None] - 1 - window
-    rows = torch.tensor([meta.query_start_loc[i] for i in decodes], device=device)
-    decode_set = set(decodes)
-    others = [i for i in range(meta.num_seqs) if i not in decode_set]
-    return rows, tables, mask[None, :, None, :], others
+    rows = torch.tensor([meta.query_start_loc[i] for i in seqs], device=device)
+    return rows, tables, mask[None, :, None, :]
