@@ -99,8 +99,11 @@ class BlockManager:
         request.block_ids = []
 
     def reset_prefix_cache(self) -> None:
-        self.cached.clear()
-        for block in self.blocks:
+        """Forget the cached contents of every free block (blocks in use keep theirs)."""
+        for block_id in self.free_queue:
+            block = self.blocks[block_id]
+            if block.block_hash is not None and self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
             block.block_hash = None
 
     def _acquire(self, block_id: int) -> None:

@@ -113,3 +113,15 @@ def test_prefix_caching_off_never_hits():
     bm.allocate(a, 9)
     bm.cache_full_blocks(a, 9)
     assert bm.find_cached_prefix(req(range(9), "b")) == []
+
+
+def test_reset_forgets_free_blocks_only():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a, b = req([1, 2, 3], "a"), req([7, 8, 9], "b")
+    for r in (a, b):
+        bm.allocate(r, 3)
+        bm.cache_full_blocks(r, 3)
+    bm.free(a)
+    bm.reset_prefix_cache()
+    assert bm.find_cached_prefix(req([1, 2, 5], "c")) == []       # a's freed block forgotten
+    assert bm.find_cached_prefix(req([7, 8, 5], "d")) == [2]      # b still holds its block
