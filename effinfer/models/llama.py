@@ -57,9 +57,11 @@ class LlamaAttention(nn.Module):
                 v.view(num_tokens, self.num_kv_heads, self.head_dim))
 
     def forward(self, hidden: torch.Tensor, rope: tuple, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.split_qkv(hidden)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        return self.o_proj(self.attn(q, k, v, meta))
+        # [num_tokens, heads + 2 * kv_heads, head_dim]: q and k are neighbours, so one rotary call covers both
+        qkv = self.qkv_proj(hidden).view(hidden.shape[0], -1, self.head_dim)
+        qk = apply_rotary(qkv[:, :self.num_heads + self.num_kv_heads], *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        return self.o_proj(self.attn(q, k, qkv[:, self.num_heads + self.num_kv_heads:], meta))
 
 
 class LlamaMLP(nn.Module):

@@ -51,7 +51,7 @@ def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
 
 def _decode_plan(meta, window: int | None, block_size: int, device):
     """([(rows, padded block tables, mask)] per length bucket, indices of the other sequences) for this
-    step's decodes, built once per step and cached in `meta`; None when fewer than two sequences decode."""
+    step's decodes, built once per step and cached in `meta`; None when no sequence decodes."""
     key = ("decode", window)
     if key not in meta.mask_cache:
         meta.mask_cache[key] = _build_decode_plan(meta, window, block_size, device)
@@ -60,7 +60,7 @@ def _decode_plan(meta, window: int | None, block_size: int, device):
 
 def _build_decode_plan(meta, window, block_size: int, device):
     decodes = [i for i in range(meta.num_seqs) if meta.query_start_loc[i + 1] - meta.query_start_loc[i] == 1]
-    if len(decodes) < 2:
+    if not decodes:
         return None
     decode_set = set(decodes)
     others = [i for i in range(meta.num_seqs) if i not in decode_set]
