@@ -52,6 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("bench", help="measure: `effinfer bench serve` loads an OpenAI endpoint")
+    bench = p.add_subparsers(title="benchmarks")
+    b = bench.add_parser("serve", help="TTFT/TPOT/ITL/E2EL and throughput of any OpenAI-compatible endpoint")
+    b.add_argument("--base-url", default="http://127.0.0.1:8000")
+    b.add_argument("--model", default=None, help="model id to send (default: the endpoint's first)")
+    b.add_argument("--tokenizer", default=catalog.DEFAULT_MODEL, help="model whose tokenizer builds the prompts")
+    b.add_argument("--workload", default="random", choices=["random", "shared-prefix", "long-context"])
+    b.add_argument("--num-prompts", type=int, default=32)
+    b.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: 128, long-context 4000)")
+    b.add_argument("--output-len", type=int, default=64)
+    b.add_argument("--range-ratio", type=float, default=0.0)
+    b.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once")
+    b.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1.0 = Poisson")
+    b.add_argument("--max-concurrency", type=int, default=None)
+    b.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:100")
+    b.add_argument("--api-key", default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--result-file", default="bench-serve.json")
+    b.set_defaults(func=cmd_bench_serve)
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
@@ -174,6 +193,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
           flush=True)
     uvicorn.run(app, host=server_config.host, port=server_config.port, log_level="info", timeout_graceful_shutdown=5)
     return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from effinfer.bench.metrics import summarize
+    from effinfer.bench.report import print_serve_table, write_record
+    from effinfer.bench.serve import ServeConfig, run_serve_benchmark
+    from effinfer.bench.workloads import WORKLOADS, random_requests
+    from effinfer.models import load_tokenizer
+
+    slos = dict(_parse_slo(item) for item in args.goodput)
+    shape = {"input_len": 128, **WORKLOADS[args.workload]}
+    if args.input_len is not None:
+        shape["input_len"] = args.input_len
+    tokenizer = load_tokenizer(args.tokenizer)
+    requests = random_requests(tokenizer, args.num_prompts, output_len=args.output_len, seed=args.seed,
+                               range_ratio=args.range_ratio, **shape)
+    cfg = ServeConfig(args.base_url, args.model, args.request_rate, args.burstiness, args.max_concurrency,
+                      args.api_key, args.seed)
+    results, duration = asyncio.run(run_serve_benchmark(requests, cfg))
+    metrics = summarize(results, duration, slos)
+    config = {**vars(args), "func": None, "workload_shape": shape, "slos_ms": slos}
+    write_record(args.result_file, "serve", config, metrics)
+    print_serve_table(metrics)
+    print(f"\nJSON record: {args.result_file}")
+    return 0 if metrics["completed"] else 1
+
+
+def _parse_slo(item: str) -> tuple[str, float]:
+    name, _, value = item.partition(":")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise ValueError(f"--goodput expects METRIC:MILLISECONDS (e.g. ttft:500), got {item!r}") from None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -49,6 +49,20 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
     return _load_gguf(path, dtype, device, show_progress, catalog.cache_dir(cache_dir) / "tokenizers")
 
 
+def load_tokenizer(name: str, cache_dir: str | None = None) -> Tokenizer:
+    """Only the tokenizer of a catalog name, GGUF file or HF folder (no weights are read)."""
+    path = resolve_model_path(name, cache_dir, show_progress=False)
+    if path.is_dir():
+        from effinfer.loader.tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)
+    from effinfer.loader.gguf import GGUFFile
+    from effinfer.loader.tokenizer import load_gguf_tokenizer
+
+    eos = GGUFFile(path).arch_config().eos_token_ids
+    return load_gguf_tokenizer(path, eos, catalog.cache_dir(cache_dir) / "tokenizers")
+
+
 def _load_gguf(path: Path, dtype, device, show_progress, tokenizer_cache: Path) -> LoadedModel:
     from effinfer.loader.gguf import GGUFFile
     from effinfer.loader.tokenizer import load_gguf_tokenizer

@@ -1,0 +1,56 @@
+"""Serving-metric arithmetic on synthetic timings (the definitions of `vllm bench serve`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from effinfer.bench.metrics import RequestResult, summarize
+from effinfer.bench.serve import arrival_delays
+
+
+def results():
+    # request A: first token at 100 ms, 5 tokens in 4 more chunks 10 ms apart -> E2EL 140 ms, TPOT 10 ms
+    a = RequestResult(True, prompt_len=10, output_len=5, ttft=0.100, latency=0.140, itl=[0.01] * 4)
+    # request B: first token at 300 ms; 3 tokens but only 2 chunks (one chunk carried 2 tokens)
+    b = RequestResult(True, prompt_len=20, output_len=3, ttft=0.300, latency=0.400, itl=[0.100])
+    failed = RequestResult(False, prompt_len=99, error="HTTP 503")
+    return [a, b, failed]
+
+
+def test_counts_and_throughputs():
+    m = summarize(results(), duration=2.0)
+    assert (m["completed"], m["failed"], m["errors"]) == (2, 1, ["HTTP 503"])
+    assert m["total_input_tokens"] == 30 and m["total_output_tokens"] == 8
+    assert m["request_throughput"] == 1.0 and m["output_throughput"] == 4.0 and m["total_token_throughput"] == 19.0
+
+
+def test_latency_statistics_in_ms():
+    m = summarize(results(), duration=2.0)
+    assert m["mean_ttft_ms"] == pytest.approx(200.0) and m["median_ttft_ms"] == pytest.approx(200.0)
+    assert m["p99_ttft_ms"] == pytest.approx(np.percentile([100, 300], 99))
+    assert m["mean_e2el_ms"] == pytest.approx(270.0)
+
+
+def test_tpot_is_per_request_and_itl_is_per_chunk():
+    m = summarize(results(), duration=2.0)
+    # TPOT: A (140-100)/4 = 10 ms, B (400-300)/2 = 50 ms; ITL pools the five gaps 10,10,10,10,100 ms
+    assert m["mean_tpot_ms"] == pytest.approx(30.0)
+    assert m["mean_itl_ms"] == pytest.approx(28.0) and m["median_itl_ms"] == pytest.approx(10.0)
+
+
+def test_goodput_counts_requests_meeting_every_slo():
+    assert summarize(results(), 2.0, {"ttft": 200})["goodput"] == 0.5
+    assert summarize(results(), 2.0, {"ttft": 500, "tpot": 20})["goodput"] == 0.5
+    assert summarize(results(), 2.0, {"e2el": 1000})["goodput"] == 1.0
+    with pytest.raises(ValueError, match="unknown SLO"):
+        summarize(results(), 2.0, {"latency": 1})
+
+
+def test_arrivals_poisson_mean_and_all_at_once():
+    gaps = arrival_delays(4000, rate=20.0, burstiness=1.0, seed=0)
+    assert np.mean(gaps) == pytest.approx(0.05, rel=0.05)
+    assert np.std(gaps) == pytest.approx(0.05, rel=0.1)            # exponential: std = mean
+    bursty = arrival_delays(4000, rate=20.0, burstiness=0.25, seed=0)
+    assert np.mean(bursty) == pytest.approx(0.05, rel=0.1) and np.std(bursty) > 1.5 * np.std(gaps)
+    assert arrival_delays(3, float("inf"), 1.0, 0) == [0.0, 0.0, 0.0]
