@@ -71,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-serve.json")
     b.set_defaults(func=cmd_bench_serve)
+    b = bench.add_parser("latency", help="llama-bench style: prefill (pp) and decode (tg) tokens/s, bandwidth")
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--gen-len", type=int, default=128)
+    b.add_argument("--repetitions", type=int, default=5)
+    b.add_argument("--bench-seed", type=int, default=0)
+    b.add_argument("--result-file", default="bench-latency.json")
+    add_engine_args(b)
+    b.set_defaults(func=cmd_bench_latency)
+    b = bench.add_parser("throughput", help="offline: a request set through the in-process engine")
+    b.add_argument("--num-prompts", type=int, default=64)
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--range-ratio", type=float, default=0.0)
+    b.add_argument("--bench-seed", type=int, default=0)
+    b.add_argument("--result-file", default="bench-throughput.json")
+    add_engine_args(b)
+    b.set_defaults(func=cmd_bench_throughput)
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
@@ -220,6 +237,37 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     print_serve_table(metrics)
     print(f"\nJSON record: {args.result_file}")
     return 0 if metrics["completed"] else 1
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from effinfer.bench.offline import run_latency
+
+    llm = make_llm(args)
+    metrics = run_latency(llm, args.prompt_len, args.gen_len, args.repetitions, args.bench_seed)
+    _finish_offline_bench(args, llm, "latency", metrics)
+    return 0
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from effinfer.bench.offline import run_throughput
+    from effinfer.bench.workloads import random_requests
+
+    llm = make_llm(args)
+    requests = random_requests(llm.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
+                               args.range_ratio, as_text=False)
+    _finish_offline_bench(args, llm, "throughput", run_throughput(llm, requests))
+    return 0
+
+
+def _finish_offline_bench(args, llm, kind: str, metrics: dict) -> None:
+    from effinfer.bench.report import write_record
+
+    bench_args = {k: v for k, v in vars(args).items() if k not in all_option_names() and k != "func"}
+    write_record(args.result_file, kind, {"bench": bench_args, "engine": llm.config.to_dict()}, metrics)
+    width = max(map(len, metrics))
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.2f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(f"\nJSON record: {args.result_file}")
 
 
 def _parse_slo(item: str) -> tuple[str, float]:

@@ -19,9 +19,10 @@ class BenchRequest:
 
 
 def random_requests(tokenizer, num: int, input_len: int, output_len: int, seed: int = 0,
-                    range_ratio: float = 0.0, prefix_len: int = 0) -> list[BenchRequest]:
+                    range_ratio: float = 0.0, prefix_len: int = 0, as_text: bool = True) -> list[BenchRequest]:
     """`num` requests with input/output lengths uniform in [len * (1 - range_ratio), len * (1 + range_ratio)];
-    with `prefix_len`, all of them start with the same random prefix (a prefix-caching workload)."""
+    with `prefix_len`, all of them start with the same random prefix (a prefix-caching workload).
+    Prompts are text for HTTP endpoints, or the token ids themselves (`as_text=False`) in-process."""
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"range_ratio={range_ratio} must be in [0, 1)")
     rng = np.random.default_rng(seed)
@@ -32,7 +33,7 @@ def random_requests(tokenizer, num: int, input_len: int, output_len: int, seed: 
         n_in = _jitter(rng, input_len, range_ratio)
         n_out = _jitter(rng, output_len, range_ratio)
         ids = prefix + rng.choice(vocab, size=n_in).tolist()
-        requests.append(BenchRequest(tokenizer.decode(ids), len(ids), n_out))
+        requests.append(BenchRequest(tokenizer.decode(ids) if as_text else ids, len(ids), n_out))
     return requests
 
 

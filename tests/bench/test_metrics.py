@@ -54,3 +54,30 @@ def test_arrivals_poisson_mean_and_all_at_once():
     bursty = arrival_delays(4000, rate=20.0, burstiness=0.25, seed=0)
     assert np.mean(bursty) == pytest.approx(0.05, rel=0.1) and np.std(bursty) > 1.5 * np.std(gaps)
     assert arrival_delays(3, float("inf"), 1.0, 0) == [0.0, 0.0, 0.0]
+
+
+def test_bench_latency_and_throughput_records(smollm2_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    common = ["--model", str(smollm2_path), "--dtype", "float32", "--no-show-progress"]
+    out = tmp_path / "latency.json"
+    result = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "latency", "--prompt-len", "32",
+                             "--gen-len", "8", "--repetitions", "2", "--result-file", str(out), *common],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["pp32_tok_s"] > 0 and record["tg8_tok_s"] > 0 and record["repetitions"] == 2
+    assert record["warmup_s"] > 0 and record["machine_bandwidth_gb_s"] > 0
+    assert 0 < record["decode_bandwidth_gb_s"] < record["machine_bandwidth_gb_s"] * 2
+    assert record["config"]["engine"]["model"]["dtype"] == "float32" and record["energy_method"]
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "throughput", "--num-prompts", "6",
+                             "--input-len", "20", "--output-len", "5", "--result-file", str(out), *common],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["num_requests"] == 6 and record["total_output_tokens"] == 30 and record["total_input_tokens"] == 120
+    assert record["output_throughput"] == pytest.approx(30 / record["duration"])
+    assert record["peak_rss_mb"] > 100
