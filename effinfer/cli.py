@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--result-file", default="bench-latency.json")
     add_engine_args(b)
     b.set_defaults(func=cmd_bench_latency)
+    b = bench.add_parser("quality", help="perplexity on a text; KL divergence and greedy agreement vs a reference")
+    b.add_argument("--text", required=True, help="a UTF-8 text file")
+    b.add_argument("--window", type=int, default=512)
+    b.add_argument("--stride", type=int, default=256)
+    b.add_argument("--max-text-tokens", type=int, default=8192, help="score at most this many tokens of the text")
+    b.add_argument("--reference-model", default=None, help="reference for KL/agreement (default: --model)")
+    b.add_argument("--reference-dtype", default=None, help="e.g. float32; a reference runs when either is given")
+    b.add_argument("--result-file", default="bench-quality.json")
+    add_engine_args(b)
+    b.set_defaults(func=cmd_bench_quality)
     b = bench.add_parser("throughput", help="offline: a request set through the in-process engine")
     b.add_argument("--num-prompts", type=int, default=64)
     b.add_argument("--input-len", type=int, default=128)
@@ -256,6 +266,27 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     requests = random_requests(llm.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
                                args.range_ratio, as_text=False)
     _finish_offline_bench(args, llm, "throughput", run_throughput(llm, requests))
+    return 0
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from effinfer.bench import quality
+    from effinfer.llm import LLM
+
+    text = Path(args.text).read_text(encoding="utf-8")
+    llm = make_llm(args)
+    wins = quality.windows(llm.tokenizer.encode(text), args.window, args.stride, args.max_text_tokens)
+    metrics = quality.perplexity(llm, wins)
+    if args.reference_model or args.reference_dtype:
+        ref_kwargs = {**engine_kwargs(args), "model": args.reference_model or args.model,
+                      "dtype": args.reference_dtype or args.dtype}
+        reference = LLM(**ref_kwargs)
+        metrics["reference"] = {"model": ref_kwargs["model"], "dtype": ref_kwargs["dtype"],
+                                **quality.perplexity(reference, wins)}
+        metrics.update(quality.divergence(reference, llm, wins))
+    _finish_offline_bench(args, llm, "quality", metrics)
     return 0
 
 

@@ -40,6 +40,10 @@ class LLM:
         finals = self._run(sum(p.n for p in params), use_tqdm)
         return [GenerationResult(prompt_ids, [finals[i] for i in group]) for prompt_ids, group in zip(encoded, ids)]
 
+    def score(self, prompt: Prompt) -> "torch.Tensor":
+        """[num_tokens, vocab] log-probabilities of the next token after each prompt position (evaluation)."""
+        return self.engine.score(self.engine.encode_prompt(prompt))
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one request's output after every step that adds to it; abort it if the caller stops early."""
         request = self.engine.add_request(prompt, params)

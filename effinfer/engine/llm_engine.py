@@ -107,6 +107,30 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Log-probabilities of the next token after every position of `prompt_ids`: [len, vocab] fp32.
+
+        For offline evaluation (perplexity, KL divergence): the engine must be idle. The prompt runs in
+        chunks of the step's token budget over blocks taken from the pool and returned at the end."""
+        if self.has_unfinished():
+            raise RuntimeError("score() runs on an idle engine; finish or abort the requests first")
+        if not 0 < len(prompt_ids) <= self.max_model_len:
+            raise ValueError(f"a scored text must have 1 to {self.max_model_len} tokens, got {len(prompt_ids)}")
+        request = Request("score", list(prompt_ids), SamplingParams(max_tokens=1))
+        budget, rows = self.config.scheduler.max_num_batched_tokens, []
+        try:
+            for start in range(0, len(prompt_ids), budget):
+                chunk = prompt_ids[start:start + budget]
+                if self.block_manager.allocate(request, len(chunk)) is None:
+                    raise ValueError(f"the KV cache cannot hold {len(prompt_ids)} tokens; raise kv_cache_memory_gb")
+                logits = self.runner.execute([ScheduledSeq(chunk, start, request.block_ids, True, True)])
+                request.num_computed_tokens += len(chunk)
+                rows.append(torch.log_softmax(logits, dim=-1))
+        finally:
+            self.block_manager.free(request)
+        return torch.cat(rows)
+
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
