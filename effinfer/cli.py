@@ -297,7 +297,7 @@ def _finish_offline_bench(args, llm, kind: str, metrics: dict) -> None:
     write_record(args.result_file, kind, {"bench": bench_args, "engine": llm.config.to_dict()}, metrics)
     width = max(map(len, metrics))
     for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.2f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {value:.5g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     print(f"\nJSON record: {args.result_file}")
 
 

@@ -35,6 +35,7 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int
     pp = [_prefill_rate(llm, p) for p in prompts[1:]]
     tg = [_decode_rate(llm, p[:16], gen_len) for p in prompts[1:]]
     tokens = repetitions * (prompt_len + gen_len)
+    resources = meter.report(tokens)     # before the bandwidth probe, whose 1 GiB buffer would count
     bytes_per_token = decode_bytes_per_token(llm, 16 + gen_len / 2)
     return {
         f"pp{prompt_len}_tok_s": statistics.mean(pp), f"pp{prompt_len}_tok_s_std": statistics.pstdev(pp),
@@ -43,7 +44,7 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int
         "decode_bytes_per_token": bytes_per_token,
         "decode_bandwidth_gb_s": bytes_per_token * statistics.mean(tg) / 1e9,
         "machine_bandwidth_gb_s": measure_bandwidth(),
-        **meter.report(tokens),
+        **resources,
     }
 
 
