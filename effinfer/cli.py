@@ -69,8 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--goodput", nargs="*", default=[], metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:100")
     b.add_argument("--api-key", default=None)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--label", default=None, help="name of the system under test in reports (default: the URL)")
     b.add_argument("--result-file", default="bench-serve.json")
     b.set_defaults(func=cmd_bench_serve)
+    b = bench.add_parser("plot", help="PNG charts from `bench serve` JSON records")
+    b.add_argument("records", nargs="+")
+    b.add_argument("--out-dir", default="bench-plots")
+    b.set_defaults(func=cmd_bench_plot)
     b = bench.add_parser("latency", help="llama-bench style: prefill (pp) and decode (tg) tokens/s, bandwidth")
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=128)
@@ -247,6 +252,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     print_serve_table(metrics)
     print(f"\nJSON record: {args.result_file}")
     return 0 if metrics["completed"] else 1
+
+
+def cmd_bench_plot(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from effinfer.bench.plots import plot_serve
+
+    records = [json.loads(Path(p).read_text()) for p in args.records]
+    not_serve = [p for p, r in zip(args.records, records) if r.get("benchmark") != "serve"]
+    if not_serve:
+        raise ValueError(f"not `bench serve` records: {', '.join(not_serve)}")
+    for path in plot_serve(records, args.out_dir):
+        print(path)
+    return 0
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:

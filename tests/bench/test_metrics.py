@@ -81,3 +81,24 @@ def test_bench_latency_and_throughput_records(smollm2_path, tmp_path):
     assert record["num_requests"] == 6 and record["total_output_tokens"] == 30 and record["total_input_tokens"] == 120
     assert record["output_throughput"] == pytest.approx(30 / record["duration"])
     assert record["peak_rss_mb"] > 100
+
+
+def test_bench_plot_draws_serve_records(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from effinfer.bench.metrics import summarize
+
+    paths = []
+    for c in (1, 4):
+        record = {"benchmark": "serve", "config": {"label": "demo", "max_concurrency": c},
+                  **summarize(results(), duration=2.0 / c)}
+        paths.append(tmp_path / f"c{c}.json")
+        paths[-1].write_text(json.dumps(record))
+    out = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "plot", *map(str, paths), "--out-dir",
+                          str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("serve_throughput_vs_concurrency.png", "serve_latency_percentiles.png"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -1,0 +1,68 @@
+"""PNG charts from benchmark records (matplotlib, imported only here): serving throughput against
+concurrency per system, and the latency percentiles of each run."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+LATENCIES = ("ttft", "tpot", "itl", "e2el")
+STATS = ("mean", "median", "p90", "p99")
+
+
+def plot_serve(records: list[dict], out_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_system = defaultdict(list)
+    for r in records:
+        by_system[_label(r)].append(r)
+    ordered = sorted(records, key=lambda r: (_label(r), _concurrency(r)))
+    return [_throughput_chart(plt, by_system, out_dir / "serve_throughput_vs_concurrency.png"),
+            _latency_chart(plt, ordered, out_dir / "serve_latency_percentiles.png")]
+
+
+def _label(record: dict) -> str:
+    return record["config"].get("label") or record["config"].get("base_url", "?")
+
+
+def _concurrency(record: dict) -> int:
+    return record["config"].get("max_concurrency") or record["completed"] + record["failed"]
+
+
+def _throughput_chart(plt, by_system: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for system, runs in sorted(by_system.items()):
+        runs = sorted(runs, key=_concurrency)
+        ax.plot([_concurrency(r) for r in runs], [r["output_throughput"] for r in runs], marker="o", label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Serving throughput")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _latency_chart(plt, records: list[dict], path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(LATENCIES), figsize=(4 * len(LATENCIES), 3.8))
+    width = 0.8 / max(len(records), 1)
+    for ax, metric in zip(axes, LATENCIES):
+        for i, r in enumerate(records):
+            xs = [j + i * width for j in range(len(STATS))]
+            ax.bar(xs, [r[f"{s}_{metric}_ms"] for s in STATS], width, label=f"{_label(r)} c={_concurrency(r)}")
+        ax.set_xticks([j + width * (len(records) - 1) / 2 for j in range(len(STATS))], STATS)
+        ax.set_title(f"{metric.upper()} (ms)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
