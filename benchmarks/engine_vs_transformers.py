@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from effinfer import LLM, SamplingParams
+from effinfer.bench.report import environment
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-valid.tokens.txt"
 
@@ -31,9 +30,8 @@ TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitex
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    record = {"benchmark": "engine_vs_transformers", "commit": commit(), "machine": platform.processor() or platform.machine(),
-              "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "model": args.model,
-              "seed": args.seed, "results": {}}
+    record = {"benchmark": "engine_vs_transformers", **environment(), "model": args.model, "seed": args.seed,
+              "transformers": transformers_version(), "results": {}}
     for dtype in args.dtypes.split(","):
         # prefix caching off: every run computes its whole prompt, as transformers does
         llm = LLM(args.model, dtype=dtype, max_num_seqs=64, max_num_batched_tokens=2048,
@@ -177,18 +175,10 @@ def print_table(record: dict) -> None:
               f"matmul-only ceiling {e['matmul_ceiling_tok_s']:.0f} tok/s")
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
+def transformers_version() -> str:
+    import transformers
 
-
-def cpu_name() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+    return transformers.__version__
 
 
 if __name__ == "__main__":
