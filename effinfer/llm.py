@@ -35,7 +35,9 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        encoded = [self.engine.encode_prompt(p) for p in prompts]  # fail before anything is queued
+        encoded = [self.engine.encode_prompt(p) for p in prompts]
+        for prompt_ids in encoded:  # fail before anything is queued
+            self.engine.check_prompt_length(prompt_ids)
         ids = self._add_all(encoded, params, priority or [0] * len(prompts))
         finals = self._run(sum(p.n for p in params), use_tqdm)
         return [GenerationResult(prompt_ids, [finals[i] for i in group]) for prompt_ids, group in zip(encoded, ids)]

@@ -79,15 +79,18 @@ class LLMEngine:
             return list(prompt)
         raise TypeError("a prompt is a non-empty string, list of token ids, or list of chat messages")
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    priority: int = 0) -> Request:
-        params = params or SamplingParams()
-        prompt_ids = self.encode_prompt(prompt)
+    def check_prompt_length(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ValueError("the prompt is empty (it encodes to no tokens)")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
                              "including at least one generated token; shorten the prompt")
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0) -> Request:
+        params = params or SamplingParams()
+        prompt_ids = self.encode_prompt(prompt)
+        self.check_prompt_length(prompt_ids)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -164,3 +164,12 @@ def _prompt_seq(engine, prompt):
 
     ids = engine.tokenizer.encode(prompt)
     return ScheduledSeq(ids, 0, list(range(-(-len(ids) // engine.config.cache.block_size))))
+
+
+def test_generate_rejects_a_batch_with_one_bad_prompt_before_queueing(smollm2_fp32):
+    from effinfer.llm import LLM
+
+    llm = LLM.from_engine(make_engine(smollm2_fp32, max_model_len=64))
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        llm.generate(["fine", list(range(1, 100))], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
