@@ -94,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--result-file", default="bench-quality.json")
     add_engine_args(b)
     b.set_defaults(func=cmd_bench_quality)
+    b = bench.add_parser("compare", help="several configurations, interleaved, as ratios to the first")
+    b.add_argument("--config", action="append", required=True, dest="configs", metavar="KEY=VALUE,...",
+                   help="one configuration, e.g. name=fp32,dtype=float32 (repeat; the first is the baseline)")
+    b.add_argument("--workload", choices=["latency", "throughput"], default="throughput")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--gen-len", type=int, default=128)
+    b.add_argument("--num-prompts", type=int, default=32)
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--bench-seed", type=int, default=0)
+    b.add_argument("--result-file", default="bench-compare.json")
+    add_engine_args(b)
+    b.set_defaults(func=cmd_bench_compare)
     b = bench.add_parser("throughput", help="offline: a request set through the in-process engine")
     b.add_argument("--num-prompts", type=int, default=64)
     b.add_argument("--input-len", type=int, default=128)
@@ -307,6 +321,29 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
                                 **quality.perplexity(reference, wins)}
         metrics.update(quality.divergence(reference, llm, wins))
     _finish_offline_bench(args, llm, "quality", metrics)
+    return 0
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from effinfer.bench.compare import parse_config, run_compare
+    from effinfer.bench.report import write_record
+    from effinfer.llm import LLM
+
+    configs = [parse_config(text) for text in args.configs]
+    if len({c.name for c in configs}) != len(configs):
+        raise ValueError("configuration names must differ (set name=... in each --config)")
+    base = engine_kwargs(args)
+    for c in configs:  # validate every configuration before any model loads
+        EngineConfig.from_kwargs(**{**base, **c.options})
+    result = run_compare(configs, lambda options: LLM(**{**base, **options}), args.workload, args.rounds, args)
+    bench_args = {k: v for k, v in vars(args).items() if k not in all_option_names() and k != "func"}
+    write_record(args.result_file, "compare", {"bench": bench_args}, result)
+    names = [c.name for c in configs]
+    print(f"{'metric':<28}" + "".join(f"{n[:18]:>20}" for n in names))
+    for key in result["metrics"][names[0]]:
+        cells = [f"{result['metrics'][n][key]:.4g} ({result['ratios'][n].get(key, float('nan')):.2f}x)" for n in names]
+        print(f"{key:<28}" + "".join(f"{cell:>20}" for cell in cells))
+    print(f"\nJSON record: {args.result_file}")
     return 0
 
 

@@ -25,7 +25,8 @@ ASSUMED_WATTS_PER_CORE = 5.0
 RAPL_FILE = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 
-def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5, seed: int = 0) -> dict:
+def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5, seed: int = 0,
+                measure_machine: bool = True) -> dict:
     prompts = [r.prompt for r in random_requests(llm.tokenizer, repetitions + 1, prompt_len, 1, seed, as_text=False)]
     warmup_start = time.perf_counter()
     _prefill_rate(llm, prompts[0])
@@ -37,13 +38,14 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int
     tokens = repetitions * (prompt_len + gen_len)
     resources = meter.report(tokens)     # before the bandwidth probe, whose 1 GiB buffer would count
     bytes_per_token = decode_bytes_per_token(llm, 16 + gen_len / 2)
+    machine = {"machine_bandwidth_gb_s": measure_bandwidth()} if measure_machine else {}
     return {
         f"pp{prompt_len}_tok_s": statistics.mean(pp), f"pp{prompt_len}_tok_s_std": statistics.pstdev(pp),
         f"tg{gen_len}_tok_s": statistics.mean(tg), f"tg{gen_len}_tok_s_std": statistics.pstdev(tg),
         "warmup_s": warmup_s, "repetitions": repetitions,
         "decode_bytes_per_token": bytes_per_token,
         "decode_bandwidth_gb_s": bytes_per_token * statistics.mean(tg) / 1e9,
-        "machine_bandwidth_gb_s": measure_bandwidth(),
+        **machine,
         **resources,
     }
 

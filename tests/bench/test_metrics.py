@@ -102,3 +102,37 @@ def test_bench_plot_draws_serve_records(tmp_path):
     for name in ("serve_throughput_vs_concurrency.png", "serve_latency_percentiles.png"):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_parse_config_values_and_names():
+    from effinfer.bench.compare import parse_config
+
+    c = parse_config("name=small,dtype=float32,max_num_seqs=8,enable_prefix_caching=false,kv_cache_memory_gb=0.5")
+    assert c.name == "small"
+    assert c.options == {"dtype": "float32", "max_num_seqs": 8, "enable_prefix_caching": False, "kv_cache_memory_gb": 0.5}
+    assert parse_config("dtype=bfloat16").name == "dtype=bfloat16"
+    with pytest.raises(ValueError, match="key=value"):
+        parse_config("dtype")
+
+
+def test_bench_compare_interleaves_and_reports_ratios(smollm2_path, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "compare.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "effinfer.cli", "bench", "compare", "--model", str(smollm2_path), "--no-show-progress",
+         "--kv-cache-memory-gb", "0.1", "--config", "name=bf16", "--config", "name=fp32,dtype=float32",
+         "--workload", "throughput", "--rounds", "2", "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
+         "--result-file", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert record["baseline"] == "bf16" and record["rounds"] == 2
+    assert record["ratios"]["bf16"]["output_throughput"] == pytest.approx(1.0)
+    fp32 = record["metrics"]["fp32"]["output_throughput"] / record["metrics"]["bf16"]["output_throughput"]
+    assert record["ratios"]["fp32"]["output_throughput"] == pytest.approx(fp32)
+    assert record["configs"]["fp32"]["resolved"]["model"]["dtype"] == "float32"
+    bad = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "compare", "--config", "name=x,dtype=int3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "dtype='int3'" in bad.stderr
