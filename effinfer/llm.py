@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from effinfer.config import EngineConfig
 from effinfer.engine.llm_engine import LLMEngine, Prompt
@@ -10,6 +10,9 @@ from effinfer.loader.catalog import DEFAULT_MODEL
 from effinfer.outputs import GenerationResult, RequestOutput
 from effinfer.sampling_params import SamplingParams
 from effinfer.utils import progress
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LLM:

@@ -11,13 +11,17 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from effinfer.utils import ModelLoadError
+
+if TYPE_CHECKING:
+    import tokenizers
 
 
 @dataclass
 class Tokenizer:
-    backend: "tokenizers.Tokenizer"  # noqa: F821
+    backend: "tokenizers.Tokenizer"
     eos_token_ids: list[int]
     bos_token: str | None = None
     eos_token: str | None = None

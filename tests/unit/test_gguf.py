@@ -14,7 +14,7 @@ from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
 from effinfer.loader.gguf import GGUFFile
 from effinfer.models import _build
 from effinfer.utils import ModelLoadError
-from tiny_models import VOCAB, tiny_hf_model
+from tiny_models import tiny_hf_model
 
 HF_TO_GGUF = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
