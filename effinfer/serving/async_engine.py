@@ -101,12 +101,16 @@ class AsyncEngine:
             self._step()
         self._abort_all()
 
-    def _drain_inbox(self) -> None:
+    def _inbox_items(self):
+        """The commands queued so far, without waiting for more."""
         while True:
             try:
-                command, rid, *args = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for command, rid, *args in self._inbox_items():
             if command == "abort":
                 self.engine.abort(rid)
                 continue
@@ -139,11 +143,7 @@ class AsyncEngine:
     def _abort_all(self) -> None:
         """Shutdown: fail what is queued or running, so no handler waits forever."""
         error = EngineDeadError("the server is shutting down")
-        while True:
-            try:
-                command, rid, *_ = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for command, rid, *_ in self._inbox_items():
             if command == "add":
                 self._deliver(rid, error)
         for rid in list(self.engine.requests):
