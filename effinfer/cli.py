@@ -99,13 +99,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     from effinfer.serving.api_server import ServerConfig
 
     g = p.add_argument_group("server")
+    hints, docs = typing.get_type_hints(ServerConfig), field_docs(ServerConfig)
     for f in dataclasses.fields(ServerConfig):
         if f.name == "api_keys":
             g.add_argument("--api-key", action="append", dest="api_keys", default=[],
                            help="accepted bearer token (repeat for several); none means no authentication")
         else:
-            g.add_argument("--" + f.name.replace("_", "-"), type=_arg_type(typing.get_type_hints(ServerConfig)[f.name]),
-                           default=f.default, dest=f.name, help=field_docs(ServerConfig).get(f.name))
+            g.add_argument("--" + f.name.replace("_", "-"), type=_arg_type(hints[f.name]), default=f.default,
+                           dest=f.name, help=docs.get(f.name))
 
 
 def _arg_type(hint):

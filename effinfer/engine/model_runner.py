@@ -42,20 +42,18 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logit_rows])
 
     def prepare(self, seqs: list[ScheduledSeq]):
-        ids, positions, slots, starts, seq_lens, context_slots, tables = [], [], [], [0], [], [], []
+        ids, positions, slots, starts, seq_lens, tables = [], [], [], [0], [], []
+        size = self.block_size
         for seq in seqs:
             seq_len = seq.num_computed + len(seq.token_ids)
-            table = self._table(seq.block_table, seq_len)
-            seq_slots = self._slots(table, seq_len)
-            tables.append(table)
+            tables.append(self._table(seq.block_table, seq_len))
             ids.extend(seq.token_ids)
             positions.extend(range(seq.num_computed, seq_len))
-            slots.append(seq_slots[seq.num_computed:])
+            slots.extend(seq.block_table[p // size] * size + p % size for p in range(seq.num_computed, seq_len))
             starts.append(starts[-1] + len(seq.token_ids))
             seq_lens.append(seq_len)
-            context_slots.append(seq_slots)
-        meta = AttentionMetadata(torch.cat(slots), starts, seq_lens, context_slots, tables)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(as_tensor(slots), starts, seq_lens, tables, size)
         logit_rows = as_tensor([row for start, end, seq in zip(starts, starts[1:], seqs)
                                 for row in (range(start, end) if seq.all_logits else [end - 1] if seq.needs_logits else [])])
         return as_tensor(ids), as_tensor(positions), meta, logit_rows
@@ -65,8 +63,3 @@ class ModelRunner:
         num_blocks = -(-seq_len // self.block_size)
         assert len(block_table) >= num_blocks, "scheduler must allocate blocks before the step"
         return torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
-
-    def _slots(self, blocks: torch.Tensor, seq_len: int) -> torch.Tensor:
-        # [num_blocks] -> [seq_len] flat slot ids of positions 0..seq_len-1
-        offsets = torch.arange(self.block_size, device=self.device)
-        return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:seq_len]

@@ -31,10 +31,6 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.requests
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens.values())
-
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,

@@ -26,16 +26,25 @@ class AttentionMetadata:
     """[num_seqs + 1] row offsets of each sequence's new tokens."""
     seq_lens: list[int]
     """[num_seqs] cached tokens per sequence after this step (prefix + new)."""
-    context_slots: list[torch.Tensor]
-    """Per sequence: [seq_len] slots of positions 0..seq_len-1 in order."""
     block_tables: list[torch.Tensor]
     """Per sequence: [num_blocks] the block ids that hold its context, in order."""
+    block_size: int
     mask_cache: dict = field(default_factory=dict)
-    """Masks built by the backend for one window size, reused by every layer of the step."""
+    """Masks and slot lists built by the backend, reused by every layer of the step."""
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
+
+    def context_slots(self, i: int) -> torch.Tensor:
+        """[seq_len] slots of sequence i's positions 0..seq_len-1, derived from its block table on first
+        use (only the per-sequence path needs them; batched decodes gather whole blocks)."""
+        key = ("slots", i)
+        if key not in self.mask_cache:
+            blocks = self.block_tables[i]
+            offsets = torch.arange(self.block_size, device=blocks.device)
+            self.mask_cache[key] = (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:self.seq_lens[i]]
+        return self.mask_cache[key]
 
 
 class Attention(nn.Module):

@@ -28,9 +28,11 @@ class LoadedModel:
 
 def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: bool = True) -> Path:
     """A local GGUF file or HF folder as is; a catalog name pulled into the cache if needed."""
+    from effinfer.loader.safetensors import is_hf_folder
+
     path = Path(name).expanduser()
     if path.is_file() or path.is_dir():
-        if path.is_dir() and not (path / "config.json").is_file():
+        if path.is_dir() and not is_hf_folder(path):
             raise ModelLoadError(f"{path} is a folder without config.json; expected a Hugging Face model folder")
         return path
     if name in catalog.CATALOG:

@@ -14,15 +14,14 @@ BLOCK, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 64
 
 def metadata(query_lens, seq_lens, gen):
     perm = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
-    tables, slots_all, new_slots, starts = [], [], [], [0]
+    tables, new_slots, starts = [], [], [0]
     for q_len, s_len in zip(query_lens, seq_lens):
         blocks = torch.tensor([perm.pop() for _ in range(-(-s_len // BLOCK))])
         slots = (blocks[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:s_len]
         tables.append(blocks)
-        slots_all.append(slots)
         new_slots.append(slots[s_len - q_len:])
         starts.append(starts[-1] + q_len)
-    return AttentionMetadata(torch.cat(new_slots), starts, list(seq_lens), slots_all, tables)
+    return AttentionMetadata(torch.cat(new_slots), starts, list(seq_lens), tables, BLOCK)
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -36,8 +35,8 @@ def test_batched_equals_reference(query_lens, seq_lens, window):
     kv_cache = torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen)
     q = torch.randn(sum(query_lens), HEADS, DIM, generator=gen)
     expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, window)
-    fresh = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.context_slots,
-                              meta.block_tables)
+    fresh = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                              meta.block_size)
     got = get_backend("torch_sdpa")(q, kv_cache, fresh, 0.3, window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

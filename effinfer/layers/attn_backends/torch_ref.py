@@ -25,7 +25,7 @@ def attend_one(q, k_cache, v_cache, meta, i: int, scale: float, sliding_window: 
     start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
     seq_len, query_len = meta.seq_lens[i], end - start
     kv_start = _first_visible_key(seq_len, query_len, sliding_window)
-    slots = meta.context_slots[i][kv_start:]
+    slots = meta.context_slots(i)[kv_start:]
     k = k_cache.index_select(1, slots).to(q.dtype)  # [num_kv_heads, kv_len, head_dim]
     v = v_cache.index_select(1, slots).to(q.dtype)
     mask = _mask(meta, i, kv_start, sliding_window, q.device)
