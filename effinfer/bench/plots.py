@@ -66,3 +66,46 @@ def _latency_chart(plt, records: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+SPEED_KEYS = ("tg*_tok_s", "output_throughput")   # single-stream decode first, else batched throughput
+QUALITY_KEYS = ("perplexity", "kl_divergence", "mean_acc_per_char", "mean_acc")
+
+
+def plot_speed_quality(result: dict, path: str | Path) -> Path:
+    """One point per configuration of a `bench compare` record: a speed metric against a quality metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = result["metrics"]
+    speed = _first_key(metrics, SPEED_KEYS, "speed (a latency or throughput workload)")
+    quality = _first_key(metrics, QUALITY_KEYS, "quality (the quality workload)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, m in metrics.items():
+        if speed in m and quality in m:
+            ax.scatter(m[quality], m[speed], s=40)
+            ax.annotate(name, (m[quality], m[speed]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    better = "lower is better" if quality in ("perplexity", "kl_divergence") else "higher is better"
+    ax.set_xlabel(f"{quality} ({better})")
+    ax.set_ylabel(f"{speed} (tokens/s)")
+    ax.set_title(f"Speed vs quality (baseline: {result['baseline']})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _first_key(metrics: dict, patterns: tuple[str, ...], what: str) -> str:
+    from fnmatch import fnmatch
+
+    for pattern in patterns:
+        for m in metrics.values():
+            key = next((k for k in m if fnmatch(k, pattern)), None)
+            if key:
+                return key
+    raise ValueError(f"the record has no {what} metric to plot; run compare with that workload")

