@@ -77,10 +77,40 @@ class SchedulerConfig:
 
 
 @dataclass
+class QuantConfig:
+    quantization: str | None = None
+    """Weight format: int8 (per channel), int4 (per group), gguf (a GGUF file's own 4-bit blocks), or none."""
+    group_size: int = 32
+    """int4: input columns that share a scale (32, 64, 128; it must divide the layers' widths)."""
+    symmetric: bool = False
+    """int4: a scale per group only (q - 8) instead of scale and offset."""
+    quantize_lm_head: bool = True
+    """With a quantization: the output head (and a tied embedding) in int8 too."""
+
+    def __post_init__(self) -> None:
+        from effinfer.compression.quant import available
+
+        if self.quantization in ("", "none"):
+            self.quantization = None
+        if self.quantization is not None and self.quantization not in available():
+            raise ValueError(f"quantization={self.quantization!r} is not supported; choose from {', '.join(available())}")
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group_size={self.group_size} is not supported; choose 32, 64, 128 or 256")
+
+    def spec(self):
+        from effinfer.compression.quant import QuantSpec
+
+        if self.quantization is None:
+            return None
+        return QuantSpec(self.quantization, self.group_size, self.symmetric, self.quantize_lm_head)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     global_seed: int = 0
     """Seed of the engine's global RNG (requests without their own seed draw from it)."""
     show_progress: bool = True
@@ -105,7 +135,7 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
 
-SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "quant": QuantConfig}
 
 
 def _field_names(cls) -> set[str]:

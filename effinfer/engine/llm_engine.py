@@ -31,7 +31,8 @@ class LLMEngine:
             torch.set_num_threads(mc.num_threads)
         self.device = torch.device(default_device() if mc.device == "auto" else mc.device)
         self.dtype = parse_dtype(mc.dtype)
-        self.loaded = loaded or load_model(mc.model, self.dtype, str(self.device), mc.cache_dir, config.show_progress)
+        self.loaded = loaded or load_model(mc.model, self.dtype, str(self.device), mc.cache_dir, config.show_progress,
+                                           config.quant.spec())
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.block_manager = BlockManager(self._num_blocks(), config.cache.block_size,
                                           config.cache.enable_prefix_caching)

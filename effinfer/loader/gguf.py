@@ -95,8 +95,14 @@ class GGUFFile:
             raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
         return ArchConfig(**_common_fields(self, arch), **_family_fields(self, arch))
 
-    def iter_weights(self, show_progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, fp32 tensor) for every weight, dequantized one at a time."""
+    def hf_tensor_types(self) -> dict[str, int]:
+        """HF name -> GGML quantization type of every weight."""
+        layer_names = _GEMMA3_LAYER_NAMES if self.architecture == "gemma3" else _LAYER_NAMES
+        return {_hf_name(t.name, layer_names): t.tensor_type for t in self.reader.tensors if t.name not in _SKIPPED}
+
+    def iter_weights(self, show_progress: bool = True, keep_int4_blocks: bool = False) -> Iterator[tuple[str, object]]:
+        """(HF name, fp32 tensor) for every weight, dequantized one at a time; with `keep_int4_blocks`,
+        the decoder's Q4_0/Q4_1/Q4_K matrices come as `Int4Blocks` (their exact 4-bit values) instead."""
         from gguf.quants import dequantize
 
         cfg_heads = (self.field(f"{self.architecture}.attention.head_count"),
@@ -105,6 +111,14 @@ class GGUFFile:
         for t in progress(self.reader.tensors, "dequantize", show_progress):
             if t.name in _SKIPPED:
                 continue
+            if keep_int4_blocks and t.name.startswith("blk.") and len(t.shape) == 2:
+                from effinfer.compression.quant.gguf_blocks import INT4_EXACT, to_int4_blocks
+
+                if t.tensor_type in INT4_EXACT:
+                    cols, rows = (int(d) for d in t.shape)
+                    blocks = to_int4_blocks(t.data, t.tensor_type, rows, cols)
+                    yield _hf_name(t.name, layer_names), self._undo_conversion(t.name, blocks, cfg_heads)
+                    continue
             array = dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
             array = np.ascontiguousarray(array, dtype=np.float32)
             if not array.flags.writeable:  # F32 tensors come back as views of the read-only memmap
@@ -112,9 +126,12 @@ class GGUFFile:
             tensor = torch.from_numpy(array)
             yield _hf_name(t.name, layer_names), self._undo_conversion(t.name, tensor, cfg_heads)
 
-    def _undo_conversion(self, name: str, tensor: torch.Tensor, heads: tuple) -> torch.Tensor:
+    def _undo_conversion(self, name: str, tensor, heads: tuple):
         if self.architecture in ("llama", "mistral") and re.search(r"\.attn_[qk]\.", name):
-            return _unpermute_rope_rows(tensor, heads[0] if ".attn_q." in name else heads[1] or heads[0])
+            num_heads = heads[0] if ".attn_q." in name else heads[1] or heads[0]
+            if hasattr(tensor, "map_rows"):   # 4-bit blocks: permute the rows of values, scales and offsets alike
+                return tensor.map_rows(lambda rows: _unpermute_rope_rows(rows, num_heads))
+            return _unpermute_rope_rows(tensor, num_heads)
         if self.architecture == "gemma3" and "norm.weight" in name:
             return tensor - 1.0
         return tensor

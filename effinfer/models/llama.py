@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head; redone after `to_empty`, which unties parameters."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -136,17 +136,28 @@ class LlamaForCausalLM(nn.Module):
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
 
+    @staticmethod
+    def fused_target(name: str) -> tuple[str, int | None]:
+        """HF tensor name -> (name of the fused parameter that holds it, shard index or None)."""
+        return _fused_target(name)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; every parameter must be filled exactly once."""
         params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
         filled: set[str] = set()
         for name, tensor in weights:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue  # tied: the embedding already holds it
             target, shard = _fused_target(name)
-            if target not in params:
+            module_name, _, attr = target.rpartition(".")
+            module = modules.get(module_name)
+            if attr == "weight" and hasattr(module, "load_weight"):   # a quantized layer takes it shard by shard
+                module.load_weight(tensor, 0 if shard is None else sum(_shard_sizes(self, name)[:shard]))
+            elif target in params:
+                _copy_shard(params[target], tensor, shard, name, self)
+            else:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            _copy_shard(params[target], tensor, shard, name, self)
             filled.add(name)
         missing = _expected_names(self) - filled
         if missing:
@@ -182,9 +193,12 @@ def _shard_sizes(model, name: str) -> list[int]:
 def _expected_names(model) -> set[str]:
     """HF names that a complete checkpoint must provide (fused parameters expanded into their shards)."""
     names = set()
-    for name, _ in model.named_parameters():
+    quantized = [f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "load_weight")]
+    for name in [n for n, _ in model.named_parameters()] + quantized:
         fused = [(s, f) for s, (f, _) in STACKED_PARAMS.items() if f".{f}." in name]
         names.update(name.replace(f, s) for s, f in fused) if fused else names.add(name)
+    if model.config.tie_word_embeddings:
+        names.discard("lm_head.weight")
     return names
 
 

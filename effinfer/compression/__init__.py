@@ -1,0 +1,1 @@
+"""Model-level compression: weight quantization (`quant/`) and pruning (`prune/`), as registered plug-ins."""

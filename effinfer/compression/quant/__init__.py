@@ -1,0 +1,78 @@
+"""Weight quantization methods, registered by name: the engine and loader ask `get_quant_method(cfg)`.
+
+`prepare_model` swaps a model's `nn.Linear` layers for `QuantLinear` before memory is allocated (and the
+output head for int8, with a tied embedding reading the same int8 rows); `finish_model` repacks after
+the checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from effinfer.layers.linear import QuantEmbedding, QuantLinear, QuantMethod
+
+QUANT_METHODS = {
+    "int8": "effinfer.compression.quant.weight_only:Int8WeightOnly",
+    "int4": "effinfer.compression.quant.weight_only:Int4WeightOnly",
+}
+FILE_FORMATS = {"gguf": "the GGUF file's own blocks: 4-bit blocks as int4 groups of 32, wider blocks as int8"}
+
+
+def available() -> list[str]:
+    return sorted([*QUANT_METHODS, *FILE_FORMATS])
+
+
+@dataclass
+class QuantSpec:
+    """What the loader needs to build a quantized model (from `QuantConfig`)."""
+
+    method: str
+    group_size: int = 32
+    symmetric: bool = False
+    quantize_lm_head: bool = True
+    layer_methods: dict[str, QuantMethod] = field(default_factory=dict)
+    """Per-module methods planned from the checkpoint (GGUF blocks); others use `method`."""
+
+    def prepare(self, model: nn.Module) -> None:
+        prepare_model(model, get_quant_method(self.method, self.group_size, self.symmetric),
+                      self.quantize_lm_head, self.layer_methods)
+
+    def finish(self, model: nn.Module) -> None:
+        finish_model(model)
+
+
+def get_quant_method(name: str, group_size: int = 32, symmetric: bool = False) -> QuantMethod:
+    if name == "gguf":   # layers the file's plan does not cover (none in practice) fall back to int4 g32
+        name, group_size, symmetric = "int4", 32, False
+    if name not in QUANT_METHODS:
+        raise ValueError(f"unknown quantization {name!r}; choose from {', '.join(available())}")
+    module, _, cls_name = QUANT_METHODS[name].partition(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    return cls(group_size, symmetric) if name == "int4" else cls()
+
+
+def prepare_model(model: nn.Module, method: QuantMethod, quantize_lm_head: bool = True,
+                  layer_methods: dict[str, QuantMethod] | None = None) -> None:
+    """Swap every linear layer of the decoder for a `QuantLinear` of `method` (or the per-layer method in
+    `layer_methods`, keyed by module name); the output head becomes int8 (its rows are the vocabulary)."""
+    from effinfer.compression.quant.weight_only import Int8WeightOnly
+
+    layer_methods = layer_methods or {}
+    for name, module in list(model.model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                full = f"model.{name}.{child_name}" if name else f"model.{child_name}"
+                setattr(module, child_name, QuantLinear.from_linear(child, layer_methods.get(full, method)))
+    if quantize_lm_head:
+        model.lm_head = QuantLinear.from_linear(model.lm_head, Int8WeightOnly())
+        if model.config.tie_word_embeddings:
+            model.model.embed_tokens = QuantEmbedding(model.lm_head)
+
+
+def finish_model(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.method.process_weights_after_loading(module)

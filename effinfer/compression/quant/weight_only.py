@@ -1,0 +1,142 @@
+"""Weight-only round-to-nearest quantization: int8 per output channel and int4 per group.
+
+Kernels: PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they
+apply; elsewhere (CUDA, or int8 with many rows, where a bf16 GEMM over the dequantized weight is faster
+than the int8 GEMV kernel) the weight is dequantized for the call and multiplied with `F.linear`, which
+is also the reference the kernels are tested against. Scales follow the activation dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from effinfer.layers.linear import QuantLinear, QuantMethod
+
+INT8_KERNEL_MAX_ROWS = 16
+"""Above this many tokens in a step, int8 dequantizes and runs a bf16 GEMM: the packed int8 kernel is a
+GEMV at heart and falls behind on batches (measured: benchmarks/README.md)."""
+
+
+@dataclass
+class Int4Blocks:
+    """4-bit values with per-group affine parameters, as a checkpoint may carry them (GGUF Q4 blocks,
+    GPTQ/AWQ): weight = q * scale + minimum, q in 0..15, groups of `group_size` along the input."""
+
+    q: torch.Tensor          # [rows, cols] uint8
+    scale: torch.Tensor      # [rows, cols // group_size] fp32
+    minimum: torch.Tensor    # [rows, cols // group_size] fp32
+    group_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def map_rows(self, fn) -> "Int4Blocks":
+        return Int4Blocks(fn(self.q), fn(self.scale), fn(self.minimum), self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.group_size
+        w = self.q.float().view(self.q.shape[0], -1, g) * self.scale[..., None] + self.minimum[..., None]
+        return w.view(self.q.shape)
+
+
+def as_float(weight) -> torch.Tensor:
+    return weight.dequantize() if isinstance(weight, Int4Blocks) else weight.float()
+
+
+class Int8WeightOnly(QuantMethod):
+    """Symmetric int8 per output channel: w = q * scale[row], q in -127..127."""
+
+    name = "int8"
+
+    def create_weights(self, layer):
+        layer.register_buffer("qweight", torch.empty(layer.out_features, layer.in_features, dtype=torch.int8))
+        layer.register_buffer("scales", torch.empty(layer.out_features))
+
+    def load_weight(self, layer, weight, row_offset):
+        w = as_float(weight)
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        rows = slice(row_offset, row_offset + w.shape[0])
+        layer.qweight[rows] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        layer.scales[rows] = scale.to(layer.scales.dtype)
+
+    def apply(self, layer, x):
+        if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            return torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales.to(x.dtype))
+        return F.linear(x, self.dequantize(layer).to(x.dtype))
+
+    def dequantize(self, layer):
+        return layer.qweight.to(layer.scales.dtype) * layer.scales[:, None]
+
+
+class Int4WeightOnly(QuantMethod):
+    """int4 per group of `group_size` input columns, asymmetric (scale and minimum per group) or symmetric
+    (q - 8 times a scale). Loading keeps the 4-bit values one per byte; after loading they are packed
+    two per byte in the CPU kernel's layout."""
+
+    name = "int4"
+
+    def __init__(self, group_size: int = 32, symmetric: bool = False):
+        if group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group_size={group_size} is not supported for int4; choose 32, 64, 128 or 256")
+        self.group_size, self.symmetric = group_size, symmetric
+
+    def describe(self):
+        return {"method": self.name, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def create_weights(self, layer):
+        if layer.in_features % self.group_size:
+            raise ValueError(f"group_size={self.group_size} does not divide a layer's {layer.in_features} input "
+                             f"features; choose a group size that does (e.g. 32 or 64)")
+        groups = layer.in_features // self.group_size
+        layer.register_buffer("qvalues", torch.empty(layer.out_features, layer.in_features, dtype=torch.uint8))
+        layer.register_buffer("scales", torch.empty(layer.out_features, groups))
+        layer.register_buffer("zeros", torch.empty(layer.out_features, groups))
+        """Kernel convention: w = (q - 8) * scale + zero."""
+
+    def quantize(self, w: torch.Tensor) -> Int4Blocks:
+        """Round to nearest within each group."""
+        g = w.view(w.shape[0], -1, self.group_size)
+        if self.symmetric:
+            scale = g.abs().amax(-1).clamp(min=1e-8) / 7
+            q = torch.round(g / scale[..., None] + 8).clamp(0, 15)
+            minimum = -8 * scale
+        else:
+            lo, hi = g.amin(-1), g.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
+            minimum = lo
+        return Int4Blocks(q.view(w.shape).to(torch.uint8), scale, minimum, self.group_size)
+
+    def load_weight(self, layer, weight, row_offset):
+        if not isinstance(weight, Int4Blocks) or weight.group_size != self.group_size:
+            weight = self.quantize(as_float(weight))
+        rows = slice(row_offset, row_offset + weight.shape[0])
+        layer.qvalues[rows] = weight.q
+        layer.scales[rows] = weight.scale.to(layer.scales.dtype)
+        layer.zeros[rows] = (weight.minimum + 8 * weight.scale).to(layer.zeros.dtype)
+
+    def process_weights_after_loading(self, layer):
+        if layer.qvalues.device.type != "cpu" or layer.out_features % 16:
+            return    # other devices (and widths the CPU kernel cannot pack) dequantize per call
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(layer.qvalues.to(torch.int32), 1)
+        layer.register_buffer("packed", packed)
+        layer.register_buffer("scales_and_zeros", torch.stack([layer.scales, layer.zeros], -1).transpose(0, 1).contiguous())
+        del layer.qvalues, layer.scales, layer.zeros
+
+    def apply(self, layer, x):
+        if hasattr(layer, "packed"):
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, self.group_size,
+                                                               layer.scales_and_zeros.to(x.dtype))
+        return F.linear(x, self.dequantize(layer).to(x.dtype))
+
+    def dequantize(self, layer):
+        if hasattr(layer, "packed"):   # recover it through the kernel itself: W = I @ W^T, transposed
+            eye = torch.eye(layer.in_features, dtype=layer.scales_and_zeros.dtype)
+            return self.apply(layer, eye).t()
+        g = self.group_size
+        w = (layer.qvalues.to(layer.scales.dtype).view(layer.out_features, -1, g) - 8) * layer.scales[..., None]
+        return (w + layer.zeros[..., None]).view(layer.out_features, layer.in_features)
