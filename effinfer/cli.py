@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
+    p = sub.add_parser("quantize", help="calibrated 4-bit checkpoint (GPTQ or AWQ), saved to a folder that loads as a model")
+    p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
+    p.add_argument("--method", choices=["gptq", "awq"], required=True)
+    p.add_argument("--out", required=True, help="output folder (pass it as --model to use it)")
+    p.add_argument("--calib-text", required=True, help="a UTF-8 text file to calibrate on")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (in windows)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize salient columns first")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
@@ -123,6 +134,21 @@ def make_llm(args: argparse.Namespace):
 
     EngineConfig.from_kwargs(**engine_kwargs(args))  # validate flags before the model loads
     return LLM(**engine_kwargs(args))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from effinfer.compression.quant.calibrated import quantize_calibrated
+
+    text = Path(args.calib_text).read_text(encoding="utf-8")
+    report = quantize_calibrated(args.model, args.method, args.out, text, args.calib_tokens, args.window,
+                                 args.group_size, args.act_order, args.cache_dir)
+    errors = report["output_mse_sum"]
+    print(f"{args.method}: {report['calibration']['windows']} windows, {report['seconds']:.0f} s; layer output MSE "
+          f"summed over layers: {errors[args.method]:.4g} (round-to-nearest: {errors['rtn']:.4g})")
+    print(f"saved {report['path']}; use it with --model {report['path']}")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -46,12 +46,16 @@ class CacheConfig:
     """Exact number of blocks; overrides kv_cache_memory_gb when set."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of equal prompt prefixes across requests."""
+    kv_cache_dtype: str = "auto"
+    """KV pages: auto (the model dtype), int8 (per-token scales) or fp8 (e4m3): 8-bit holds ~2x the tokens."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two, e.g. 16")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be positive")
+        if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose auto, int8 or fp8")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks={self.num_blocks} must be at least 1")
 
@@ -106,11 +110,36 @@ class QuantConfig:
 
 
 @dataclass
+class PruneConfig:
+    prune: str | None = None
+    """Pruning applied after loading: magnitude, wanda, 2:4, layers or mlp_channels (see docs/techniques.md)."""
+    sparsity: float = 0.5
+    """Share of weights (magnitude, wanda), of decoder layers (layers) or of MLP channels (mlp_channels) removed."""
+    prune_calibration_text: str | None = None
+    """A UTF-8 text file whose activations guide wanda, 2:4, layers and mlp_channels."""
+    prune_calibration_tokens: int = 4096
+    """Calibration tokens read from that text."""
+
+    def __post_init__(self) -> None:
+        from effinfer.compression.prune import NEEDS_CALIBRATION, PRUNE_METHODS
+
+        if self.prune in ("", "none"):
+            self.prune = None
+        if self.prune is not None and self.prune not in PRUNE_METHODS:
+            raise ValueError(f"prune={self.prune!r} is not supported; choose from {', '.join(PRUNE_METHODS)}")
+        if not 0 < self.sparsity < 1:
+            raise ValueError(f"sparsity={self.sparsity} must be between 0 and 1")
+        if self.prune in NEEDS_CALIBRATION and not self.prune_calibration_text:
+            raise ValueError(f"prune={self.prune} needs prune_calibration_text (a text file to calibrate on)")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     global_seed: int = 0
     """Seed of the engine's global RNG (requests without their own seed draw from it)."""
     show_progress: bool = True
@@ -135,7 +164,8 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
 
-SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "quant": QuantConfig}
+SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "quant": QuantConfig,
+               "prune": PruneConfig}
 
 
 def _field_names(cls) -> set[str]:

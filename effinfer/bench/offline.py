@@ -51,6 +51,7 @@ def run_latency(system, prompt_len: int = 512, gen_len: int = 128, repetitions: 
 
 
 def run_throughput(system, requests: list[BenchRequest]) -> dict:
+    system.forget_cache()
     meter = ResourceMeter()
     start = time.perf_counter()
     num_out = system.run_batch([r.prompt for r in requests], [r.output_len for r in requests])
@@ -63,6 +64,7 @@ def run_throughput(system, requests: list[BenchRequest]) -> dict:
 
 
 def _prefill_rate(system, prompt: list[int]) -> float:
+    system.forget_cache()
     start = time.perf_counter()
     system.prefill(prompt)
     return len(prompt) / (time.perf_counter() - start)
@@ -79,7 +81,7 @@ def kv_bytes_per_token(system) -> int:
     if engine is None:
         return 0     # a peer: its KV layout is its own; weights dominate at these context lengths
     block_size = engine.config.cache.block_size
-    return bytes_per_block(engine.model, block_size, engine.dtype) // block_size
+    return bytes_per_block(engine.model, block_size, engine.dtype, engine.config.cache.kv_cache_dtype) // block_size
 
 
 def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 3) -> float:

@@ -29,7 +29,9 @@ def windows(token_ids: list[int], window: int, stride: int, max_tokens: int | No
     out, begin = [], 0
     while True:
         end = min(begin + window, len(ids))
-        out.append(Window(ids[begin:end], 1 if begin == 0 else window - stride))
+        first = 1 if begin == 0 else max(1, window - stride)   # a window's first token has no context in it
+        if end - begin > first:
+            out.append(Window(ids[begin:end], first))
         if end == len(ids):
             return out
         begin += stride

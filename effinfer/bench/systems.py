@@ -51,6 +51,10 @@ class System(ABC):
     def describe(self) -> dict:
         return {"system": self.name}
 
+    def forget_cache(self) -> None:
+        """Drop anything kept from earlier requests (a prefix cache), so each measurement computes its
+        whole prompt, as the peers do; repeated rounds of a comparison reuse the same prompts."""
+
     def sequence_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[float]:
         """Sum of log p(token_j | tokens_<j) for j >= start, per sequence (multiple-choice scoring)."""
         out = []
@@ -65,6 +69,9 @@ class EngineSystem(System):
 
     def __init__(self, llm, name: str = "effinfer"):
         self.llm, self.name, self.tokenizer = llm, name, llm.tokenizer
+
+    def forget_cache(self):
+        self.llm.engine.block_manager.reset_prefix_cache()
 
     def prefill(self, prompt):
         self.llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)

@@ -34,10 +34,11 @@ class LLMEngine:
         self.loaded = loaded or load_model(mc.model, self.dtype, str(self.device), mc.cache_dir, config.show_progress,
                                            config.quant.spec())
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.prune_report = self._prune() if config.prune.prune else None
         self.block_manager = BlockManager(self._num_blocks(), config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         allocate_kv_cache(self.model, self.block_manager.num_blocks, config.cache.block_size, self.dtype, self.device,
-                          mc.attention_backend)
+                          mc.attention_backend, config.cache.kv_cache_dtype)
         self.max_model_len = self._max_model_len()
         sc = config.scheduler
         self.scheduler = Scheduler(self.block_manager, sc.max_num_seqs, sc.max_num_batched_tokens,
@@ -48,11 +49,26 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
+    def _prune(self) -> dict:
+        """Prune the loaded model in place, calibrating through a throwaway engine with a small cache
+        (pruning can remove layers, so this engine's cache is sized afterwards)."""
+        from pathlib import Path
+
+        from effinfer.compression.prune import prune_model
+        from effinfer.llm import LLM
+
+        pc = self.config.prune
+        scratch = EngineConfig(model=self.config.model, show_progress=False)
+        scratch.cache.kv_cache_memory_gb = 0.1
+        text = Path(pc.prune_calibration_text).read_text(encoding="utf-8") if pc.prune_calibration_text else None
+        return prune_model(LLM.from_engine(LLMEngine(scratch, self.loaded)), pc.prune, pc.sparsity, text,
+                           pc.prune_calibration_tokens, self.config.show_progress)
+
     def _num_blocks(self) -> int:
         cc = self.config.cache
         if cc.num_blocks:
             return cc.num_blocks
-        per_block = bytes_per_block(self.model, cc.block_size, self.dtype)
+        per_block = bytes_per_block(self.model, cc.block_size, self.dtype, cc.kv_cache_dtype)
         return max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
 
     def _max_model_len(self) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effinfer.compression.quant import kv_quant
 from effinfer.layers.attn_backends import torch_ref
 
 
@@ -47,6 +48,43 @@ class AttentionMetadata:
         return self.mask_cache[key]
 
 
+@dataclass
+class PagedKVCache:
+    """One layer's pages: `data` [2, num_kv_heads, num_blocks, block_size, head_dim] (K then V) in the
+    model dtype, or 8-bit with `scales` [2, num_kv_heads, num_blocks, block_size] (see kv_quant)."""
+
+    data: torch.Tensor
+    scales: torch.Tensor | None = None
+    kind: str = "auto"
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [num_tokens, num_kv_heads, head_dim] -> their slots
+        for i, x in enumerate((k, v)):
+            values, scales = kv_quant.quantize(x.transpose(0, 1), self.kind)
+            self.data[i].flatten(1, 2).index_copy_(1, slot_mapping, values.to(self.data.dtype))
+            if scales is not None:
+                self.scales[i].flatten(1, 2).index_copy_(1, slot_mapping, scales.to(self.scales.dtype))
+
+    def gather_slots(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given slots: each [num_kv_heads, len(slots), head_dim]."""
+        values = self.data.flatten(2, 3).index_select(2, slots)
+        scales = self.scales.flatten(2, 3).index_select(2, slots) if self.scales is not None else None
+        kv = kv_quant.dequantize(values, scales, self.kind, dtype)
+        return kv[0], kv[1]
+
+    def gather_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Whole blocks, K and V at once: [2, num_kv_heads, len(block_ids), block_size, head_dim]."""
+        two, heads, num_blocks, block_size, head_dim = self.data.shape
+        values = self.data.view(two, heads, num_blocks, -1).index_select(2, block_ids)
+        values = values.view(two, heads, len(block_ids), block_size, head_dim)
+        scales = self.scales.index_select(2, block_ids) if self.scales is not None else None
+        return kv_quant.dequantize(values, scales, self.kind, dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None):
@@ -54,16 +92,14 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        self.kv_cache: torch.Tensor | None = None
-        """[2, num_kv_heads, num_blocks, block_size, head_dim], bound by the engine."""
+        self.kv_cache: PagedKVCache | None = None
+        """This layer's pages, bound by the engine."""
         self.backend = torch_ref.paged_attention
         """The paged attention function; the engine binds the configured backend."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
         assert self.kv_cache is not None, "KV cache not bound: the model runner binds it before the first forward"
-        k_cache, v_cache = self.kv_cache.flatten(2, 3)    # each [num_kv_heads, num_slots, head_dim]
-        k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
-        v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+        self.kv_cache.write(meta.slot_mapping, k, v)
         out = self.backend(q, self.kv_cache, meta, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,7 +34,9 @@ def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: b
 
     path = Path(name).expanduser()
     if path.is_file() or path.is_dir():
-        if path.is_dir() and not is_hf_folder(path):
+        from effinfer.compression.quant.calibrated import is_quantized_checkpoint
+
+        if path.is_dir() and not is_hf_folder(path) and not is_quantized_checkpoint(path):
             raise ModelLoadError(f"{path} is a folder without config.json; expected a Hugging Face model folder")
         return path
     if name in catalog.CATALOG:
@@ -46,53 +49,68 @@ def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: b
 
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                cache_dir: str | None = None, show_progress: bool = True, quant: QuantSpec | None = None) -> LoadedModel:
+    from effinfer.compression.quant.calibrated import is_quantized_checkpoint, iter_checkpoint_weights, read_config
+
     path = resolve_model_path(name, cache_dir, show_progress)
-    if path.is_dir():
-        if quant is not None and quant.method == "gguf":
-            raise ValueError("quantization=gguf uses a GGUF file's own blocks; this model is a folder")
-        return _load_hf_folder(path, dtype, device, show_progress, quant)
-    return _load_gguf(path, dtype, device, show_progress, catalog.cache_dir(cache_dir) / "tokenizers", quant)
+    if is_quantized_checkpoint(path):   # GPTQ/AWQ from `effinfer quantize`: 4-bit layers over a base model
+        checkpoint = read_config(path)
+        if quant is not None:
+            raise ValueError(f"{path} is already quantized ({checkpoint['quant_method']}); drop the quantization option")
+        quant = QuantSpec("int4", checkpoint["group_size"])
+        source = _open_source(resolve_model_path(checkpoint["base_model"], cache_dir, show_progress), cache_dir)
+        weights = iter_checkpoint_weights(path, source.iter_weights(show_progress), checkpoint["group_size"])
+    else:
+        source = _open_source(path, cache_dir)
+        keep_blocks = quant is not None and quant.method == "gguf"
+        if keep_blocks:
+            if source.gguf is None:
+                raise ValueError("quantization=gguf uses a GGUF file's own blocks; this model is a folder")
+            from effinfer.compression.quant.gguf_blocks import plan_layers
+
+            fused_target = get_model_class(source.config.architecture).fused_target
+            quant.layer_methods = plan_layers(source.gguf.hf_tensor_types(), fused_target)
+        weights = source.iter_weights(show_progress, keep_blocks)
+    model = _build(source.config, weights, dtype, device, quant)
+    return LoadedModel(model, source.tokenizer(), source.config, path, source.gguf)
 
 
 def load_tokenizer(name: str, cache_dir: str | None = None) -> Tokenizer:
     """Only the tokenizer of a catalog name, GGUF file or HF folder (no weights are read)."""
+    from effinfer.compression.quant.calibrated import is_quantized_checkpoint, read_config
+
     path = resolve_model_path(name, cache_dir, show_progress=False)
+    if is_quantized_checkpoint(path):
+        return load_tokenizer(read_config(path)["base_model"], cache_dir)
+    return _open_source(path, cache_dir).tokenizer()
+
+
+@dataclass
+class _Source:
+    """A checkpoint opened but not yet read: its config, a weight iterator and a tokenizer loader."""
+
+    config: ArchConfig
+    iter_weights: Callable
+    tokenizer: Callable[[], Tokenizer]
+    gguf: object | None = None
+
+
+def _open_source(path: Path, cache_dir: str | None) -> _Source:
     if path.is_dir():
+        from effinfer.loader import safetensors as st
         from effinfer.loader.tokenizer import load_hf_tokenizer
 
-        return load_hf_tokenizer(path)
-    from effinfer.loader.gguf import GGUFFile
-    from effinfer.loader.tokenizer import load_gguf_tokenizer
-
-    eos = GGUFFile(path).arch_config().eos_token_ids
-    return load_gguf_tokenizer(path, eos, catalog.cache_dir(cache_dir) / "tokenizers")
-
-
-def _load_gguf(path: Path, dtype, device, show_progress, tokenizer_cache: Path, quant: QuantSpec | None) -> LoadedModel:
+        cfg = st.read_arch_config(path)
+        tokenizer = load_hf_tokenizer(path)
+        cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids))
+        return _Source(cfg, lambda show, keep_blocks=False: st.iter_weights(path, show), lambda: tokenizer)
     from effinfer.loader.gguf import GGUFFile
     from effinfer.loader.tokenizer import load_gguf_tokenizer
 
     gguf_file = GGUFFile(path)
     cfg = gguf_file.arch_config()
-    keep_blocks = quant is not None and quant.method == "gguf"
-    if keep_blocks:
-        from effinfer.compression.quant.gguf_blocks import plan_layers
-
-        fused_target = get_model_class(cfg.architecture).fused_target
-        quant.layer_methods = plan_layers(gguf_file.hf_tensor_types(), fused_target)
-    model = _build(cfg, gguf_file.iter_weights(show_progress, keep_int4_blocks=keep_blocks), dtype, device, quant)
-    return LoadedModel(model, load_gguf_tokenizer(path, cfg.eos_token_ids, tokenizer_cache), cfg, path, gguf_file)
-
-
-def _load_hf_folder(path: Path, dtype, device, show_progress, quant: QuantSpec | None) -> LoadedModel:
-    from effinfer.loader import safetensors as st
-    from effinfer.loader.tokenizer import load_hf_tokenizer
-
-    cfg = st.read_arch_config(path)
-    tokenizer = load_hf_tokenizer(path)
-    cfg.eos_token_ids = sorted(set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids))
-    model = _build(cfg, st.iter_weights(path, show_progress), dtype, device, quant)
-    return LoadedModel(model, tokenizer, cfg, path)
+    tokenizer_cache = catalog.cache_dir(cache_dir) / "tokenizers"
+    return _Source(cfg, lambda show, keep_blocks=False: gguf_file.iter_weights(show, keep_int4_blocks=keep_blocks),
+                   lambda: load_gguf_tokenizer(path, cfg.eos_token_ids, tokenizer_cache), gguf_file)
 
 
 def _build(cfg: ArchConfig, weights, dtype: torch.dtype, device: str, quant: QuantSpec | None = None) -> nn.Module:

@@ -141,6 +141,15 @@ class LlamaForCausalLM(nn.Module):
         """HF tensor name -> (name of the fused parameter that holds it, shard index or None)."""
         return _fused_target(name)
 
+    def checkpoint_shards(self, module_name: str) -> list[tuple[str, int]]:
+        """(HF weight name, rows) of each checkpoint tensor that a (fused) linear layer holds, in order."""
+        fused = [(shard, index) for shard, (f, index) in STACKED_PARAMS.items() if module_name.endswith("." + f)]
+        if not fused:
+            return [(f"{module_name}.weight", dict(self.named_modules())[module_name].out_features)]
+        base = module_name.rpartition(".")[0]
+        sizes = _shard_sizes(self, module_name)
+        return [(f"{base}.{shard}.weight", sizes[index]) for shard, index in sorted(fused, key=lambda t: t[1])]
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; every parameter must be filled exactly once."""
         params = dict(self.named_parameters(remove_duplicate=False))

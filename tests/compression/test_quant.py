@@ -45,7 +45,7 @@ def test_int8_kernel_matches_reference(dtype, rows):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_int4_kernel_matches_reference(group_size, symmetric):
     torch.manual_seed(1)
-    w, x = torch.randn(64, 256), torch.randn(3, 256)
+    w, x = torch.randn(128, 256), torch.randn(3, 256)
     method = get_quant_method("int4", group_size, symmetric)
     blocks = method.quantize(w)
     reference = blocks.dequantize()
@@ -56,7 +56,9 @@ def test_int4_kernel_matches_reference(group_size, symmetric):
     assert hasattr(layer, "packed") and not hasattr(layer, "qvalues")         # packed: one byte per two values
     assert layer.packed.numel() == w.numel() // 2
     assert torch.allclose(layer(x), F.linear(x, reference), atol=1e-3)
-    assert torch.allclose(method.dequantize(layer), reference, atol=1e-5)
+    assert torch.allclose(method.dequantize(layer), reference, atol=1e-5)       # unpacked from the kernel layout
+    many = torch.randn(40, 256)                                                 # the dequantize-and-GEMM path
+    assert torch.allclose(layer(many), F.linear(many, reference), atol=1e-3)
 
 
 def test_int4_rejects_a_group_that_does_not_divide_the_width():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effinfer.layers.attention import AttentionMetadata
+from effinfer.layers.attention import AttentionMetadata, PagedKVCache
 from effinfer.layers.attn_backends import get_backend
 
 BLOCK, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 64
@@ -32,7 +32,7 @@ def metadata(query_lens, seq_lens, gen):
 def test_batched_equals_reference(query_lens, seq_lens, window):
     gen = torch.Generator().manual_seed(0)
     meta = metadata(query_lens, seq_lens, gen)
-    kv_cache = torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen)
+    kv_cache = PagedKVCache(torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen))
     q = torch.randn(sum(query_lens), HEADS, DIM, generator=gen)
     expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, window)
     fresh = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables,
@@ -64,7 +64,7 @@ def test_bucketed_mixed_lengths_equal_reference():
     gen = torch.Generator().manual_seed(6)
     seq_lens = [3, 60, 5, 40, 4, 33, 17, 2]
     meta = metadata([1] * len(seq_lens), seq_lens, gen)
-    kv_cache = torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen)
+    kv_cache = PagedKVCache(torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen))
     q = torch.randn(len(seq_lens), HEADS, DIM, generator=gen)
     expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, None)
     got = get_backend("torch_sdpa")(q, kv_cache, meta, 0.3, None)

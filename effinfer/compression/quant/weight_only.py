@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from effinfer.layers.linear import QuantLinear, QuantMethod
+from effinfer.layers.linear import QuantMethod
 
-INT8_KERNEL_MAX_ROWS = 16
-"""Above this many tokens in a step, int8 dequantizes and runs a bf16 GEMM: the packed int8 kernel is a
-GEMV at heart and falls behind on batches (measured: benchmarks/README.md)."""
+KERNEL_MAX_ROWS = 16
+"""Above this many tokens in a step, int8 and int4 dequantize and run a bf16 GEMM: the packed kernels are
+GEMVs at heart and fall behind on batches (measured: benchmarks/README.md)."""
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Int8WeightOnly(QuantMethod):
         layer.scales[rows] = scale.to(layer.scales.dtype)
 
     def apply(self, layer, x):
-        if x.device.type == "cpu" and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        if x.device.type == "cpu" and x.shape[0] <= KERNEL_MAX_ROWS:
             return torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales.to(x.dtype))
         return F.linear(x, self.dequantize(layer).to(x.dtype))
 
@@ -128,15 +128,27 @@ class Int4WeightOnly(QuantMethod):
         del layer.qvalues, layer.scales, layer.zeros
 
     def apply(self, layer, x):
-        if hasattr(layer, "packed"):
+        if hasattr(layer, "packed") and (x.shape[0] <= KERNEL_MAX_ROWS or layer.out_features % 64):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, self.group_size,
                                                                layer.scales_and_zeros.to(x.dtype))
         return F.linear(x, self.dequantize(layer).to(x.dtype))
 
     def dequantize(self, layer):
-        if hasattr(layer, "packed"):   # recover it through the kernel itself: W = I @ W^T, transposed
-            eye = torch.eye(layer.in_features, dtype=layer.scales_and_zeros.dtype)
-            return self.apply(layer, eye).t()
+        if hasattr(layer, "packed"):
+            q = unpack_int4_cpu(layer.packed, layer.out_features, layer.in_features)
+            scales, zeros = layer.scales_and_zeros.unbind(-1)
+            scales, zeros = scales.t(), zeros.t()
+        else:
+            q, scales, zeros = layer.qvalues, layer.scales, layer.zeros
         g = self.group_size
-        w = (layer.qvalues.to(layer.scales.dtype).view(layer.out_features, -1, g) - 8) * layer.scales[..., None]
-        return (w + layer.zeros[..., None]).view(layer.out_features, layer.in_features)
+        w = (q.to(scales.dtype).view(layer.out_features, -1, g) - 8) * scales[..., None]
+        return (w + zeros[..., None]).view(layer.out_features, layer.in_features)
+
+
+def unpack_int4_cpu(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """[n, k] 4-bit values from `_convert_weight_to_int4pack_for_cpu`'s layout, which for n a multiple
+    of 64 is [n / 64, k, 32] bytes: row d of each 64-row block in the low nibble, row d + 32 in the high."""
+    if n % 64:
+        raise ValueError(f"no unpacking for {n} rows (a multiple of 64 is needed)")
+    b = packed.view(n // 64, k, 32)
+    return torch.cat([b & 0xF, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)

@@ -10,24 +10,21 @@ import torch
 import torch.nn.functional as F
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
-    # q [num_tokens, num_heads, head_dim]; kv_cache [2, num_kv_heads, num_blocks, block_size, head_dim]
-    k_cache, v_cache = kv_cache.flatten(2, 3)   # each [num_kv_heads, num_slots, head_dim]
+def paged_attention(q: torch.Tensor, kv_cache, meta, scale: float, sliding_window: int | None) -> torch.Tensor:
+    # q [num_tokens, num_heads, head_dim]; kv_cache: the layer's PagedKVCache
     out = torch.empty_like(q)
     for i in range(meta.num_seqs):
-        attend_one(q, k_cache, v_cache, meta, i, scale, sliding_window, out)
+        attend_one(q, kv_cache, meta, i, scale, sliding_window, out)
     return out
 
 
-def attend_one(q, k_cache, v_cache, meta, i: int, scale: float, sliding_window: int | None, out) -> None:
+def attend_one(q, kv_cache, meta, i: int, scale: float, sliding_window: int | None, out) -> None:
     """Attention of sequence i's new tokens over its cached context, written into its rows of `out`."""
     start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
     seq_len, query_len = meta.seq_lens[i], end - start
     kv_start = _first_visible_key(seq_len, query_len, sliding_window)
     slots = meta.context_slots(i)[kv_start:]
-    k = k_cache.index_select(1, slots).to(q.dtype)  # [num_kv_heads, kv_len, head_dim]
-    v = v_cache.index_select(1, slots).to(q.dtype)
+    k, v = kv_cache.gather_slots(slots, q.dtype)   # each [num_kv_heads, kv_len, head_dim]
     mask = _mask(meta, i, kv_start, sliding_window, q.device)
     is_causal = mask is None and query_len > 1
     group = q.shape[1] // k.shape[0]

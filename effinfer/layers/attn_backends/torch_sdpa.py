@@ -16,9 +16,8 @@ import torch
 from effinfer.layers.attn_backends import torch_ref
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
-    # q [num_tokens, num_heads, head_dim]; kv_cache [2, num_kv_heads, num_blocks, block_size, head_dim]
+def paged_attention(q: torch.Tensor, kv_cache, meta, scale: float, sliding_window: int | None) -> torch.Tensor:
+    # q [num_tokens, num_heads, head_dim]; kv_cache: the layer's PagedKVCache
     plan = _decode_plan(meta, sliding_window, kv_cache.shape[3], q.device)
     if plan is None:
         return torch_ref.paged_attention(q, kv_cache, meta, scale, sliding_window)
@@ -29,19 +28,18 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
     out = torch.empty_like(q)
     for rows, block_tables, mask in buckets:
         out.index_copy_(0, rows, _attend_decodes(q.index_select(0, rows), kv_cache, block_tables, mask, scale))
-    k_cache, v_cache = kv_cache.flatten(2, 3)
     for i in others:
-        torch_ref.attend_one(q, k_cache, v_cache, meta, i, scale, sliding_window, out)
+        torch_ref.attend_one(q, kv_cache, meta, i, scale, sliding_window, out)
     return out
 
 
 def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
-    _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
+    _, num_kv_heads, _, block_size, _ = kv_cache.shape
     max_len = block_tables.shape[1] * block_size
-    # whole blocks, K and V at once: [2, num_kv_heads, num_seqs * max_blocks, block_size * head_dim]
-    kv = kv_cache.view(2, num_kv_heads, num_blocks, -1).index_select(2, block_tables.flatten())
-    k, v = kv.to(q.dtype).view(2, num_kv_heads, num_seqs, max_len, head_dim)
+    # whole blocks, K and V at once: [2, num_kv_heads, num_seqs * max_blocks, block_size, head_dim]
+    kv = kv_cache.gather_blocks(block_tables.flatten(), q.dtype)
+    k, v = kv.view(2, num_kv_heads, num_seqs, max_len, head_dim)
     # query heads that share a KV head side by side: [num_kv_heads, num_seqs, group, head_dim]
     q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale    # [num_kv_heads, num_seqs, group, max_len]

@@ -1,0 +1,151 @@
+"""`effinfer quantize`: calibrated 4-bit checkpoints (GPTQ, AWQ), saved to disk and loaded back.
+
+A checkpoint is a folder: `effinfer_quant.json` (method, bits, group size, the base model it was made
+from, calibration settings) and `model.safetensors` holding, per HF weight name, the 4-bit values
+(`<name>.qvalues`, one per byte), `<name>.scale` and `<name>.minimum` per group, plus any float
+tensor the method changed (AWQ's norms). Loading reads the base model's other tensors, its config and
+tokenizer, and feeds the 4-bit values to the int4 layers unchanged (no rounding on the way).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly
+from effinfer.utils import progress
+
+CONFIG_FILE = "effinfer_quant.json"
+METHODS = ("gptq", "awq")
+
+
+def is_quantized_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def read_config(path: Path) -> dict:
+    return json.loads((path / CONFIG_FILE).read_text())
+
+
+def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str, num_tokens: int = 8192,
+                        window: int = 512, group_size: int = 32, act_order: bool = False,
+                        cache_dir: str | None = None, show_progress: bool = True) -> dict:
+    from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears
+    from effinfer.llm import LLM
+
+    if method not in METHODS:
+        raise ValueError(f"unknown calibrated method {method!r}; choose from {', '.join(METHODS)}")
+    start = time.perf_counter()
+    llm = LLM(model, dtype="float32", cache_dir=cache_dir, show_progress=show_progress, kv_cache_memory_gb=0.25,
+              max_num_batched_tokens=max(512, window))
+    windows = calibration_windows(llm.tokenizer, text, num_tokens, window)
+    stats = collect_stats(llm, windows, keep_hessian=method == "gptq", show_progress=show_progress)
+    net = llm.engine.model
+    linears = decoder_linears(net)
+    tensors: dict[str, torch.Tensor] = {}
+    errors = {"rtn": 0.0, method: 0.0}
+    if method == "awq":
+        tensors.update(_apply_awq_scales(net, linears, stats, group_size, show_progress))
+    rtn = Int4WeightOnly(group_size)
+    for name, linear in progress(list(linears.items()), method, show_progress, unit="layer"):
+        w, x = linear.weight.detach().float(), stats[name].sample_rows
+        errors["rtn"] += _output_error(w, rtn.quantize(w), x)
+        if method == "gptq":
+            from effinfer.compression.quant.gptq import gptq_quantize
+
+            blocks = gptq_quantize(w, stats[name].hessian, group_size, act_order)
+        else:
+            # the layer computes Q(W s) (x / s), with the 1/s already folded into its input's producer
+            scale = getattr(linear, "awq_scale", torch.ones(w.shape[1]))
+            w, x = w * scale[None, :], x / scale
+            blocks = rtn.quantize(w)
+        errors[method] += _output_error(w, blocks, x)
+        tensors.update(_shard_tensors(net, name, blocks))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    config = {"quant_method": method, "bits": 4, "group_size": group_size, "act_order": act_order,
+              "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},
+              "output_mse_sum": errors}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return {**config, "seconds": time.perf_counter() - start, "path": str(out)}
+
+
+def _output_error(w: torch.Tensor, blocks: Int4Blocks, x: torch.Tensor) -> float:
+    return float(((x @ w.t() - x @ blocks.dequantize().t()) ** 2).mean())
+
+
+def _apply_awq_scales(net, linears: dict, stats: dict, group_size: int, show_progress: bool) -> dict:
+    """Search each layer's input scale and fold its inverse into the producer; returns changed tensors."""
+    from effinfer.compression.quant.awq import search_scale
+
+    changed = {}
+    cfg = net.config
+    for name, linear in progress(list(linears.items()), "awq scales", show_progress, unit="layer"):
+        producer = _producer(net, name, cfg)
+        if producer is None:
+            continue
+        w = linear.weight.detach().float()
+        s, _ = search_scale(w, stats[name].mean_abs, stats[name].sample_rows, group_size)
+        kind, module, rows = producer
+        if kind == "norm":
+            gemma = type(module).__name__.startswith("Gemma")
+            new = (1 + module.weight.float()) / s - 1 if gemma else module.weight.float() / s
+            module.weight.data.copy_(new)
+            changed[f"{_module_name(net, module)}.weight"] = new
+        else:   # rows of the previous linear (up rows for down_proj, v rows for o_proj)
+            module.weight.data[rows] /= s[:, None].to(module.weight.dtype)
+        linear.awq_scale = s
+    return changed
+
+
+def _producer(net, name: str, cfg):
+    """What makes this layer's input: ("norm", norm module, None) or ("rows", linear, row slice)."""
+    layer = net.model.layers[int(name.split(".")[2])]
+    if name.endswith("qkv_proj"):
+        return "norm", layer.input_layernorm, None
+    if name.endswith("gate_up_proj"):
+        return "norm", getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm), None
+    if name.endswith("down_proj"):
+        inter = cfg.intermediate_size
+        return "rows", layer.mlp.gate_up_proj, slice(inter, 2 * inter)
+    if name.endswith("o_proj") and cfg.num_heads == cfg.num_kv_heads and not hasattr(layer.self_attn, "q_norm"):
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return "rows", layer.self_attn.qkv_proj, slice(q + kv, q + 2 * kv)
+    return None
+
+
+def _module_name(net, module) -> str:
+    return next(n for n, m in net.named_modules() if m is module)
+
+
+def _shard_tensors(net, module_name: str, blocks: Int4Blocks) -> dict[str, torch.Tensor]:
+    out, row = {}, 0
+    for hf_name, rows in net.checkpoint_shards(module_name):
+        part = blocks.map_rows(lambda t: t[row:row + rows])
+        base = hf_name.removesuffix(".weight")
+        out.update({f"{base}.qvalues": part.q, f"{base}.scale": part.scale, f"{base}.minimum": part.minimum})
+        row += rows
+    return out
+
+
+def iter_checkpoint_weights(path: Path, base_weights, group_size: int):
+    """The base model's tensors with the checkpoint's 4-bit layers and changed tensors in their place."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        for name, tensor in base_weights:
+            base = name.removesuffix(".weight")
+            if f"{base}.qvalues" in keys:
+                yield name, Int4Blocks(f.get_tensor(f"{base}.qvalues"), f.get_tensor(f"{base}.scale"),
+                                       f.get_tensor(f"{base}.minimum"), group_size)
+            elif name in keys:
+                yield name, f.get_tensor(name)
+            else:
+                yield name, tensor
