@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
     add_bench_parser(sub)
-    p = sub.add_parser("quantize", help="calibrated 4-bit checkpoint (GPTQ or AWQ), saved to a folder that loads as a model")
+    p = sub.add_parser("quantize", help="calibrated checkpoint (GPTQ, AWQ 4-bit; SmoothQuant W8A8), saved to a folder that loads as a model")
     p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
-    p.add_argument("--method", choices=["gptq", "awq"], required=True)
+    p.add_argument("--method", choices=["gptq", "awq", "smoothquant"], required=True)
     p.add_argument("--out", required=True, help="output folder (pass it as --model to use it)")
     p.add_argument("--calib-text", required=True, help="a UTF-8 text file to calibrate on")
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (in windows)")
@@ -145,8 +145,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize_calibrated(args.model, args.method, args.out, text, args.calib_tokens, args.window,
                                  args.group_size, args.act_order, args.cache_dir)
     errors = report["output_mse_sum"]
-    print(f"{args.method}: {report['calibration']['windows']} windows, {report['seconds']:.0f} s; layer output MSE "
-          f"summed over layers: {errors[args.method]:.4g} (round-to-nearest: {errors['rtn']:.4g})")
+    print(f"{args.method}: {report['calibration']['windows']} windows, {report['seconds']:.0f} s")
+    if errors:
+        print(f"layer output MSE summed over layers: {errors[args.method]:.4g} (round-to-nearest: {errors['rtn']:.4g})")
     print(f"saved {report['path']}; use it with --model {report['path']}")
     return 0
 

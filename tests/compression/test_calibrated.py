@@ -77,3 +77,17 @@ def test_checkpoint_saves_and_loads_back(smollm2_path, tmp_path, method):
     assert "Paris" in text
     with pytest.raises(ValueError, match="already quantized"):
         LLM(str(tmp_path / method), quantization="int8", show_progress=False)
+
+
+def test_smoothquant_checkpoint_runs_w8a8(smollm2_path, tmp_path):
+    from effinfer.bench import quality
+    from effinfer.compression.quant.calibrated import quantize_calibrated
+    from effinfer.compression.quant.w8a8 import W8A8
+
+    quantize_calibrated(str(smollm2_path), "smoothquant", tmp_path / "sq", TEXT, num_tokens=512, window=256,
+                        show_progress=False)
+    sq = LLM(str(tmp_path / "sq"), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    assert isinstance(sq.engine.model.model.layers[0].mlp.down_proj.method, W8A8)
+    base = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    wins = quality.windows(base.tokenizer.encode(TEXT), 256, 256)      # 256-token chunks: the int8 GEMM path
+    assert quality.perplexity(sq, wins)["perplexity"] < 1.1 * quality.perplexity(base, wins)["perplexity"]

@@ -17,6 +17,7 @@ from effinfer.layers.linear import QuantEmbedding, QuantLinear, QuantMethod
 QUANT_METHODS = {
     "int8": "effinfer.compression.quant.weight_only:Int8WeightOnly",
     "int4": "effinfer.compression.quant.weight_only:Int4WeightOnly",
+    "w8a8": "effinfer.compression.quant.w8a8:W8A8",
 }
 FILE_FORMATS = {"gguf": "the GGUF file's own blocks: 4-bit blocks as int4 groups of 32, wider blocks as int8"}
 

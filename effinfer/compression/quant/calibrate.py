@@ -24,6 +24,8 @@ class LayerStats:
     abs_sum: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None
     """Sum of x_j^2 per input channel: Wanda's squared input norms (H's diagonal, without H)."""
+    abs_max: torch.Tensor | None = None
+    """Largest |x_j| per input channel (SmoothQuant)."""
     rows: int = 0
     samples: list = field(default_factory=list)
     max_samples: int = 512
@@ -36,6 +38,8 @@ class LayerStats:
         a, sq = x.abs().sum(0), (x * x).sum(0)
         self.abs_sum = a if self.abs_sum is None else self.abs_sum + a
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        m = x.abs().amax(0)
+        self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         self.rows += x.shape[0]
         have = sum(s.shape[0] for s in self.samples)
         if have < self.max_samples:      # the first rows of each window, spread over the windows

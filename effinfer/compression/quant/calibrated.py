@@ -1,10 +1,12 @@
-"""`effinfer quantize`: calibrated 4-bit checkpoints (GPTQ, AWQ), saved to disk and loaded back.
+"""`effinfer quantize`: calibrated checkpoints (GPTQ and AWQ 4-bit, SmoothQuant W8A8), saved to disk
+and loaded back.
 
 A checkpoint is a folder: `effinfer_quant.json` (method, bits, group size, the base model it was made
 from, calibration settings) and `model.safetensors` holding, per HF weight name, the 4-bit values
 (`<name>.qvalues`, one per byte), `<name>.scale` and `<name>.minimum` per group, plus any float
-tensor the method changed (AWQ's norms). Loading reads the base model's other tensors, its config and
-tokenizer, and feeds the 4-bit values to the int4 layers unchanged (no rounding on the way).
+tensor the method changed (AWQ's and SmoothQuant's norms; SmoothQuant's smoothed weights, which the
+W8A8 layers quantize per channel at load). Loading reads the base model's other tensors, its config
+and tokenizer, and feeds the 4-bit values to the int4 layers unchanged (no rounding on the way).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly
 from effinfer.utils import progress
 
 CONFIG_FILE = "effinfer_quant.json"
-METHODS = ("gptq", "awq")
+METHODS = ("gptq", "awq", "smoothquant")
+LOAD_AS = {"gptq": "int4", "awq": "int4", "smoothquant": "w8a8"}
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
@@ -47,6 +50,8 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
     linears = decoder_linears(net)
     tensors: dict[str, torch.Tensor] = {}
     errors = {"rtn": 0.0, method: 0.0}
+    if method == "smoothquant":
+        return _save_smoothquant(llm, net, linears, stats, out_dir, windows, window, start, show_progress)
     if method == "awq":
         tensors.update(_apply_awq_scales(net, linears, stats, group_size, show_progress))
     rtn = Int4WeightOnly(group_size)
@@ -59,7 +64,8 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
             blocks = gptq_quantize(w, stats[name].hessian, group_size, act_order)
         else:
             # the layer computes Q(W s) (x / s), with the 1/s already folded into its input's producer
-            scale = getattr(linear, "awq_scale", torch.ones(w.shape[1]))
+            scale = getattr(linear, "input_scale", None)
+            scale = torch.ones(w.shape[1]) if scale is None else scale
             w, x = w * scale[None, :], x / scale
             blocks = rtn.quantize(w)
         errors[method] += _output_error(w, blocks, x)
@@ -69,11 +75,41 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
-    config = {"quant_method": method, "bits": 4, "group_size": group_size, "act_order": act_order,
+    config = {"quant_method": method, "load_as": LOAD_AS[method], "bits": 4, "group_size": group_size, "act_order": act_order,
               "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},
               "output_mse_sum": errors}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return {**config, "seconds": time.perf_counter() - start, "path": str(out)}
+
+
+def _save_smoothquant(llm, net, linears, stats, out_dir, windows, window, start, show_progress) -> dict:
+    """Fold SmoothQuant's scales into producers and weights; save the changed float tensors (bf16)."""
+    from safetensors.torch import save_file
+
+    from effinfer.compression.quant.w8a8 import smooth_scales
+
+    tensors = _fold_input_scales(net, linears, lambda name, w: smooth_scales(stats[name].abs_max, w), show_progress)
+    for name, linear in linears.items():
+        if getattr(linear, "input_scale", None) is not None:
+            linear.weight.data *= linear.input_scale[None, :].to(linear.weight.dtype)
+    for name, linear in linears.items():    # every linear: some were changed as producers of another's input
+        tensors.update(_shard_float(net, name, linear.weight.data))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    config = {"quant_method": "smoothquant", "load_as": "w8a8", "bits": 8, "group_size": 32, "alpha": 0.5,
+              "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},
+              "output_mse_sum": {}}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return {**config, "seconds": time.perf_counter() - start, "path": str(out)}
+
+
+def _shard_float(net, module_name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    out, row = {}, 0
+    for hf_name, rows in net.checkpoint_shards(module_name):
+        out[hf_name] = weight[row:row + rows]
+        row += rows
+    return out
 
 
 def _output_error(w: torch.Tensor, blocks: Int4Blocks, x: torch.Tensor) -> float:
@@ -84,14 +120,23 @@ def _apply_awq_scales(net, linears: dict, stats: dict, group_size: int, show_pro
     """Search each layer's input scale and fold its inverse into the producer; returns changed tensors."""
     from effinfer.compression.quant.awq import search_scale
 
+    def scale_of(name, w):
+        return search_scale(w, stats[name].mean_abs, stats[name].sample_rows, group_size)[0]
+
+    return _fold_input_scales(net, linears, scale_of, show_progress)
+
+
+def _fold_input_scales(net, linears: dict, scale_of, show_progress: bool) -> dict:
+    """For each layer whose input's producer can absorb it, s = scale_of(name, W): divide the producer's
+    output by s (a norm's weight, or rows of the previous linear) and record s as `input_scale`; the
+    caller multiplies W by s. Returns the float tensors changed (norms)."""
     changed = {}
     cfg = net.config
-    for name, linear in progress(list(linears.items()), "awq scales", show_progress, unit="layer"):
+    for name, linear in progress(list(linears.items()), "input scales", show_progress, unit="layer"):
         producer = _producer(net, name, cfg)
         if producer is None:
             continue
-        w = linear.weight.detach().float()
-        s, _ = search_scale(w, stats[name].mean_abs, stats[name].sample_rows, group_size)
+        s = scale_of(name, linear.weight.detach().float())
         kind, module, rows = producer
         if kind == "norm":
             gemma = type(module).__name__.startswith("Gemma")
@@ -100,7 +145,7 @@ def _apply_awq_scales(net, linears: dict, stats: dict, group_size: int, show_pro
             changed[f"{_module_name(net, module)}.weight"] = new
         else:   # rows of the previous linear (up rows for down_proj, v rows for o_proj)
             module.weight.data[rows] /= s[:, None].to(module.weight.dtype)
-        linear.awq_scale = s
+        linear.input_scale = s
     return changed
 
 
