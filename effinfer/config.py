@@ -134,12 +134,42 @@ class PruneConfig:
 
 
 @dataclass
+class SpecConfig:
+    speculative_method: str | None = None
+    """Draft proposer for speculative decoding: ngram (prompt lookup), or none."""
+    num_speculative_tokens: int = 4
+    """Most draft tokens per request per step (adapted down by the measured acceptance)."""
+    speculative_max_batch: int = 8
+    """Speculate only while at most this many requests decode: a full batch gains nothing from it."""
+    ngram_min: int = 2
+    """ngram: shortest tail of the sequence to look up."""
+    ngram_max: int = 4
+    """ngram: longest tail of the sequence to look up."""
+
+    def __post_init__(self) -> None:
+        from effinfer.decoding.spec import PROPOSERS
+
+        if self.speculative_method in ("", "none"):
+            self.speculative_method = None
+        if self.speculative_method is not None and self.speculative_method not in PROPOSERS:
+            raise ValueError(f"speculative_method={self.speculative_method!r} is not supported; "
+                             f"choose from {', '.join(sorted(PROPOSERS))}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be between 1 and 16")
+        if self.speculative_max_batch < 1:
+            raise ValueError(f"speculative_max_batch={self.speculative_max_batch} must be at least 1")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
     global_seed: int = 0
     """Seed of the engine's global RNG (requests without their own seed draw from it)."""
     show_progress: bool = True
@@ -165,7 +195,7 @@ class EngineConfig:
 
 
 SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "quant": QuantConfig,
-               "prune": PruneConfig}
+               "prune": PruneConfig, "spec": SpecConfig}
 
 
 def _field_names(cls) -> set[str]:

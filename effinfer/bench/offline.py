@@ -53,6 +53,7 @@ def run_latency(system, prompt_len: int = 512, gen_len: int = 128, repetitions: 
 def run_throughput(system, requests: list[BenchRequest]) -> dict:
     system.forget_cache()
     meter = ResourceMeter()
+    spec_before = system.spec_stats()
     start = time.perf_counter()
     num_out = system.run_batch([r.prompt for r in requests], [r.output_len for r in requests])
     duration = time.perf_counter() - start
@@ -60,7 +61,17 @@ def run_throughput(system, requests: list[BenchRequest]) -> dict:
     return {"duration": duration, "num_requests": len(requests), "total_input_tokens": num_in,
             "total_output_tokens": num_out, "request_throughput": len(requests) / duration,
             "output_throughput": num_out / duration, "total_token_throughput": (num_in + num_out) / duration,
-            **meter.report(num_in + num_out)}
+            **spec_metrics(spec_before, system.spec_stats()), **meter.report(num_in + num_out)}
+
+
+def spec_metrics(before: dict, after: dict) -> dict:
+    """Acceptance rate, mean accepted drafts per verifying step, and tokens per verifying step."""
+    if not after:
+        return {}
+    drafts, accepted, steps = (after[k] - before.get(k, 0) for k in ("draft_tokens", "accepted_tokens", "verify_steps"))
+    return {"spec_draft_tokens": drafts, "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
+            "spec_mean_accepted": accepted / steps if steps else 0.0,
+            "spec_tokens_per_step": (accepted + steps) / steps if steps else 1.0}
 
 
 def _prefill_rate(system, prompt: list[int]) -> float:

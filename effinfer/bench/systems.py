@@ -51,6 +51,10 @@ class System(ABC):
     def describe(self) -> dict:
         return {"system": self.name}
 
+    def spec_stats(self) -> dict:
+        """Speculative decoding counters (draft_tokens, accepted_tokens, verify_steps), if any."""
+        return {}
+
     def forget_cache(self) -> None:
         """Drop anything kept from earlier requests (a prefix cache), so each measurement computes its
         whole prompt, as the peers do; repeated rounds of a comparison reuse the same prompts."""
@@ -96,6 +100,9 @@ class EngineSystem(System):
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         results = self.llm.generate(sequences, params, use_tqdm=False)
         return [sum(lp.logprob for lp in r.outputs[0].prompt_logprobs[start:]) for r, start in zip(results, starts)]
+
+    def spec_stats(self) -> dict:
+        return dict(self.llm.engine.spec_stats)
 
     def weight_bytes(self):
         model = self.llm.engine.model

@@ -62,6 +62,20 @@ class Sampler:
         return torch.where(is_greedy, greedy, sampled)
 
 
+def final_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The distribution each row samples from after every setting: one-hot argmax for greedy rows,
+    else softmax of the penalised, temperature-scaled, top-k/top-p/min-p-masked logits."""
+    if any(r.params.has_penalties for r in rows):
+        logits = apply_penalties(logits.clone(), rows)
+    probs = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    if sampled:
+        sub = [rows[i] for i in sampled]
+        temps = torch.tensor([r.params.temperature for r in sub], device=logits.device)
+        probs[sampled] = torch.softmax(apply_top_k_top_p_min_p(logits[sampled] / temps[:, None], sub), dim=-1)
+    return probs
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Repetition penalty over prompt + output (divide positive logits, multiply negative ones);
     presence and frequency penalties over the output only, as OpenAI defines them."""

@@ -45,9 +45,20 @@ class LLMEngine:
                                    self.max_model_len, sc.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, config.cache.block_size, self.device)
         self.sampler = Sampler()
+        self.proposer = self._make_proposer()
+        self.spec_stats = {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0}
+        """Speculative decoding counters: drafts proposed, drafts accepted, request-steps that verified."""
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+
+    def _make_proposer(self):
+        sc = self.config.spec
+        if sc.speculative_method is None:
+            return None
+        from effinfer.decoding.spec import get_proposer
+
+        return get_proposer(sc.speculative_method, min_n=sc.ngram_min, max_n=sc.ngram_max)
 
     def _prune(self) -> dict:
         """Prune the loaded model in place, calibrating through a throwaway engine with a small cache
@@ -152,6 +163,8 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         scheduled = self.scheduler.schedule()
         sampled, logprobs = self.execute(scheduled) if not scheduled.is_empty else ({}, {})
         updated = self.scheduler.update(scheduled, sampled)
@@ -162,34 +175,74 @@ class LLMEngine:
         """Run the model on the step's packed tokens and sample for requests that reach their end."""
         seqs = [self._scheduled_seq(r, scheduled.num_new_tokens[r.request_id]) for r in scheduled.requests]
         logits = self.runner.execute(seqs)
-        sample_rows, sampling, row = [], [], 0
+        sample_rows, sampling, verifying, row = [], [], [], 0
         for request, seq in zip(scheduled.requests, seqs):
-            num_rows = len(seq.token_ids) if seq.all_logits else int(seq.needs_logits)
+            num_rows = self.runner.num_logit_rows(seq)
             if seq.all_logits:
                 self.outputs.add_prompt_logprobs(request, seq.num_computed, logits[row:row + num_rows])
-            if seq.needs_logits:
+            if seq.num_spec:
+                verifying.append((request, logits[row:row + num_rows]))
+            elif seq.needs_logits:
                 sample_rows.append(row + num_rows - 1)
                 sampling.append(request)
             row += num_rows
-        if not sampling:
-            return {}, {}
-        rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in sampling]
-        out = self.sampler(logits[sample_rows], rows)
-        ids = [r.request_id for r in sampling]
-        return dict(zip(ids, out.token_ids)), dict(zip(ids, out.logprobs))
+        sampled, logprobs = {}, {}
+        if sampling:
+            rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in sampling]
+            out = self.sampler(logits[sample_rows], rows)
+            for request, token, lp in zip(sampling, out.token_ids, out.logprobs):
+                sampled[request.request_id], logprobs[request.request_id] = [token], [lp]
+        for request, rows_logits in verifying:
+            sampled[request.request_id], logprobs[request.request_id] = self._verify(request, rows_logits)
+        return sampled, logprobs
+
+    def _propose(self) -> None:
+        """Drafts for the running requests that decode, unless the batch is large enough that verifying
+        drafts would cost more than it saves."""
+        sc = self.config.spec
+        decoding = [r for r in self.scheduler.running
+                    if r.num_tokens - r.num_computed_tokens == 1 and r.params.prompt_logprobs is None]
+        if len(decoding) > sc.speculative_max_batch:
+            return
+        for request in decoding:
+            k = request.num_spec_tokens or sc.num_speculative_tokens
+            room = min(request.params.max_tokens - len(request.output_ids), self.max_model_len - request.num_tokens) - 1
+            request.spec_ids = self.proposer.propose(request.all_ids, min(k, room)) if room > 0 else []
+
+    def _verify(self, request: Request, rows_logits: torch.Tensor) -> tuple[list[int], list]:
+        """Accept a prefix of the request's drafts against the target's distributions (see verify.py)
+        and adapt its next draft length: one more after a full accept, else what was accepted + 1."""
+        from effinfer.decoding.sampler import final_probs, gather_logprobs
+        from effinfer.decoding.spec.verify import verify
+
+        drafts = request.spec_ids
+        contexts = [SamplingRow(request.params, request.generator, request.prompt_ids, request.output_ids + drafts[:j])
+                    for j in range(len(drafts) + 1)]
+        tokens = verify(final_probs(rows_logits, contexts), drafts, request.generator)
+        accepted = len(tokens) - 1
+        self.spec_stats["draft_tokens"] += len(drafts)
+        self.spec_stats["accepted_tokens"] += accepted
+        self.spec_stats["verify_steps"] += 1
+        k_max = self.config.spec.num_speculative_tokens
+        request.num_spec_tokens = min(k_max, len(drafts) + 1) if accepted == len(drafts) else max(1, accepted + 1)
+        raw = torch.log_softmax(rows_logits, dim=-1) if request.params.logprobs is not None else None
+        rows = contexts[:len(tokens)]
+        return tokens, gather_logprobs(raw[:len(tokens)] if raw is not None else None, torch.tensor(tokens), rows)
 
     @staticmethod
     def _scheduled_seq(request: Request, num_new: int) -> ScheduledSeq:
         start = request.num_computed_tokens
-        completes = start + num_new == request.num_tokens
+        num_spec = len(request.spec_ids)
+        completes = start + num_new - num_spec == request.num_tokens
         in_prompt = request.params.prompt_logprobs is not None and start < len(request.prompt_ids)
-        return ScheduledSeq(request.token_slice(start, start + num_new), start, request.block_ids, completes, in_prompt)
+        tokens = request.token_slice(start, start + num_new - num_spec) + request.spec_ids
+        return ScheduledSeq(tokens, start, request.block_ids, completes, in_prompt, num_spec)
 
     def _make_outputs(self, updated: list[Request], ended: list[Request], logprobs: dict) -> list[RequestOutput]:
         """`updated` got a token this step (detokenize it, check stop strings); `ended` were finished
         by the scheduler without one."""
         for request in updated:
-            stop = self.outputs.process(request, logprobs.get(request.request_id))
+            stop = self.outputs.process(request, request.num_new_output, logprobs.get(request.request_id))
             if stop is not None:
                 self.scheduler.finish(request, FinishReason.STOP, stop_reason=stop)
         outputs = [self.outputs.make_output(r) for r in updated + ended]

@@ -25,6 +25,8 @@ class ScheduledSeq:
     """Whether the last token's logits are wanted (False for a prompt chunk short of the prompt's end)."""
     all_logits: bool = False
     """Logits of every scheduled token (prompt logprobs), not only the last."""
+    num_spec: int = 0
+    """Draft tokens at the end of `token_ids`: their positions need logits too (verification)."""
 
 
 class ModelRunner:
@@ -36,7 +38,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
         """-> fp32 logits [num_logit_rows, vocab]: per sequence in order, all its rows if `all_logits`,
-        else its last row if `needs_logits`, else none."""
+        else its last `num_spec + 1` rows if `needs_logits`, else none."""
         input_ids, positions, meta, logit_rows = self.prepare(seqs)
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[logit_rows])
@@ -54,12 +56,19 @@ class ModelRunner:
             seq_lens.append(seq_len)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         meta = AttentionMetadata(as_tensor(slots), starts, seq_lens, tables, size)
-        logit_rows = as_tensor([row for start, end, seq in zip(starts, starts[1:], seqs)
-                                for row in (range(start, end) if seq.all_logits else [end - 1] if seq.needs_logits else [])])
+        logit_rows = as_tensor([row for start, end, seq in zip(starts, starts[1:], seqs) for row in _logit_rows(start, end, seq)])
         return as_tensor(ids), as_tensor(positions), meta, logit_rows
+
+    @staticmethod
+    def num_logit_rows(seq: ScheduledSeq) -> int:
+        return len(seq.token_ids) if seq.all_logits else (seq.num_spec + 1 if seq.needs_logits else 0)
 
     def _table(self, block_table: list[int], seq_len: int) -> torch.Tensor:
         """The blocks that hold positions 0..seq_len-1."""
         num_blocks = -(-seq_len // self.block_size)
         assert len(block_table) >= num_blocks, "scheduler must allocate blocks before the step"
         return torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
+
+
+def _logit_rows(start: int, end: int, seq: ScheduledSeq) -> range:
+    return range(end - ModelRunner.num_logit_rows(seq), end)

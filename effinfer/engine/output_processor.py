@@ -37,16 +37,23 @@ class OutputProcessor:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.skip_special_tokens)
         self.states[request.request_id] = RequestState(detok, RequestMetrics(request.arrival_time))
 
-    def process(self, request: Request, logprobs: TokenLogprobs | None) -> str | None:
-        """Detokenize the request's newest token; returns a matched stop string, if any."""
+    def process(self, request: Request, num_new: int, logprobs: list[TokenLogprobs | None] | None) -> str | None:
+        """Detokenize the request's newest `num_new` tokens; returns a matched stop string, if any (the
+        tokens after the one that completed it are dropped)."""
         state = self.states[request.request_id]
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = time.monotonic()
-        if logprobs is not None:
-            state.logprobs.append(logprobs)
-        old_len = len(state.text)
-        state.text += state.detokenizer.add(request.output_ids[-1])
-        return self._find_stop(state, request.params.stop, old_len)
+        first = len(request.output_ids) - num_new
+        for i, token in enumerate(request.output_ids[first:]):
+            if logprobs and logprobs[i] is not None:
+                state.logprobs.append(logprobs[i])
+            old_len = len(state.text)
+            state.text += state.detokenizer.add(token)
+            stop = self._find_stop(state, request.params.stop, old_len)
+            if stop is not None:
+                del request.output_ids[first + i + 1:]
+                return stop
+        return None
 
     def add_prompt_logprobs(self, request: Request, start: int, logits) -> None:
         """Row j of `logits` (position start + j) scores prompt token start + j + 1. Positions already

@@ -50,6 +50,12 @@ class Request:
     first_scheduled_time: float | None = None
     generator: torch.Generator | None = None
     """This request's own sampling generator, made on the engine's device when the request is added."""
+    spec_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed for this step (speculative decoding); verified, then cleared."""
+    num_spec_tokens: int = 0
+    """Draft length for this request's next proposal, adapted to its acceptance."""
+    num_new_output: int = 0
+    """Output tokens appended by the latest step (more than one when drafts were accepted)."""
 
     @property
     def all_ids(self) -> list[int]:

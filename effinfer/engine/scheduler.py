@@ -62,8 +62,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_tokens - request.num_computed_tokens
+            num_new = min(pending + len(request.spec_ids), budget)
+            del request.spec_ids[max(0, num_new - pending):]      # drafts that do not fit the budget wait
             while self.block_manager.allocate(request, num_new) is None:
+                if request.spec_ids:          # out of blocks: give up the drafts before anyone's place
+                    num_new -= len(request.spec_ids)
+                    request.spec_ids = []
+                    continue
                 if not self._preempt_lowest(request, out):
                     break
             if request.status != RequestStatus.RUNNING:
@@ -86,6 +92,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        request.spec_ids = []
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -124,22 +131,32 @@ class Scheduler:
     def _add_to_output(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
         out.num_new_tokens[request.request_id] = num_new
         out.requests.append(request)
-        self.block_manager.cache_full_blocks(request, request.num_computed_tokens + num_new)
+        # drafts are not known tokens yet: only verified ones fill cacheable blocks
+        self.block_manager.cache_full_blocks(request, min(request.num_computed_tokens + num_new, request.num_tokens))
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Account for the computed tokens, append each sampled token, finish requests that stop.
-        Returns the requests that got a new token this step (finished ones included)."""
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Account for the computed tokens, append the sampled tokens (several when drafts were
+        accepted), finish requests that stop. Returns the requests that got tokens this step."""
         updated = []
         for request in out.requests:
             if request.is_finished:  # aborted while the step ran
                 continue
-            request.num_computed_tokens += out.num_new_tokens[request.request_id]
-            if request.request_id not in sampled:
+            tokens = sampled.get(request.request_id, [])
+            # K/V stand for the scheduled tokens up to the last accepted draft; rejected drafts' slots
+            # are simply overwritten later
+            num_rejected = len(request.spec_ids) - max(0, len(tokens) - 1)
+            request.num_computed_tokens += out.num_new_tokens[request.request_id] - num_rejected
+            request.spec_ids = []
+            if not tokens:
                 continue  # a prefill chunk that has not reached the end of the prompt
-            request.output_ids.append(sampled[request.request_id])
-            reason = self._stop_reason(request)
-            if reason is not None:
-                self.finish(request, reason, stop_reason=request.stop_reason)
+            request.num_new_output = 0
+            for token in tokens:
+                request.output_ids.append(token)
+                request.num_new_output += 1
+                reason = self._stop_reason(request)
+                if reason is not None:
+                    self.finish(request, reason, stop_reason=request.stop_reason)
+                    break
             updated.append(request)
         return updated
 

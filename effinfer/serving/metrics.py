@@ -45,7 +45,13 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.", LATENCY_BUCKETS)
         self.step_time = histogram("engine_step_seconds", "Wall time of one engine step.", TOKEN_BUCKETS)
+        # speculative decoding (vLLM's spec_decode_* names)
+        self.spec_drafts = counter("spec_decode_num_draft_tokens", "Draft tokens proposed for verification.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_steps = counter("spec_decode_num_drafts", "Request-steps that verified drafts.")
+        self.spec_acceptance = gauge("spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens.")
         self._seen_hits = self._seen_queries = self._seen_preemptions = 0
+        self._seen_spec = {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0}
 
     def on_step(self, engine, outputs: list[RequestOutput], step_time: float) -> None:
         """Called on the engine thread after every step."""
@@ -61,10 +67,19 @@ class ServerMetrics:
         self._seen_preemptions = scheduler.num_preemptions
         if blocks.num_queried_tokens:
             self.prefix_hit_rate.set(blocks.num_hit_tokens / blocks.num_queried_tokens)
+        self._observe_spec(engine.spec_stats)
         for out in outputs:
             self.generation_tokens.inc(len(out.new_token_ids))
             if out.finished:
                 self._observe_finished(out)
+
+    def _observe_spec(self, stats: dict) -> None:
+        for key, metric in (("draft_tokens", self.spec_drafts), ("accepted_tokens", self.spec_accepted),
+                            ("verify_steps", self.spec_steps)):
+            metric.inc(stats[key] - self._seen_spec[key])
+        self._seen_spec = dict(stats)
+        if stats["draft_tokens"]:
+            self.spec_acceptance.set(stats["accepted_tokens"] / stats["draft_tokens"])
 
     def _observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics

@@ -18,7 +18,7 @@ def req(rid, n, priority=0, t=0.0, max_tokens=100):
 
 def step(s, sampled_token=1):
     out = s.schedule()
-    done_prompts = {r.request_id: sampled_token for r in out.requests
+    done_prompts = {r.request_id: [sampled_token] for r in out.requests
                     if r.num_computed_tokens + out.num_new_tokens[r.request_id] == r.num_tokens}
     s.update(out, done_prompts)
     return out

@@ -1,0 +1,128 @@
+"""Speculative decoding: the n-gram proposer, lossless verification (exact greedy tokens, the target's
+distribution when sampling), and the engine path: batched, every draft length, stops and back-off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effinfer import LLM, SamplingParams
+from effinfer.decoding.spec import get_proposer
+from effinfer.decoding.spec.verify import verify
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    proposer = get_proposer("ngram", min_n=1, max_n=3)
+    ids = [1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 2, 3, 4]
+    assert proposer.propose(ids, 3) == [7, 8, 2]          # latest earlier "2 3 4" is followed by 7 8 2
+    assert proposer.propose([1, 2, 3], 4) == []            # nothing repeats
+    assert proposer.propose([5, 6, 5], 2) == [6, 5]        # falls back to a shorter n-gram
+    with pytest.raises(ValueError, match="unknown speculative method"):
+        get_proposer("medusa")
+
+
+def test_greedy_verification_is_prefix_matching():
+    probs = torch.nn.functional.one_hot(torch.tensor([4, 7, 1, 3]), 10).float()
+    gen = torch.Generator().manual_seed(0)
+    assert verify(probs, [4, 7, 1], gen) == [4, 7, 1, 3]   # all accepted, then the bonus token
+    assert verify(probs, [4, 2, 1], gen) == [4, 7]          # first mismatch replaced by the target's token
+
+
+@pytest.mark.parametrize("proposal", ["one_hot", "distribution"])
+def test_speculative_sampling_keeps_the_target_distribution(proposal):
+    """Chi-square test: the first emitted token follows p whatever the drafts are."""
+    torch.manual_seed(0)
+    vocab, trials = 6, 20000
+    p = torch.softmax(torch.randn(3, vocab) * 1.5, dim=-1)
+    q = torch.softmax(torch.randn(2, vocab), dim=-1)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(vocab)
+    for _ in range(trials):
+        if proposal == "one_hot":
+            drafts, draft_probs = [2, 4], None           # a deterministic proposer (n-gram)
+        else:
+            drafts = [int(torch.multinomial(q[j], 1, generator=gen)) for j in range(2)]
+            draft_probs = q
+        counts[verify(p, drafts, gen, draft_probs)[0]] += 1
+    expected = p[0] * trials
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 20.5      # 5 degrees of freedom: p < 0.001 that a correct sampler exceeds this
+
+
+PROMPTS = [
+    "Copy this list exactly: apples, pears, plums, cherries, apples, pears, plums, cherries.",
+    "def add(a, b):\n    return a + b\n\ndef add(a, b):\n",
+    "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Write one sentence about the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(smollm2_path):
+    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    return [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_tokens_equal_plain_decoding_batched(smollm2_path, plain_outputs, k):
+    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+              speculative_method="ngram", num_speculative_tokens=k, block_size=4)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    outs = [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert outs == plain_outputs
+    stats = llm.engine.spec_stats
+    assert stats["draft_tokens"] > 0 and 0 < stats["accepted_tokens"] <= stats["draft_tokens"]
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks   # nothing leaked
+
+
+def test_stops_and_lengths_hold_with_drafts(smollm2_path):
+    common = dict(dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    plain = LLM(str(smollm2_path), **common)
+    spec = LLM(str(smollm2_path), speculative_method="ngram", num_speculative_tokens=5, **common)
+    for params in (SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
+                   SamplingParams(max_tokens=60, temperature=0.0, stop=["cherries"]),
+                   SamplingParams(max_tokens=30, temperature=0.0, logprobs=2)):
+        a, b = plain.generate(PROMPTS[:1], params, use_tqdm=False)[0], spec.generate(PROMPTS[:1], params, use_tqdm=False)[0]
+        assert (a.text, a.token_ids, a.outputs[0].finish_reason) == (b.text, b.token_ids, b.outputs[0].finish_reason)
+        if params.logprobs:
+            la, lb = a.outputs[0].logprobs, b.outputs[0].logprobs
+            assert len(la) == len(lb) == len(a.token_ids)
+            assert [x.logprob for x in la] == pytest.approx([x.logprob for x in lb], abs=1e-3)
+
+
+def test_speculation_backs_off_for_large_batches(smollm2_path):
+    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+              speculative_method="ngram", speculative_max_batch=2)
+    llm.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.spec_stats["draft_tokens"] == 0        # four decode at once: no drafts
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    assert llm.engine.spec_stats["draft_tokens"] > 0
+
+
+def test_sampled_requests_run_with_drafts(smollm2_path):
+    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+              speculative_method="ngram")
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    a = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    b = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]          # seeded: reproducible
+    assert all(len(r.token_ids) == 30 for r in a)
+
+
+def test_server_metrics_report_acceptance():
+    from types import SimpleNamespace
+
+    from effinfer.serving.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    blocks = SimpleNamespace(usage=0.1, num_hit_tokens=0, num_queried_tokens=0)
+    engine = SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[], num_preemptions=0), block_manager=blocks,
+                             spec_stats={"draft_tokens": 10, "accepted_tokens": 6, "verify_steps": 4})
+    metrics.on_step(engine, [], 0.01)
+    engine.spec_stats = {"draft_tokens": 14, "accepted_tokens": 7, "verify_steps": 5}
+    metrics.on_step(engine, [], 0.01)
+    text = metrics.render().decode()
+    assert 'effinfer:spec_decode_num_draft_tokens_total{model_name="m"} 14.0' in text
+    assert 'effinfer:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0' in text
+    assert 'effinfer:spec_decode_draft_acceptance_rate{model_name="m"} 0.5' in text
