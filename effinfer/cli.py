@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize salient columns first")
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_quantize)
+    p = sub.add_parser("prune", help="prune a model (magnitude, wanda, 2:4) and save it as a checkpoint folder")
+    p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
+    p.add_argument("--method", choices=["magnitude", "wanda", "2:4"], required=True,
+                   help="unstructured methods (structured ones, layers and mlp_channels, apply at load: --prune)")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--calib-text", default=None, help="a UTF-8 text file (wanda, 2:4)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_prune)
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
@@ -149,6 +158,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if errors:
         print(f"layer output MSE summed over layers: {errors[args.method]:.4g} (round-to-nearest: {errors['rtn']:.4g})")
     print(f"saved {report['path']}; use it with --model {report['path']}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from effinfer.compression.quant.calibrated import save_pruned
+    from effinfer.llm import LLM
+
+    llm = LLM(args.model, dtype="float32", cache_dir=args.cache_dir, kv_cache_memory_gb=0.1, prune=args.method,
+              sparsity=args.sparsity, prune_calibration_text=args.calib_text)
+    saved = save_pruned(llm, args.out, llm.engine.prune_report)
+    print(f"{args.method}: {saved['prune']['sparsity']:.1%} of the decoder's weights are zero; saved {saved['path']}")
     return 0
 
 

@@ -8,6 +8,7 @@ from effinfer.bench.systems import PEER_SYSTEMS
 from effinfer.cli import add_engine_args, all_option_names, engine_kwargs
 from effinfer.config import EngineConfig
 from effinfer.bench.tasks import TASKS
+from effinfer.bench.workloads import PROMPT_SETS
 from effinfer.loader import catalog
 
 
@@ -71,6 +72,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--tasks", default=None, metavar="TASK,...", help="quality: multiple-choice tasks")
     b.add_argument("--limit", type=int, default=100, help="questions per task")
     b.add_argument("--plot", default=None, metavar="PNG", help="speed/quality chart of the configurations")
+    b.add_argument("--prompts", default="random", choices=PROMPT_SETS,
+                   help="throughput prompts: random tokens, edit (output repeats a --text passage), code "
+                        "(HumanEval), chat (ShareGPT)")
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=128)
@@ -86,6 +90,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--input-len", type=int, default=128)
     b.add_argument("--output-len", type=int, default=128)
     b.add_argument("--range-ratio", type=float, default=0.0)
+    b.add_argument("--prompts", default="random", choices=PROMPT_SETS, help="random tokens, edit, code or chat")
+    b.add_argument("--text", default=None, help="edit prompts: a UTF-8 text to take passages from")
     b.add_argument("--bench-seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-throughput.json")
     add_system_args(b)
@@ -179,11 +185,15 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from effinfer.bench.offline import run_throughput
-    from effinfer.bench.workloads import random_requests
+    from effinfer.bench.workloads import prompt_set, random_requests
 
     system = make_bench_system(args)
-    requests = random_requests(system.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
-                               args.range_ratio, as_text=False)
+    if args.prompts == "random":
+        requests = random_requests(system.tokenizer, args.num_prompts, args.input_len, args.output_len,
+                                   args.bench_seed, args.range_ratio, as_text=False)
+    else:
+        requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
+                              args.bench_seed, args.text)
     _finish_offline_bench(args, system, "throughput", run_throughput(system, requests))
     return 0
 

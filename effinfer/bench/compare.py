@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 
 from effinfer.bench.offline import run_latency, run_throughput
-from effinfer.bench.workloads import random_requests
+from effinfer.bench.workloads import prompt_set
 
 
 @dataclass
@@ -76,8 +76,8 @@ def _measure(system, workload: str, args) -> dict:
     if workload == "latency":
         return run_latency(system, args.prompt_len, args.gen_len, repetitions=1, seed=args.bench_seed,
                            measure_machine=False)
-    requests = random_requests(system.tokenizer, args.num_prompts, args.input_len, args.output_len, args.bench_seed,
-                               as_text=False)
+    requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
+                          args.bench_seed, args.text)
     return run_throughput(system, requests)
 
 

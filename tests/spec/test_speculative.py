@@ -126,3 +126,24 @@ def test_server_metrics_report_acceptance():
     assert 'effinfer:spec_decode_num_draft_tokens_total{model_name="m"} 14.0' in text
     assert 'effinfer:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0' in text
     assert 'effinfer:spec_decode_draft_acceptance_rate{model_name="m"} 0.5' in text
+
+
+def test_retrieval_drafts_from_the_corpus():
+    from effinfer.decoding.spec.retrieval import RetrievalProposer
+
+    corpus = [9, 1, 2, 3, 4, 5, 6, 1, 2, 3, 7, 8]
+    proposer = RetrievalProposer(corpus, min_n=2, max_n=3)
+    assert proposer.propose([50, 1, 2, 3], 2) == [7, 8]          # latest "1 2 3" in the corpus
+    assert proposer.propose([50, 5, 6], 3) == [1, 2, 3]
+    assert proposer.propose([50, 51, 52], 3) == []
+
+
+def test_retrieval_engine_is_lossless(smollm2_path, plain_outputs, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("apples, pears, plums, cherries. def add(a, b):\n    return a + b\n"
+                      "The quick brown fox jumps over the lazy dog. " * 3)
+    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+              speculative_method="retrieval", speculative_corpus=str(corpus))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)] == plain_outputs
+    assert llm.engine.spec_stats["accepted_tokens"] > 0

@@ -194,3 +194,22 @@ def iter_checkpoint_weights(path: Path, base_weights, group_size: int):
                 yield name, f.get_tensor(name)
             else:
                 yield name, tensor
+
+
+def save_pruned(llm, out_dir: str | Path, report: dict) -> dict:
+    """A pruned model (unstructured methods: same shapes) saved as a checkpoint of its changed linears."""
+    from safetensors.torch import save_file
+
+    from effinfer.compression.quant.calibrate import decoder_linears
+
+    net = llm.engine.model
+    tensors = {}
+    for name, linear in decoder_linears(net).items():
+        tensors.update(_shard_float(net, name, linear.weight.data))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    config = {"quant_method": "pruned", "load_as": "none", "group_size": 32, "prune": report,
+              "base_model": str(llm.engine.loaded.path)}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return {**config, "path": str(out)}
