@@ -89,6 +89,9 @@ def plot_speed_quality(result: dict, path: str | Path) -> Path:
         if speed in m and quality in m:
             ax.scatter(m[quality], m[speed], s=40)
             ax.annotate(name, (m[quality], m[speed]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    xs = [m[quality] for m in metrics.values() if quality in m and m[quality] > 0]
+    if xs and max(xs) / min(xs) > 5:   # a few far-off points would squeeze the rest together
+        ax.set_xscale("log")
     better = "lower is better" if quality in ("perplexity", "kl_divergence") else "higher is better"
     ax.set_xlabel(f"{quality} ({better})")
     ax.set_ylabel(f"{speed} (tokens/s)")
