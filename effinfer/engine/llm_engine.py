@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from effinfer.config import EngineConfig
-from effinfer.decoding.sampler import Sampler, SamplingRow
+from effinfer.decoding.sampler import Sampler, SamplingRow, final_probs, gather_logprobs
 from effinfer.engine.block_manager import BlockManager
 from effinfer.engine.kv_cache import allocate_kv_cache, bytes_per_block
 from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
@@ -212,7 +212,6 @@ class LLMEngine:
     def _verify(self, request: Request, rows_logits: torch.Tensor) -> tuple[list[int], list]:
         """Accept a prefix of the request's drafts against the target's distributions (see verify.py)
         and adapt its next draft length: one more after a full accept, else what was accepted + 1."""
-        from effinfer.decoding.sampler import final_probs, gather_logprobs
         from effinfer.decoding.spec.verify import verify
 
         drafts = request.spec_ids
@@ -242,7 +241,7 @@ class LLMEngine:
         """`updated` got a token this step (detokenize it, check stop strings); `ended` were finished
         by the scheduler without one."""
         for request in updated:
-            stop = self.outputs.process(request, request.num_new_output, logprobs.get(request.request_id))
+            stop = self.outputs.process(request, logprobs.get(request.request_id))
             if stop is not None:
                 self.scheduler.finish(request, FinishReason.STOP, stop_reason=stop)
         outputs = [self.outputs.make_output(r) for r in updated + ended]

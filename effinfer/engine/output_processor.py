@@ -37,13 +37,13 @@ class OutputProcessor:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_ids, request.params.skip_special_tokens)
         self.states[request.request_id] = RequestState(detok, RequestMetrics(request.arrival_time))
 
-    def process(self, request: Request, num_new: int, logprobs: list[TokenLogprobs | None] | None) -> str | None:
-        """Detokenize the request's newest `num_new` tokens; returns a matched stop string, if any (the
-        tokens after the one that completed it are dropped)."""
+    def process(self, request: Request, logprobs: list[TokenLogprobs | None] | None) -> str | None:
+        """Detokenize the tokens the request got this step (those not yet emitted; several when drafts
+        were accepted); returns a matched stop string, if any (the tokens after it are dropped)."""
         state = self.states[request.request_id]
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = time.monotonic()
-        first = len(request.output_ids) - num_new
+        first = state.num_emitted_tokens
         for i, token in enumerate(request.output_ids[first:]):
             if logprobs and logprobs[i] is not None:
                 state.logprobs.append(logprobs[i])

@@ -54,8 +54,6 @@ class Request:
     """Draft tokens proposed for this step (speculative decoding); verified, then cleared."""
     num_spec_tokens: int = 0
     """Draft length for this request's next proposal, adapted to its acceptance."""
-    num_new_output: int = 0
-    """Output tokens appended by the latest step (more than one when drafts were accepted)."""
 
     @property
     def all_ids(self) -> list[int]:

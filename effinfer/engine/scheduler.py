@@ -149,10 +149,8 @@ class Scheduler:
             request.spec_ids = []
             if not tokens:
                 continue  # a prefill chunk that has not reached the end of the prompt
-            request.num_new_output = 0
             for token in tokens:
                 request.output_ids.append(token)
-                request.num_new_output += 1
                 reason = self._stop_reason(request)
                 if reason is not None:
                     self.finish(request, reason, stop_reason=request.stop_reason)

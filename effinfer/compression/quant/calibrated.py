@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from effinfer.compression.quant.gptq import gptq_quantize, reconstruction_error
 from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly
 from effinfer.utils import progress
 
@@ -57,10 +58,8 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
     rtn = Int4WeightOnly(group_size)
     for name, linear in progress(list(linears.items()), method, show_progress, unit="layer"):
         w, x = linear.weight.detach().float(), stats[name].sample_rows
-        errors["rtn"] += _output_error(w, rtn.quantize(w), x)
+        errors["rtn"] += reconstruction_error(w, rtn.quantize(w), x)
         if method == "gptq":
-            from effinfer.compression.quant.gptq import gptq_quantize
-
             blocks = gptq_quantize(w, stats[name].hessian, group_size, act_order)
         else:
             # the layer computes Q(W s) (x / s), with the 1/s already folded into its input's producer
@@ -68,24 +67,16 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
             scale = torch.ones(w.shape[1]) if scale is None else scale
             w, x = w * scale[None, :], x / scale
             blocks = rtn.quantize(w)
-        errors[method] += _output_error(w, blocks, x)
+        errors[method] += reconstruction_error(w, blocks, x)
         tensors.update(_shard_tensors(net, name, blocks))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
     config = {"quant_method": method, "load_as": LOAD_AS[method], "bits": 4, "group_size": group_size, "act_order": act_order,
               "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},
               "output_mse_sum": errors}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return {**config, "seconds": time.perf_counter() - start, "path": str(out)}
+    return {**_write_checkpoint(out_dir, tensors, config), "seconds": time.perf_counter() - start}
 
 
 def _save_smoothquant(llm, net, linears, stats, out_dir, windows, window, start, show_progress) -> dict:
     """Fold SmoothQuant's scales into producers and weights; save the changed float tensors (bf16)."""
-    from safetensors.torch import save_file
-
     from effinfer.compression.quant.w8a8 import smooth_scales
 
     tensors = _fold_input_scales(net, linears, lambda name, w: smooth_scales(stats[name].abs_max, w), show_progress)
@@ -94,26 +85,37 @@ def _save_smoothquant(llm, net, linears, stats, out_dir, windows, window, start,
             linear.weight.data *= linear.input_scale[None, :].to(linear.weight.dtype)
     for name, linear in linears.items():    # every linear: some were changed as producers of another's input
         tensors.update(_shard_float(net, name, linear.weight.data))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
     config = {"quant_method": "smoothquant", "load_as": "w8a8", "bits": 8, "group_size": 32, "alpha": 0.5,
               "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},
               "output_mse_sum": {}}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return {**config, "seconds": time.perf_counter() - start, "path": str(out)}
+    return {**_write_checkpoint(out_dir, _bf16(tensors), config), "seconds": time.perf_counter() - start}
+
+
+def _shard_rows(net, module_name: str):
+    """(HF weight name, row slice) of each checkpoint tensor a (fused) linear layer holds."""
+    row = 0
+    for hf_name, rows in net.checkpoint_shards(module_name):
+        yield hf_name, slice(row, row + rows)
+        row += rows
 
 
 def _shard_float(net, module_name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    out, row = {}, 0
-    for hf_name, rows in net.checkpoint_shards(module_name):
-        out[hf_name] = weight[row:row + rows]
-        row += rows
-    return out
+    return {hf_name: weight[rows] for hf_name, rows in _shard_rows(net, module_name)}
 
 
-def _output_error(w: torch.Tensor, blocks: Int4Blocks, x: torch.Tensor) -> float:
-    return float(((x @ w.t() - x @ blocks.dequantize().t()) ** 2).mean())
+def _bf16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(torch.bfloat16) for k, v in tensors.items()}
+
+
+def _write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> dict:
+    """model.safetensors + effinfer_quant.json in `out_dir`; returns the config with the folder's path."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return {**config, "path": str(out)}
 
 
 def _apply_awq_scales(net, linears: dict, stats: dict, group_size: int, show_progress: bool) -> dict:
@@ -170,12 +172,11 @@ def _module_name(net, module) -> str:
 
 
 def _shard_tensors(net, module_name: str, blocks: Int4Blocks) -> dict[str, torch.Tensor]:
-    out, row = {}, 0
-    for hf_name, rows in net.checkpoint_shards(module_name):
-        part = blocks.map_rows(lambda t: t[row:row + rows])
+    out = {}
+    for hf_name, rows in _shard_rows(net, module_name):
+        part = blocks.map_rows(lambda t: t[rows])
         base = hf_name.removesuffix(".weight")
         out.update({f"{base}.qvalues": part.q, f"{base}.scale": part.scale, f"{base}.minimum": part.minimum})
-        row += rows
     return out
 
 
@@ -198,18 +199,12 @@ def iter_checkpoint_weights(path: Path, base_weights, group_size: int):
 
 def save_pruned(llm, out_dir: str | Path, report: dict) -> dict:
     """A pruned model (unstructured methods: same shapes) saved as a checkpoint of its changed linears."""
-    from safetensors.torch import save_file
-
     from effinfer.compression.quant.calibrate import decoder_linears
 
     net = llm.engine.model
     tensors = {}
     for name, linear in decoder_linears(net).items():
         tensors.update(_shard_float(net, name, linear.weight.data))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
     config = {"quant_method": "pruned", "load_as": "none", "group_size": 32, "prune": report,
               "base_model": str(llm.engine.loaded.path)}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return {**config, "path": str(out)}
+    return _write_checkpoint(out_dir, _bf16(tensors), config)

@@ -13,6 +13,10 @@ import torch
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
+def has_scales(kind: str) -> bool:
+    return kind == "int8"
+
+
 def storage_dtype(kind: str, model_dtype: torch.dtype) -> torch.dtype:
     return {"auto": model_dtype, "int8": torch.int8, "fp8": torch.uint8}[kind]
 
