@@ -75,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("distill", help="train a shallow student of a model on its own outputs (a draft model for speculative decoding)")
+    p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL, help="the teacher")
+    p.add_argument("--text", required=True, help="a UTF-8 development corpus to distill on")
+    p.add_argument("--out", required=True, help="output folder (use it as --speculative-model)")
+    p.add_argument("--num-layers", type=int, default=6, help="student depth (teacher layers, evenly spaced)")
+    p.add_argument("--layers", default=None, help="explicit teacher layers to keep, e.g. 0,5,10,15,20,29")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--save-every", type=int, default=50, help="write the student folder every N steps")
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_distill)
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
@@ -169,6 +182,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
               sparsity=args.sparsity, prune_calibration_text=args.calib_text)
     saved = save_pruned(llm, args.out, llm.engine.prune_report)
     print(f"{args.method}: {saved['prune']['sparsity']:.1%} of the decoder's weights are zero; saved {saved['path']}")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from effinfer.compression.distill import DistillConfig, distill
+
+    cfg = DistillConfig(num_layers=args.num_layers, layers=args.layers, steps=args.steps, batch_size=args.batch_size,
+                        seq_len=args.seq_len, lr=args.lr, save_every=args.save_every)
+    report = distill(args.model, Path(args.text).read_text(encoding="utf-8"), args.out, cfg, args.cache_dir)
+    before, after = report["held_out_before"], report["held_out_after"]
+    print(f"student of layers {report['teacher_layers']}: held-out KL {before['kl']} -> {after['kl']}, "
+          f"top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%} ({report['seconds']:.0f} s)")
+    print(f"saved {report['path']}; use it with --speculative-method draft_model --speculative-model {report['path']}")
     return 0
 
 

@@ -136,7 +136,9 @@ class PruneConfig:
 @dataclass
 class SpecConfig:
     speculative_method: str | None = None
-    """Draft proposer for speculative decoding: ngram (prompt lookup), retrieval (a corpus datastore), or none."""
+    """Draft proposer for speculative decoding: ngram (prompt lookup), retrieval (a corpus datastore),
+    draft_model (a smaller model with the same tokenizer), self (a subset of the target's layers), lookahead
+    (Jacobi iteration on the verification pass, with an n-gram pool), or none."""
     num_speculative_tokens: int = 4
     """Most draft tokens per request per step (adapted down by the measured acceptance)."""
     speculative_max_batch: int = 4
@@ -145,9 +147,18 @@ class SpecConfig:
     ngram_min: int = 2
     """ngram: shortest tail of the sequence to look up."""
     ngram_max: int = 4
-    """ngram: longest tail of the sequence to look up."""
+    """ngram: longest tail of the sequence to look up; lookahead: the size of its n-grams."""
     speculative_corpus: str | None = None
     """retrieval: a UTF-8 text file whose tokens form the draft datastore."""
+    speculative_model: str | None = None
+    """draft_model: the draft (catalog name, GGUF file or HF folder, e.g. a student from `effinfer distill`)."""
+    speculative_model_quantization: str | None = None
+    """draft_model: quantize the draft at load (int8, int4): a cheaper draft, the output stays the target's."""
+    speculative_draft_layers: str | None = None
+    """self: the target's layers that draft, e.g. "0-11,29"; default: every other layer of the middle half
+    skipped (first and last quarters kept)."""
+    speculative_draft_memory_gb: float = 0.25
+    """draft_model/self: memory for the draft's own KV-cache pool, in GiB."""
 
     def __post_init__(self) -> None:
         from effinfer.decoding.spec import PROPOSERS
@@ -163,6 +174,15 @@ class SpecConfig:
             raise ValueError(f"speculative_max_batch={self.speculative_max_batch} must be at least 1")
         if self.speculative_method == "retrieval" and not self.speculative_corpus:
             raise ValueError("speculative_method=retrieval needs speculative_corpus (a text file to draft from)")
+        if self.speculative_method == "draft_model" and not self.speculative_model:
+            raise ValueError("speculative_method=draft_model needs speculative_model (the draft model to load)")
+        if self.speculative_model_quantization:
+            try:
+                QuantConfig(quantization=self.speculative_model_quantization)
+            except ValueError as exc:
+                raise ValueError(f"speculative_model_{exc}") from None
+        if self.speculative_draft_memory_gb <= 0:
+            raise ValueError(f"speculative_draft_memory_gb={self.speculative_draft_memory_gb} must be positive")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
 

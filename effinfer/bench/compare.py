@@ -9,6 +9,7 @@ and greedy agreement measured against the baseline. A configuration with `system
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 from dataclasses import dataclass
@@ -50,15 +51,22 @@ WORKLOADS = ("latency", "throughput", "quality")
 
 
 def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], rounds: int, args) -> dict:
-    """Build every configuration once; measure speed interleaved for `rounds` rounds, quality once."""
-    systems, load = {}, {}
+    """Build every configuration once; measure speed interleaved for `rounds` rounds, quality once.
+    One round of speed alone builds, measures and drops one configuration at a time, so that large
+    models (a 1.5B target with its draft) need the memory of one configuration, not of all."""
+    systems, load, described = {}, {}, {}
+    runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+    speed = [w for w in workloads if w != "quality"]
+    one_at_a_time = rounds == 1 and "quality" not in workloads
     for c in configs:
         before = current_rss_mb()
         systems[c.name] = make_system(c.options)
         load[c.name] = {"load_rss_mb": current_rss_mb() - before, "weight_mb": systems[c.name].weight_bytes() / 2**20}
-    runs: dict[str, list[dict]] = {c.name: [] for c in configs}
-    speed = [w for w in workloads if w != "quality"]
-    for _ in range(rounds if speed else 0):
+        described[c.name] = systems[c.name].describe()
+        if one_at_a_time:
+            runs[c.name].append({k: v for w in speed for k, v in _measure(systems.pop(c.name), w, args).items()})
+            gc.collect()
+    for _ in range(0 if one_at_a_time else rounds if speed else 0):
         for c in configs:
             runs[c.name].append({k: v for w in speed for k, v in _measure(systems[c.name], w, args).items()})
     means = {name: {**load[name], **(_mean_metrics(results) if results else {})} for name, results in runs.items()}
@@ -68,7 +76,7 @@ def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], r
     ratios = {name: {k: v / baseline[k] for k, v in m.items() if isinstance(v, (int, float)) and baseline.get(k)}
               for name, m in means.items()}
     return {"workloads": workloads, "rounds": rounds, "baseline": configs[0].name,
-            "configs": {c.name: {"options": c.options, **systems[c.name].describe()} for c in configs},
+            "configs": {c.name: {"options": c.options, **described[c.name]} for c in configs},
             "metrics": means, "ratios": ratios}
 
 

@@ -29,14 +29,22 @@ def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype, kind:
 def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: torch.device | str, backend: str = "torch_ref", kind: str = "auto") -> list[PagedKVCache]:
     """Allocate and bind every attention layer's cache, and the attention backend that reads it."""
-    caches = []
     attend = get_backend(backend)
-    for layer in attention_layers(model):
-        layer.backend = attend
+    layers = attention_layers(model)
+    caches = new_kv_caches(layers, num_blocks, block_size, dtype, device, kind)
+    for layer, cache in zip(layers, caches):
+        layer.backend, layer.kv_cache = attend, cache
+    return caches
+
+
+def new_kv_caches(layers: list[Attention], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device | str, kind: str = "auto") -> list[PagedKVCache]:
+    """Zeroed pages for each of `layers`, unbound."""
+    caches = []
+    for layer in layers:
         data = torch.zeros(2, layer.num_kv_heads, num_blocks, block_size, layer.head_dim,
                            dtype=kv_quant.storage_dtype(kind, dtype), device=device)
         scales = (torch.zeros(2, layer.num_kv_heads, num_blocks, block_size, dtype=dtype, device=device)
                   if kv_quant.has_scales(kind) else None)
-        layer.kv_cache = PagedKVCache(data, scales, kind)
-        caches.append(layer.kv_cache)
+        caches.append(PagedKVCache(data, scales, kind))
     return caches

@@ -14,6 +14,7 @@ from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
 from effinfer.engine.output_processor import OutputProcessor
 from effinfer.engine.request import FinishReason, Request
 from effinfer.engine.scheduler import Scheduler, SchedulerOutput
+from effinfer.engine.side_model import SideModel
 from effinfer.models import LoadedModel, load_model
 from effinfer.outputs import RequestOutput
 from effinfer.sampling_params import SamplingParams
@@ -58,7 +59,22 @@ class LLMEngine:
             return None
         from effinfer.decoding.spec import proposer_from_config
 
-        return proposer_from_config(sc, self.tokenizer)
+        return proposer_from_config(sc, self)
+
+    def load_side_model(self, name: str, quantization: str | None = None) -> LoadedModel:
+        """A second model (a draft) on this engine's device and dtype, optionally quantized."""
+        from effinfer.config import QuantConfig
+
+        quant = QuantConfig(quantization=quantization).spec() if quantization else None
+        return load_model(name, self.dtype, str(self.device), self.config.model.cache_dir, self.config.show_progress,
+                          quant)
+
+    def side_model(self, model, memory_gb: float, max_len: int | None = None) -> SideModel:
+        """`model` with its own KV pool of `memory_gb` (not taken from this engine's), keyed by request id."""
+        cc = self.config.cache
+        num_blocks = max(1, int(memory_gb * 2**30) // bytes_per_block(model, cc.block_size, self.dtype))
+        return SideModel(model, num_blocks, cc.block_size, self.dtype, self.device,
+                         self.config.model.attention_backend, min(max_len or self.max_model_len, self.max_model_len))
 
     def _prune(self) -> dict:
         """Prune the loaded model in place, calibrating through a throwaway engine with a small cache
@@ -133,6 +149,8 @@ class LLMEngine:
         if request is not None:
             self.scheduler.finish(request, FinishReason.ABORT)
             self.outputs.abort(request_id)
+            if self.proposer is not None:
+                self.proposer.release(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -204,10 +222,15 @@ class LLMEngine:
                     if r.num_tokens - r.num_computed_tokens == 1 and r.params.prompt_logprobs is None]
         if len(decoding) > sc.speculative_max_batch:
             return
+        from effinfer.decoding.spec import DraftRequest
+
+        batch = []
         for request in decoding:
             k = request.num_spec_tokens or sc.num_speculative_tokens
             room = min(request.params.max_tokens - len(request.output_ids), self.max_model_len - request.num_tokens) - 1
-            request.spec_ids = self.proposer.propose(request.all_ids, min(k, room)) if room > 0 else []
+            batch.append(DraftRequest(request.request_id, request.all_ids, max(0, min(k, room))))
+        for request, drafts in zip(decoding, self.proposer.propose_batch(batch)):
+            request.spec_ids = drafts
 
     def _verify(self, request: Request, rows_logits: torch.Tensor) -> tuple[list[int], list]:
         """Accept a prefix of the request's drafts against the target's distributions (see verify.py)
@@ -218,6 +241,7 @@ class LLMEngine:
         contexts = [SamplingRow(request.params, request.generator, request.prompt_ids, request.output_ids + drafts[:j])
                     for j in range(len(drafts) + 1)]
         tokens = verify(final_probs(rows_logits, contexts), drafts, request.generator)
+        self.proposer.observe(request.request_id, request.num_tokens, drafts, rows_logits)
         accepted = len(tokens) - 1
         self.spec_stats["draft_tokens"] += len(drafts)
         self.spec_stats["accepted_tokens"] += accepted
@@ -248,6 +272,8 @@ class LLMEngine:
         for request in updated + ended:
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
+                if self.proposer is not None:
+                    self.proposer.release(request.request_id)
         return outputs
 
 

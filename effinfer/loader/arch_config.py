@@ -96,6 +96,33 @@ class ArchConfig:
         )
 
 
+HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral",
+                  "Gemma3ForCausalLM": "gemma3_text"}
+
+
+def to_hf_config(cfg: ArchConfig) -> dict:
+    """The config.json of a Hugging Face folder holding this architecture (what `from_hf_config` reads
+    back, and what transformers builds the model from): for checkpoints effinfer writes, e.g. students."""
+    if cfg.architecture not in HF_MODEL_TYPES:
+        raise ValueError(f"cannot write a Hugging Face config for {cfg.architecture}")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})}
+    out = {"architectures": [cfg.architecture], "model_type": HF_MODEL_TYPES[cfg.architecture],
+           "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+           "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+           "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
+           "rope_theta": cfg.rope_theta, "rope_parameters": rope, "max_position_embeddings": cfg.max_position_embeddings,
+           "tie_word_embeddings": cfg.tie_word_embeddings, "attention_bias": cfg.attention_bias,
+           "hidden_act": cfg.hidden_act, "layer_types": cfg.layer_types, "bos_token_id": cfg.bos_token_id,
+           "eos_token_id": cfg.eos_token_ids, "torch_dtype": "bfloat16"}
+    if cfg.architecture == "Gemma3ForCausalLM":
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        out.update(rope_parameters={"full_attention": rope, "sliding_attention": local}, hidden_activation=cfg.hidden_act,
+                   query_pre_attn_scalar=cfg.query_pre_attn_scalar, final_logit_softcapping=cfg.final_logit_softcapping)
+    if cfg.sliding_window:
+        out.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
+    return out
+
+
 def _default_layer_types(arch: str, cfg: dict) -> list[str]:
     """Older configs without `layer_types`: Gemma 3 has one global layer per `sliding_window_pattern`;
     Mistral-style configs slide on every layer when `sliding_window` is set and enabled."""

@@ -131,3 +131,8 @@ def _build(cfg: ArchConfig, weights, dtype: torch.dtype, device: str, quant: Qua
         if isinstance(module, RotaryEmbedding):
             module.reset_inv_freq()
     return model.eval().requires_grad_(False)
+
+
+def open_weights(path: Path | str, cache_dir: str | None = None, show_progress: bool = True):
+    """The Hugging Face-named float tensors of a GGUF file or HF folder, without building a model."""
+    return _open_source(Path(path), cache_dir).iter_weights(show_progress)

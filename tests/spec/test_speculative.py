@@ -147,3 +147,91 @@ def test_retrieval_engine_is_lossless(smollm2_path, plain_outputs, tmp_path):
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     assert [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)] == plain_outputs
     assert llm.engine.spec_stats["accepted_tokens"] > 0
+
+
+# ---- model drafters: a draft model with its own KV cache, and self-speculation -----------------------
+
+@pytest.mark.parametrize("method", ["draft_model", "self", "lookahead"])
+def test_model_drafts_are_lossless_batched(smollm2_path, plain_outputs, method):
+    extra = {"speculative_model": str(smollm2_path)} if method == "draft_model" else {}
+    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1, block_size=4,
+              speculative_method=method, num_speculative_tokens=3, **extra)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)] == plain_outputs
+    stats = llm.engine.spec_stats
+    assert stats["draft_tokens"] > 0
+    if method == "draft_model":       # the draft is the target itself: (near) every draft is accepted
+        assert stats["accepted_tokens"] >= 0.95 * stats["draft_tokens"]
+    if method == "lookahead":
+        assert not llm.engine.proposer.states                                                    # released
+    else:
+        side = llm.engine.proposer.side
+        assert not side.seqs and side.block_manager.num_free_blocks == side.block_manager.num_blocks   # released
+    sampled = SamplingParams(max_tokens=12, temperature=0.9, seed=3, ignore_eos=True)
+    assert len(llm.generate(PROMPTS[:2], sampled, use_tqdm=False)[1].token_ids) == 12
+
+
+def test_draft_model_needs_the_same_tokenizer(smollm2_path, tmp_path):
+    from tests.tiny_models import save_tiny_folder
+
+    save_tiny_folder("llama", tmp_path)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        LLM(str(smollm2_path), show_progress=False, kv_cache_memory_gb=0.1,
+            speculative_method="draft_model", speculative_model=str(tmp_path))
+
+
+def test_self_draft_layers_are_parsed_and_checked():
+    from effinfer.decoding.spec.draft_model import default_draft_layers, parse_layers
+
+    assert parse_layers("0-3, 7", 8) == [0, 1, 2, 3, 7]
+    assert parse_layers(None, 8) == []
+    for bad in ("0-8", "x", "0-7"):              # past the end, not a number, every layer
+        with pytest.raises(ValueError):
+            parse_layers(bad, 8)
+    keep = default_draft_layers(30)
+    assert keep[:7] == list(range(7)) and keep[-7:] == list(range(23, 30)) and len(keep) == 22
+
+
+def test_side_model_rolls_back_to_the_common_prefix_and_evicts(tmp_path):
+    from effinfer.engine.side_model import SideModel
+    from effinfer.models import load_model
+    from tests.tiny_models import save_tiny_folder
+
+    save_tiny_folder("llama", tmp_path)
+    model = load_model(str(tmp_path), torch.float32, show_progress=False).model
+
+    def side(num_blocks):
+        return SideModel(model, num_blocks, 4, torch.float32, torch.device("cpu"))
+
+    rolling = side(8)
+    rolling.extend([("r", list(range(1, 11)))])
+    diverged = list(range(1, 7)) + [50, 51, 52]                 # drafts 7..10 rejected, others follow
+    got = rolling.extend([("r", diverged)])[0]
+    assert rolling.seqs["r"].ids == diverged
+    torch.testing.assert_close(got, side(8).extend([("x", diverged)])[0])
+    small = side(3)                                            # 12 slots
+    assert small.extend([("a", list(range(8)))])[0] is not None
+    assert small.extend([("b", list(range(8)))])[0] is not None and "a" not in small.seqs   # LRU evicted
+    assert small.extend([("c", list(range(20)))]) == [None]     # longer than the pool: no drafts
+    small.release("b")
+    assert small.block_manager.num_free_blocks == 3
+
+
+def test_lookahead_iterates_guesses_and_pools_diagonal_ngrams():
+    from effinfer.decoding.spec import DraftRequest
+    from effinfer.decoding.spec.lookahead import LookaheadProposer
+
+    proposer = LookaheadProposer(n=3)
+    assert proposer.propose_batch([DraftRequest("r", [1, 2, 1, 5, 6, 1], 2)]) == [[5, 6]]   # seed: after the last 1
+    rows = torch.nn.functional.one_hot(torch.tensor([7, 5, 6, 4]), 16).float()   # the target's argmax per row
+    proposer.observe("r", 3, [7, 8, 9], rows)          # drafts at positions 3, 4, 5: 7 accepted, 8 rejected
+    state = proposer.states["r"]
+    assert state.guess == [6, 4]                       # the next Jacobi iterate past the emitted 7, 5
+    assert {k: list(v) for k, v in state.pool.items()} == {7: [(7, 5)], 8: [(8, 6)], 9: [(9, 4)]}
+    assert proposer.propose_batch([DraftRequest("r", [1, 2, 3, 7, 5], 3)]) == [[6, 4]]
+    proposer.observe("r", 5, [6, 4], torch.nn.functional.one_hot(torch.tensor([6, 2, 3]), 16).float())
+    # diagonal through both iterates: 8 at 4 (first) -> 6 predicted at 5, fed in the second -> 2 predicted at 6
+    assert list(state.pool[8]) == [(8, 6, 2), (8, 6)] and state.guess == [3]
+    assert proposer.propose_batch([DraftRequest("r", [1, 9], 2)]) == [[4, 3]]    # the freshest n-gram after 9
+    proposer.release("r")
+    assert not proposer.states
