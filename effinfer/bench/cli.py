@@ -130,12 +130,12 @@ def cmd_bench_plot(args: argparse.Namespace) -> int:
 
     from effinfer.bench.plots import plot_serve
 
-    from effinfer.bench.plots import plot_speed_quality
+    from effinfer.bench.plots import plot_compare
 
     records = [json.loads(Path(p).read_text()) for p in args.records]
     for p, r in zip(args.records, records):
         if r.get("benchmark") == "compare":
-            print(plot_speed_quality(r, Path(args.out_dir) / f"{Path(p).stem}_speed_quality.png"))
+            print(plot_compare(r, Path(args.out_dir) / f"{Path(p).stem}.png"))
     serve = [r for r in records if r.get("benchmark") == "serve"]
     other = [p for p, r in zip(args.records, records) if r.get("benchmark") not in ("serve", "compare")]
     if other:
@@ -242,9 +242,9 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     write_record(args.result_file, "compare", {"bench": bench_args}, result)
     print_compare_table(result)
     if args.plot:
-        from effinfer.bench.plots import plot_speed_quality
+        from effinfer.bench.plots import plot_compare
 
-        print(plot_speed_quality(result, args.plot))
+        print(plot_compare(result, args.plot))
     print(f"\nJSON record: {args.result_file}")
     return 0
 

@@ -103,6 +103,44 @@ def plot_speed_quality(result: dict, path: str | Path) -> Path:
     return path
 
 
+def plot_compare(result: dict, path: str | Path) -> Path:
+    """A `bench compare` record's plot: speed against quality when it measured quality, else speed-ups."""
+    has_quality = any(k in m for m in result["metrics"].values() for k in QUALITY_KEYS)
+    return plot_speed_quality(result, path) if has_quality else plot_speedups(result, path)
+
+
+def plot_speedups(result: dict, path: str | Path) -> Path:
+    """Bars of each configuration's speed over the baseline's, with its draft acceptance where it speculated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = result["metrics"]
+    speed = _first_key(metrics, SPEED_KEYS, "speed (a latency or throughput workload)")
+    base = metrics[result["baseline"]][speed]
+    names = [n for n, m in metrics.items() if speed in m]
+    ratios = [metrics[n][speed] / base for n in names]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 4.5))
+    bars = ax.bar(names, ratios, color=["#999999" if r < 1 else "#4c72b0" for r in ratios])
+    for bar, name, ratio in zip(bars, names, ratios):
+        acceptance = metrics[name].get("spec_acceptance_rate")
+        label = f"{ratio:.2f}x" + (f"\n{acceptance:.0%} acc." if acceptance else "")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, ratio), ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylim(0, max(ratios) * 1.15)   # room for the labels
+    ax.set_ylabel(f"{speed} / baseline's ({base:.1f})")
+    ax.set_title(f"Speed-up over {result['baseline']}")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _first_key(metrics: dict, patterns: tuple[str, ...], what: str) -> str:
     from fnmatch import fnmatch
 

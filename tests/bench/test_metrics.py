@@ -150,3 +150,14 @@ def test_bench_compare_interleaves_and_reports_ratios(smollm2_path, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "compare", "--config", "name=x",
                           "--workload", "latency,speed"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown workload(s) speed" in bad.stderr
+
+
+def test_compare_records_without_quality_plot_as_speedups(tmp_path):
+    from effinfer.bench.plots import plot_compare
+
+    record = {"baseline": "plain", "metrics": {"plain": {"output_throughput": 40.0},
+                                               "ngram": {"output_throughput": 60.0, "spec_acceptance_rate": 0.6}}}
+    path = plot_compare(record, tmp_path / "spec.png")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="speed"):
+        plot_compare({"baseline": "a", "metrics": {"a": {"weight_mb": 1.0}}}, tmp_path / "none.png")
