@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:  # bad input: one clear line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except FileNotFoundError as exc:          # a text or corpus path that is not there
+        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -46,6 +46,8 @@ class DistillConfig:
                 raise ValueError(f"distill {name}={getattr(self, name)} must be at least 1")
         if not 0 < self.lr < 1:
             raise ValueError(f"distill lr={self.lr} must be between 0 and 1")
+        if self.layers and not all(x.strip().isdigit() for x in self.layers.split(",")):
+            raise ValueError(f"distill layers={self.layers!r}: expected layer indices like 0,5,10,29")
 
 
 def distill(teacher: str, text: str, out_dir: str | Path, cfg: DistillConfig, cache_dir: str | None = None,

@@ -28,6 +28,8 @@ def test_student_layers_spread_over_the_teacher():
         student_layers(4, DistillConfig(num_layers=4))
     with pytest.raises(ValueError):
         student_layers(4, DistillConfig(layers="0,4"))
+    with pytest.raises(ValueError, match="layer indices"):
+        DistillConfig(layers="0,x")
 
 
 def test_distilled_student_learns_loads_and_drafts(tmp_path):
