@@ -64,11 +64,12 @@ def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], r
         load[c.name] = {"load_rss_mb": current_rss_mb() - before, "weight_mb": systems[c.name].weight_bytes() / 2**20}
         described[c.name] = systems[c.name].describe()
         if one_at_a_time:
-            runs[c.name].append({k: v for w in speed for k, v in _measure(systems.pop(c.name), w, args).items()})
+            runs[c.name].append(_measure_all(systems.pop(c.name), speed, args))
             gc.collect()
-    for _ in range(0 if one_at_a_time else rounds if speed else 0):
+    interleaved_rounds = rounds if speed and not one_at_a_time else 0
+    for _ in range(interleaved_rounds):
         for c in configs:
-            runs[c.name].append({k: v for w in speed for k, v in _measure(systems[c.name], w, args).items()})
+            runs[c.name].append(_measure_all(systems[c.name], speed, args))
     means = {name: {**load[name], **(_mean_metrics(results) if results else {})} for name, results in runs.items()}
     if "quality" in workloads:
         _add_quality(systems, [c.name for c in configs], means, args)
@@ -78,6 +79,10 @@ def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], r
     return {"workloads": workloads, "rounds": rounds, "baseline": configs[0].name,
             "configs": {c.name: {"options": c.options, **described[c.name]} for c in configs},
             "metrics": means, "ratios": ratios}
+
+
+def _measure_all(system, workloads: list[str], args) -> dict:
+    return {k: v for w in workloads for k, v in _measure(system, w, args).items()}
 
 
 def _measure(system, workload: str, args) -> dict:

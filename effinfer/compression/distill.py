@@ -144,8 +144,7 @@ def kl_loss(student, llm, batch: list[list[int]]) -> torch.Tensor:
     with torch.no_grad():
         teacher = torch.stack([llm.score(ids) for ids in batch])        # [B, T, V] log-probs, fp32
     logits = student(input_ids=torch.tensor(batch)).logits.float()
-    student_logp = torch.log_softmax(logits, dim=-1)
-    return (teacher.exp() * (teacher - student_logp)).sum(-1).mean()
+    return _kl(teacher, torch.log_softmax(logits, dim=-1)).mean()
 
 
 @torch.no_grad()
@@ -157,11 +156,16 @@ def evaluate(student, llm, windows: list[list[int]]) -> dict:
     for ids in windows:
         teacher = llm.score(ids)
         student_logp = torch.log_softmax(student(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-        kl += float((teacher.exp() * (teacher - student_logp)).sum())
+        kl += float(_kl(teacher, student_logp).sum())
         agree += float((teacher.argmax(-1) == student_logp.argmax(-1)).sum())
         count += len(ids)
     student.train(was_training)
     return {"kl": round(kl / count, 4), "top1_agreement": round(agree / count, 4)}
+
+
+def _kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, from log-probabilities over the last axis."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
 
 
 def save_student(student, loaded, keep: list[int], out_dir: str | Path) -> Path:

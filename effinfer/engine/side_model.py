@@ -49,17 +49,17 @@ class SideModel:
     @torch.inference_mode()
     def extend(self, items: list[tuple[str, list[int]]]) -> list[torch.Tensor | None]:
         """-> per item, fp32 logits [vocab] after its last token, or None if it does not fit the cache."""
-        seqs = []
+        seqs, in_call = [], {key for key, _ in items}
         for key, ids in items:
             seq = self.seqs.pop(key, None) or _Seq()
             self.seqs[key] = seq                         # most recently used
             keep = min(_common_prefix(seq.ids, ids), len(ids) - 1)   # recompute >= 1 token for its logits
             del seq.ids[keep:]
-            if len(ids) > self.max_len or not self._allocate(seq, len(ids) - keep, {k for k, _ in items}):
+            if len(ids) > self.max_len or not self._allocate(seq, len(ids) - keep, in_call):
                 self.release(key)
                 continue
             seqs.append((key, seq, ids[keep:]))
-        out = dict.fromkeys((k for k, _ in items))
+        out = dict.fromkeys(key for key, _ in items)
         if seqs:
             logits = self._forward([ScheduledSeq(new, len(seq.ids), seq.block_ids) for _, seq, new in seqs])
             for row, (key, seq, new) in enumerate(seqs):

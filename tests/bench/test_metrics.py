@@ -161,3 +161,35 @@ def test_compare_records_without_quality_plot_as_speedups(tmp_path):
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="speed"):
         plot_compare({"baseline": "a", "metrics": {"a": {"weight_mb": 1.0}}}, tmp_path / "none.png")
+
+
+def test_one_round_compare_measures_each_config_alone_on_every_workload(monkeypatch):
+    from types import SimpleNamespace
+
+    from effinfer.bench import compare
+
+    alive = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+            alive.append(name)
+
+        def weight_bytes(self):
+            return 0
+
+        def describe(self):
+            return {}
+
+        def __del__(self):
+            alive.remove(self.name)
+
+    def measure(system, workload, args):
+        assert alive == [system.name]          # the previous configuration is gone before this one runs
+        return {f"{workload}_x": 1.0}
+
+    monkeypatch.setattr(compare, "_measure", measure)
+    configs = [compare.NamedConfig("a", {}), compare.NamedConfig("b", {"k": 1})]
+    result = compare.run_compare(configs, lambda o: Stub("b" if o else "a"), ["latency", "throughput"], 1,
+                                 SimpleNamespace())
+    assert result["metrics"]["b"]["latency_x"] == result["metrics"]["b"]["throughput_x"] == 1.0

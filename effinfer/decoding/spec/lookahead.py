@@ -22,6 +22,7 @@ from collections import deque
 import torch
 
 from effinfer.decoding.spec import DraftRequest, Proposer
+from effinfer.decoding.spec.ngram import NgramProposer
 
 
 class _State:
@@ -94,12 +95,10 @@ class LookaheadProposer(Proposer):
         self.states.pop(request_id, None)
 
 
-def _seed_guess(token_ids: list[int], num_tokens: int, window: int = 1024) -> list[int]:
+def _seed_guess(token_ids: list[int], num_tokens: int) -> list[int]:
     """A first Jacobi iterate when nothing better is known: what followed the previous occurrence of the
     last token in the recent context (lookahead seeds its window from the prompt), else its last tokens."""
-    last = token_ids[-1]
-    recent = token_ids[-window:]
-    for start in range(len(recent) - 2, -1, -1):
-        if recent[start] == last:
-            return recent[start + 1:start + 1 + num_tokens]
-    return recent[-num_tokens:]
+    return _LAST_TOKEN_LOOKUP.propose(token_ids, num_tokens) or token_ids[-num_tokens:]
+
+
+_LAST_TOKEN_LOOKUP = NgramProposer(min_n=1, max_n=1, window=1024)
