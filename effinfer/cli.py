@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=50, help="write the student folder every N steps")
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_distill)
+    p = sub.add_parser("exit-heads", help="train early-exit heads of a model on its own outputs (use with --early-exit-heads)")
+    p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
+    p.add_argument("--text", required=True, help="a UTF-8 development corpus to train on")
+    p.add_argument("--out", required=True, help="output .safetensors file (a .json report is written beside it)")
+    p.add_argument("--layers", default=None, help="exit after these layers, e.g. 14,21 (default: 1/2 and 3/4 of the depth)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_exit_heads)
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
@@ -200,6 +211,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(f"student of layers {report['teacher_layers']}: held-out KL {before['kl']} -> {after['kl']}, "
           f"top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%} ({report['seconds']:.0f} s)")
     print(f"saved {report['path']}; use it with --speculative-method draft_model --speculative-model {report['path']}")
+    return 0
+
+
+def cmd_exit_heads(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from effinfer.compression.distill import ExitHeadsConfig, distill_exit_heads
+
+    cfg = ExitHeadsConfig(layers=args.layers, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
+    report = distill_exit_heads(args.model, Path(args.text).read_text(encoding="utf-8"), args.out, cfg, args.cache_dir)
+    for layer in report["exit_layers"]:
+        before, after = report["held_out_before"][f"layer_{layer}"], report["held_out_after"][f"layer_{layer}"]
+        print(f"exit after layer {layer}: held-out KL {before['kl']} -> {after['kl']}, "
+              f"top-1 agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}")
+    for key, row in report["held_out_after"].items():
+        if key.startswith("threshold_"):
+            print(f"  confidence > {key.split('_')[1]}: {row['exit_rate']:.1%} of tokens exit, "
+                  f"{row['agreement_of_exits'] or 0:.1%} of them agree, {row['layers_skipped']:.1%} of layers skipped")
+    print(f"saved {report['path']} ({report['seconds']:.0f} s); serve with --early-exit-heads {report['path']}")
     return 0
 
 

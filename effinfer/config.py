@@ -144,8 +144,9 @@ class SpecConfig:
     speculative_max_batch: int = 4
     """Speculate only while at most this many requests decode: a fuller batch gains nothing from it
     (measured: n-gram drafts at 8 concurrent requests were 18% slower than plain decoding)."""
-    ngram_min: int = 2
-    """ngram: shortest tail of the sequence to look up."""
+    ngram_min: int = 1
+    """ngram: shortest tail of the sequence to look up (1: a single token; drafts are nearly free to verify
+    at small batch, where speculation runs, so more of them pay)."""
     ngram_max: int = 4
     """ngram: longest tail of the sequence to look up; lookahead: the size of its n-grams."""
     speculative_corpus: str | None = None
@@ -188,6 +189,24 @@ class SpecConfig:
 
 
 @dataclass
+class ExitConfig:
+    early_exit_heads: str | None = None
+    """Exit heads from `effinfer exit-heads` (a .safetensors file): decode tokens may leave the model after
+    an intermediate layer when its head is confident (lossy; measured against the full model)."""
+    early_exit_threshold: float = 0.9
+    """Confidence a token needs to exit, for requests that do not set their own; 1 never exits."""
+    early_exit_max_batch: int = 4
+    """Test for exits only in steps of at most this many sequences: a step exits only when all of its tokens
+    may, which a large batch almost never allows, so there the tests would be pure cost."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.early_exit_threshold <= 1.0:
+            raise ValueError(f"early_exit_threshold={self.early_exit_threshold} must be between 0 and 1")
+        if self.early_exit_max_batch < 1:
+            raise ValueError(f"early_exit_max_batch={self.early_exit_max_batch} must be at least 1")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -195,10 +214,16 @@ class EngineConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+    exit: ExitConfig = field(default_factory=ExitConfig)
     global_seed: int = 0
     """Seed of the engine's global RNG (requests without their own seed draw from it)."""
     show_progress: bool = True
     """Progress bars while pulling and loading."""
+
+    def __post_init__(self) -> None:
+        if self.exit.early_exit_heads and self.spec.speculative_method:
+            raise ValueError("early exit and speculative decoding do not combine: verification needs every layer's "
+                             "logits (self-speculation is the lossless form of early exit)")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -220,7 +245,7 @@ class EngineConfig:
 
 
 SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "quant": QuantConfig,
-               "prune": PruneConfig, "spec": SpecConfig}
+               "prune": PruneConfig, "spec": SpecConfig, "exit": ExitConfig}
 
 
 def _field_names(cls) -> set[str]:

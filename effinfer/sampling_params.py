@@ -40,6 +40,9 @@ class SamplingParams:
     n: int = 1
     """Samples per prompt; they share the prompt's KV blocks."""
     skip_special_tokens: bool = True
+    early_exit_threshold: float | None = None
+    """Early exit (an engine with exit heads): the confidence a token needs to leave the model after an
+    intermediate layer; higher is closer to the full model, 1 never exits. None: the engine's default."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +59,8 @@ class SamplingParams:
                f"between 0 and {MAX_LOGPROBS}")
         _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
                self.prompt_logprobs, f"between 0 and {MAX_LOGPROBS}")
+        _check(self.early_exit_threshold is None or 0.0 <= self.early_exit_threshold <= 1.0, "early_exit_threshold",
+               self.early_exit_threshold, "between 0 and 1")
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
 

@@ -12,10 +12,10 @@ def tiny_hf_config(family: str, num_layers: int | None = None):
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                   max_position_embeddings=512)
     if family == "llama":
-        return transformers.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False,
+        return transformers.LlamaConfig(num_hidden_layers=num_layers or 2, num_key_value_heads=2, tie_word_embeddings=False,
                                         rope_theta=10000.0, **common)
     if family == "qwen2":
-        return transformers.Qwen2Config(num_hidden_layers=2, num_key_value_heads=2, **common)
+        return transformers.Qwen2Config(num_hidden_layers=num_layers or 2, num_key_value_heads=2, **common)
     if family == "gemma3":
         types = ["sliding_attention", "sliding_attention", "full_attention"] if num_layers is None else None
         return transformers.Gemma3TextConfig(
@@ -34,9 +34,9 @@ def tiny_hf_model(family: str, seed: int = 0, num_layers: int | None = None):
     return model
 
 
-def save_tiny_folder(family: str, folder) -> transformers.PreTrainedModel:
+def save_tiny_folder(family: str, folder, num_layers: int | None = None) -> transformers.PreTrainedModel:
     """A complete HF folder: config.json, model.safetensors, tokenizer.json."""
-    model = tiny_hf_model(family)
+    model = tiny_hf_model(family, num_layers=num_layers)
     model.save_pretrained(folder)
     tiny_tokenizer().save(str(folder / "tokenizer.json"))
     return model

@@ -65,6 +65,7 @@ def add_bench_parser(sub) -> None:
                    help="throughput prompts: random tokens, edit (output repeats a --text passage), code "
                         "(HumanEval), chat (ShareGPT)")
     b.add_argument("--rounds", type=int, default=3)
+    add_stop_at_eos_arg(b)
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=128)
     b.add_argument("--num-prompts", type=int, default=32)
@@ -83,6 +84,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--text", default=None, help="edit prompts: a UTF-8 text to take passages from")
     b.add_argument("--bench-seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-throughput.json")
+    add_stop_at_eos_arg(b)
     add_system_args(b)
     b.set_defaults(func=cmd_bench_throughput)
 
@@ -156,6 +158,12 @@ def add_quality_args(b: argparse.ArgumentParser, max_text_tokens: int, limit: in
     b.add_argument("--limit", type=int, default=limit, help=f"questions per task (default {limit}; 0 = all)")
 
 
+def add_stop_at_eos_arg(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--stop-at-eos", action="store_true",
+                   help="throughput: requests end where the model stops (default: every request makes --output-len "
+                        "tokens, EOS ignored); lossless techniques make the same tokens either way")
+
+
 def add_system_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--system", default="effinfer", choices=["effinfer", *PEER_SYSTEMS],
                    help="what runs: effinfer, or a peer on the same model file (transformers, llamacpp)")
@@ -190,7 +198,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     system = make_bench_system(args)
     requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
                           args.bench_seed, args.text, args.range_ratio)
-    _finish_offline_bench(args, system, "throughput", run_throughput(system, requests))
+    _finish_offline_bench(args, system, "throughput", run_throughput(system, requests, args.stop_at_eos))
     return 0
 
 

@@ -91,7 +91,7 @@ def _measure(system, workload: str, args) -> dict:
                            measure_machine=False)
     requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
                           args.bench_seed, args.text)
-    return run_throughput(system, requests)
+    return run_throughput(system, requests, args.stop_at_eos)
 
 
 def _add_quality(systems: dict, names: list[str], means: dict, args) -> None:

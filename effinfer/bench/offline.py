@@ -50,12 +50,12 @@ def run_latency(system, prompt_len: int = 512, gen_len: int = 128, repetitions: 
     }
 
 
-def run_throughput(system, requests: list[BenchRequest]) -> dict:
+def run_throughput(system, requests: list[BenchRequest], stop_at_eos: bool = False) -> dict:
     system.forget_cache()
     meter = ResourceMeter()
     spec_before = system.spec_stats()
     start = time.perf_counter()
-    num_out = system.run_batch([r.prompt for r in requests], [r.output_len for r in requests])
+    num_out = system.run_batch([r.prompt for r in requests], [r.output_len for r in requests], stop_at_eos)
     duration = time.perf_counter() - start
     num_in = sum(r.prompt_len for r in requests)
     return {"duration": duration, "num_requests": len(requests), "total_input_tokens": num_in,
@@ -65,13 +65,17 @@ def run_throughput(system, requests: list[BenchRequest]) -> dict:
 
 
 def spec_metrics(before: dict, after: dict) -> dict:
-    """Acceptance rate, mean accepted drafts per verifying step, and tokens per verifying step."""
+    """Acceptance rate, mean accepted drafts per verifying step, tokens per verifying step; the early-exit rate."""
     if not after:
         return {}
     drafts, accepted, steps = (after[k] - before.get(k, 0) for k in ("draft_tokens", "accepted_tokens", "verify_steps"))
-    return {"spec_draft_tokens": drafts, "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
-            "spec_mean_accepted": accepted / steps if steps else 0.0,
-            "spec_tokens_per_step": (accepted + steps) / steps if steps else 1.0}
+    out = {"spec_draft_tokens": drafts, "spec_acceptance_rate": accepted / drafts if drafts else 0.0,
+           "spec_mean_accepted": accepted / steps if steps else 0.0,
+           "spec_tokens_per_step": (accepted + steps) / steps if steps else 1.0}
+    if "exit_candidates" in after:   # early exit: the share of decode tokens that left the model early
+        candidates = after["exit_candidates"] - before.get("exit_candidates", 0)
+        out["early_exit_rate"] = (after["exited_tokens"] - before.get("exited_tokens", 0)) / candidates if candidates else 0.0
+    return out
 
 
 def _prefill_rate(system, prompt: list[int]) -> float:

@@ -37,8 +37,9 @@ class System(ABC):
         """perf_counter() at each of `gen_len` greedy tokens (EOS ignored)."""
 
     @abstractmethod
-    def run_batch(self, prompts: list[list[int]], output_lens: list[int]) -> int:
-        """Greedy-generate every request to its length (EOS ignored); returns the output tokens made."""
+    def run_batch(self, prompts: list[list[int]], output_lens: list[int], stop_at_eos: bool = False) -> int:
+        """Greedy-generate every request to its length (EOS ignored unless `stop_at_eos`: then a request may
+        end early, where the model would stop); returns the output tokens made."""
 
     @abstractmethod
     def score(self, token_ids: list[int]) -> torch.Tensor:
@@ -87,8 +88,8 @@ class EngineSystem(System):
             times.extend([time.perf_counter()] * len(out.new_token_ids))
         return times
 
-    def run_batch(self, prompts, output_lens):
-        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in output_lens]
+    def run_batch(self, prompts, output_lens, stop_at_eos=False):
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=not stop_at_eos) for n in output_lens]
         results = self.llm.generate(prompts, params, use_tqdm=True)
         return sum(len(o.token_ids) for r in results for o in r.outputs)
 
@@ -102,7 +103,11 @@ class EngineSystem(System):
         return [sum(lp.logprob for lp in r.outputs[0].prompt_logprobs[start:]) for r, start in zip(results, starts)]
 
     def spec_stats(self) -> dict:
-        return dict(self.llm.engine.spec_stats)
+        stats = dict(self.llm.engine.spec_stats)
+        if self.llm.engine.early_exit is not None:
+            exits = self.llm.engine.early_exit.stats
+            stats.update(exit_candidates=exits["candidates"], exited_tokens=exits["exited"])
+        return stats
 
     def weight_bytes(self):
         model = self.llm.engine.model
@@ -141,7 +146,8 @@ class TransformersSystem(System):
         return times[1:]  # the streamer sees the prompt first
 
     @torch.inference_mode()
-    def run_batch(self, prompts, output_lens):
+    def run_batch(self, prompts, output_lens, stop_at_eos=False):
+        _no_stop_at_eos(self, stop_at_eos)
         made = 0
         for i in range(0, len(prompts), self.batch_size):  # static batches, left-padded to the longest
             chunk, lens = prompts[i:i + self.batch_size], output_lens[i:i + self.batch_size]
@@ -215,7 +221,8 @@ class LlamaCppSystem(System):
                 break
         return times
 
-    def run_batch(self, prompts, output_lens):
+    def run_batch(self, prompts, output_lens, stop_at_eos=False):
+        _no_stop_at_eos(self, stop_at_eos)
         for prompt, n in zip(prompts, output_lens):
             self.decode_times(prompt, n)
         return sum(output_lens)
@@ -255,6 +262,11 @@ def requantize(path: Path, quant: str, out_dir: Path) -> Path:
             raise ValueError(f"llama.cpp could not quantize {path} to {quant}")
         tmp.rename(out)
     return out
+
+
+def _no_stop_at_eos(system: System, stop_at_eos: bool) -> None:
+    if stop_at_eos:
+        raise ValueError(f"--stop-at-eos is for effinfer configurations; {system.name} runs every request to its length")
 
 
 def make_system(options: dict, base_kwargs: dict) -> System:

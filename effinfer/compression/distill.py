@@ -201,3 +201,145 @@ def _windows(ids: list[int], seq_len: int, minimum: int) -> list[list[int]]:
         raise ValueError(f"the distillation text has {len(ids)} tokens: {len(windows)} windows of {seq_len}; "
                          f"it needs at least {minimum} (a batch plus the held-out windows)")
     return windows
+
+
+# ---- exit heads (early exit) ---------------------------------------------------------------------------
+
+@dataclass
+class ExitHeadsConfig:
+    layers: str | None = None
+    """Layers to put an exit head after, e.g. "14,21" (default: at one half and three quarters of the depth)."""
+    steps: int = 200
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 1e-3
+    eval_windows: int = 8
+    """Held-out windows (the end of the corpus) for the report before and after training."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"exit-heads {name}={getattr(self, name)} must be at least 1")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"exit-heads lr={self.lr} must be between 0 and 1")
+
+
+EXIT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def distill_exit_heads(model: str, text: str, out_path: str | Path, cfg: ExitHeadsConfig, cache_dir: str | None = None,
+                       show_progress: bool = True) -> dict:
+    """Train exit heads of `model` on `text` (see decoding/early_exit.py) and save them; returns the report.
+
+    Each head learns the final layer's next-token distribution from its layer's hidden state (KL, the
+    model's own output head frozen behind the head's adapter and norm); its confidence classifier learns,
+    at the same time, whether the head's argmax agrees with the full model's (binary cross-entropy on
+    the detached features)."""
+    from effinfer.decoding.early_exit import ExitHeads, parse_exit_layers
+    from effinfer.llm import LLM
+
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    llm = LLM(model, dtype="bfloat16", cache_dir=cache_dir, kv_cache_memory_gb=0.25, show_progress=show_progress,
+              max_num_batched_tokens=max(2048, cfg.seq_len))
+    arch, net = llm.engine.loaded.config, llm.engine.model
+    layers = parse_exit_layers(cfg.layers, arch.num_layers)
+    windows = _windows(llm.tokenizer.encode(text), cfg.seq_len, cfg.batch_size + cfg.eval_windows)
+    train, held_out = windows[:-cfg.eval_windows], windows[-cfg.eval_windows:]
+    heads = ExitHeads(layers, net.model.norm, arch.hidden_size).train()
+    head = _OutputHead(net)
+    before = evaluate_exit_heads(heads, head, llm, held_out)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    bar = progress(range(cfg.steps), "exit heads", show_progress, unit="step")
+    losses = []
+    for _ in bar:
+        batch = [train[int(i)] for i in torch.randint(len(train), (cfg.batch_size,), generator=generator)]
+        teacher, hidden = _teacher_and_hidden(llm, batch, layers)
+        loss = sum(_exit_head_loss(heads[layer], head, hidden[layer], teacher) for layer in layers)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if show_progress:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    after = evaluate_exit_heads(heads, head, llm, held_out)
+    report = {"model": str(llm.engine.loaded.path), "exit_layers": layers, "num_layers": arch.num_layers,
+              "config": asdict(cfg), "train_windows": len(train), "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+              "held_out_before": before, "held_out_after": after,
+              "loss_first_last": [round(losses[0], 4), round(sum(losses[-10:]) / len(losses[-10:]), 4)],
+              "seconds": round(time.perf_counter() - start, 1)}
+    path = heads.save(out_path, str(llm.engine.loaded.path), arch.num_layers, report)
+    Path(path).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    return {**report, "path": str(path)}
+
+
+class _OutputHead:
+    """The model's output projection in fp32 for training (frozen; Gemma's logit soft-capping kept)."""
+
+    def __init__(self, model):
+        self.weight = model.lm_head.weight.detach().float()
+        self.cap = model.config.final_logit_softcapping
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(features.float(), self.weight)
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return torch.log_softmax(logits, dim=-1)
+
+
+def _teacher_and_hidden(llm, batch: list[list[int]], layers: list[int]) -> tuple[torch.Tensor, dict]:
+    """The full model's next-token log-probs [tokens, vocab] over the windows, and each exit layer's output
+    hidden states [tokens, hidden] (fp32, usable by autograd: cloned outside inference mode)."""
+    captured: dict[int, list] = {layer: [] for layer in layers}
+    blocks = llm.engine.model.model.layers
+    hooks = [blocks[layer].register_forward_hook(lambda _m, _i, out, layer=layer: captured[layer].append(out))
+             for layer in layers]
+    try:
+        teacher = torch.cat([llm.score(ids) for ids in batch]).clone()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return teacher, {layer: torch.cat(parts).float() for layer, parts in captured.items()}
+
+
+def _exit_head_loss(exit_head, head: _OutputHead, hidden: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    features = exit_head.features(hidden)
+    student = head.log_probs(features)
+    agree = (student.argmax(-1) == teacher.argmax(-1)).float()
+    confidence_logit = exit_head.classifier(features.detach()).squeeze(-1)
+    return _kl(teacher, student).mean() + torch.nn.functional.binary_cross_entropy_with_logits(confidence_logit, agree)
+
+
+@torch.no_grad()
+def evaluate_exit_heads(heads, head: _OutputHead, llm, windows: list[list[int]]) -> dict:
+    """Teacher-forced on held-out windows: per head, KL to the full model and top-1 agreement; per confidence
+    threshold, the share of tokens that would exit (at the first confident head), how often their token
+    agrees with the full model's, and the share of decoder layers they skip."""
+    teacher, hidden = _teacher_and_hidden(llm, windows, heads.layers)
+    num_layers = len(llm.engine.model.model.layers)
+    report, agrees, confidences = {}, {}, {}
+    for layer in heads.layers:
+        features = heads[layer].features(hidden[layer])
+        student = head.log_probs(features)
+        agrees[layer] = student.argmax(-1) == teacher.argmax(-1)
+        confidences[layer] = heads[layer].confidence(features)
+        report[f"layer_{layer}"] = {"kl": round(float(_kl(teacher, student).mean()), 4),
+                                    "top1_agreement": round(float(agrees[layer].float().mean()), 4)}
+    for threshold in EXIT_THRESHOLDS:
+        remaining = torch.ones(teacher.shape[0], dtype=torch.bool)
+        exited = agreed = skipped = 0
+        for layer in heads.layers:
+            leaving = remaining & (confidences[layer] > threshold)
+            exited += int(leaving.sum())
+            agreed += int((leaving & agrees[layer]).sum())
+            skipped += int(leaving.sum()) * (num_layers - 1 - layer)
+            remaining &= ~leaving
+        report[f"threshold_{threshold}"] = {"exit_rate": round(exited / teacher.shape[0], 4),
+                                            "agreement_of_exits": round(agreed / exited, 4) if exited else None,
+                                            "layers_skipped": round(skipped / (teacher.shape[0] * num_layers), 4)}
+    return report

@@ -32,9 +32,18 @@ def allocate_kv_cache(model: nn.Module, num_blocks: int, block_size: int, dtype:
     attend = get_backend(backend)
     layers = attention_layers(model)
     caches = new_kv_caches(layers, num_blocks, block_size, dtype, device, kind)
+    key_scales = _key_scales(model, dtype) if kv_quant.has_scales(kind) else {}
     for layer, cache in zip(layers, caches):
         layer.backend, layer.kv_cache = attend, cache
+        cache.key_scale = key_scales.get(id(layer))
     return caches
+
+
+def _key_scales(model: nn.Module, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """id(Attention) -> its keys' per-channel divisors, for decoder layers that can estimate their keys' size."""
+    blocks = getattr(getattr(model, "model", None), "layers", [])
+    return {id(block.self_attn.attn): kv_quant.key_channel_scales(block.key_magnitude()).to(dtype)
+            for block in blocks if hasattr(block, "key_magnitude")}
 
 
 def new_kv_caches(layers: list[Attention], num_blocks: int, block_size: int, dtype: torch.dtype,

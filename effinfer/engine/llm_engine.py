@@ -46,6 +46,7 @@ class LLMEngine:
                                    self.max_model_len, sc.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, config.cache.block_size, self.device)
         self.sampler = Sampler()
+        self.early_exit = self._make_early_exit()
         self.proposer = self._make_proposer()
         self.spec_stats = {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0}
         """Speculative decoding counters: drafts proposed, drafts accepted, request-steps that verified."""
@@ -60,6 +61,14 @@ class LLMEngine:
         from effinfer.decoding.spec import proposer_from_config
 
         return proposer_from_config(sc, self)
+
+    def _make_early_exit(self):
+        if not self.config.exit.early_exit_heads:
+            return None
+        from effinfer.decoding.early_exit import EarlyExit, ExitHeads
+
+        self.runner.early_exit = EarlyExit(self.model, ExitHeads.load(self.config.exit.early_exit_heads, self.model))
+        return self.runner.early_exit
 
     def load_side_model(self, name: str, quantization: str | None = None) -> LoadedModel:
         """A second model (a draft) on this engine's device and dtype, optionally quantized."""
@@ -139,10 +148,20 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, prompt_ids, params, self.loaded.config.eos_token_ids, priority)
         request.generator = _generator(params.seed, self.device)
+        self._set_exit_threshold(request)
         self.requests[request_id] = request
         self.outputs.add(request)
         self.scheduler.add(request)
         return request
+
+    def _set_exit_threshold(self, request: Request) -> None:
+        threshold = request.params.early_exit_threshold
+        if threshold is not None and self.early_exit is None:
+            raise ValueError("early_exit_threshold needs an engine with exit heads (start it with --early-exit-heads)")
+        threshold = self.config.exit.early_exit_threshold if threshold is None else threshold
+        if self.early_exit is not None and threshold < 1.0:
+            request.exit_threshold = threshold
+            request.cacheable_len = len(request.prompt_ids)
 
     def abort(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -160,19 +179,24 @@ class LLMEngine:
         """Log-probabilities of the next token after every position of `prompt_ids`: [len, vocab] fp32.
 
         For offline evaluation (perplexity, KL divergence): the engine must be idle. The prompt runs in
-        chunks of the step's token budget over blocks taken from the pool and returned at the end."""
+        chunks of the step's token budget over blocks taken from the pool and returned at the end. With
+        early exit on (a default threshold below 1) it runs one token per step, each free to exit as a
+        generated token would: the distributions are the ones early-exit decoding uses given this text."""
         if self.has_unfinished():
             raise RuntimeError("score() runs on an idle engine; finish or abort the requests first")
         if not 0 < len(prompt_ids) <= self.max_model_len:
             raise ValueError(f"a scored text must have 1 to {self.max_model_len} tokens, got {len(prompt_ids)}")
         request = Request("score", list(prompt_ids), SamplingParams(max_tokens=1))
-        budget, rows = self.config.scheduler.max_num_batched_tokens, []
+        threshold = self.config.exit.early_exit_threshold if self.early_exit is not None else 1.0
+        exit_threshold = threshold if threshold < 1.0 else None
+        step, rows = 1 if exit_threshold is not None else self.config.scheduler.max_num_batched_tokens, []
         try:
-            for start in range(0, len(prompt_ids), budget):
-                chunk = prompt_ids[start:start + budget]
+            for start in range(0, len(prompt_ids), step):
+                chunk = prompt_ids[start:start + step]
                 if self.block_manager.allocate(request, len(chunk)) is None:
                     raise ValueError(f"the KV cache cannot hold {len(prompt_ids)} tokens; raise kv_cache_memory_gb")
-                logits = self.runner.execute([ScheduledSeq(chunk, start, request.block_ids, True, True)])
+                logits = self.runner.execute([ScheduledSeq(chunk, start, request.block_ids, True, exit_threshold is None,
+                                                           exit_threshold=exit_threshold)])
                 request.num_computed_tokens += len(chunk)
                 rows.append(torch.log_softmax(logits, dim=-1))
         finally:
@@ -192,6 +216,10 @@ class LLMEngine:
     def execute(self, scheduled: SchedulerOutput) -> tuple[dict[str, int], dict]:
         """Run the model on the step's packed tokens and sample for requests that reach their end."""
         seqs = [self._scheduled_seq(r, scheduled.num_new_tokens[r.request_id]) for r in scheduled.requests]
+        if self.early_exit is not None and len(seqs) <= self.config.exit.early_exit_max_batch:
+            for request, seq in zip(scheduled.requests, seqs):
+                if len(seq.token_ids) == 1 and seq.needs_logits and not seq.all_logits and not seq.num_spec:
+                    seq.exit_threshold = request.exit_threshold
         logits = self.runner.execute(seqs)
         sample_rows, sampling, verifying, row = [], [], [], 0
         for request, seq in zip(scheduled.requests, seqs):

@@ -27,6 +27,8 @@ class ScheduledSeq:
     """Logits of every scheduled token (prompt logprobs), not only the last."""
     num_spec: int = 0
     """Draft tokens at the end of `token_ids`: their positions need logits too (verification)."""
+    exit_threshold: float | None = None
+    """A decode token may exit early when an exit head's confidence exceeds this (None: runs every layer)."""
 
 
 class ModelRunner:
@@ -34,12 +36,16 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
+        self.early_exit = None
+        """An `EarlyExit` (decoding/early_exit.py) when the engine has exit heads."""
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
         """-> fp32 logits [num_logit_rows, vocab]: per sequence in order, all its rows if `all_logits`,
         else its last `num_spec + 1` rows if `needs_logits`, else none."""
         input_ids, positions, meta, logit_rows = self.prepare(seqs)
+        if self.early_exit is not None and any(seq.exit_threshold is not None for seq in seqs):
+            return self.early_exit.forward(input_ids, positions, meta, seqs, logit_rows)
         hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[logit_rows])
 

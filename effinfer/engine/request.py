@@ -54,6 +54,11 @@ class Request:
     """Draft tokens proposed for this step (speculative decoding); verified, then cleared."""
     num_spec_tokens: int = 0
     """Draft length for this request's next proposal, adapted to its acceptance."""
+    exit_threshold: float | None = None
+    """Early exit: the confidence its decode tokens need to leave the model early (None: never)."""
+    cacheable_len: int | None = None
+    """Tokens whose K/V may be shared through the prefix cache (None: all). Early exit sets the prompt
+    length: K/V of later tokens may be approximate (filled from an exit layer's hidden state)."""
 
     @property
     def all_ids(self) -> list[int]:

@@ -132,7 +132,10 @@ class Scheduler:
         out.num_new_tokens[request.request_id] = num_new
         out.requests.append(request)
         # drafts are not known tokens yet: only verified ones fill cacheable blocks
-        self.block_manager.cache_full_blocks(request, min(request.num_computed_tokens + num_new, request.num_tokens))
+        limit = min(request.num_computed_tokens + num_new, request.num_tokens)
+        if request.cacheable_len is not None:
+            limit = min(limit, request.cacheable_len)
+        self.block_manager.cache_full_blocks(request, limit)
 
     def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Account for the computed tokens, append the sampled tokens (several when drafts were

@@ -56,6 +56,12 @@ class PagedKVCache:
     data: torch.Tensor
     scales: torch.Tensor | None = None
     kind: str = "auto"
+    key_scale: torch.Tensor | None = None
+    """int8: [num_kv_heads, head_dim] per-channel divisors applied to keys before quantizing (kv_quant). Pages
+    and gathers keep the divided keys; queries are multiplied by the same scales instead (`scale_queries`):
+    q . (k / s) * s = (q * s) . (k / s), a few rows per step rather than the whole gathered context."""
+    _query_scale: torch.Tensor | None = None
+    """`key_scale` repeated over the query heads that share each KV head (built on first use)."""
 
     @property
     def shape(self) -> torch.Size:
@@ -63,6 +69,8 @@ class PagedKVCache:
 
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [num_tokens, num_kv_heads, head_dim] -> their slots
+        if self.key_scale is not None:
+            k = k / self.key_scale
         for i, x in enumerate((k, v)):
             values, scales = kv_quant.quantize(x.transpose(0, 1), self.kind)
             self.data[i].flatten(1, 2).index_copy_(1, slot_mapping, values.to(self.data.dtype))
@@ -84,6 +92,15 @@ class PagedKVCache:
         scales = self.scales.index_select(2, block_ids) if self.scales is not None else None
         return kv_quant.dequantize(values, scales, self.kind, dtype)
 
+    def scale_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q [num_tokens, num_heads, head_dim] times its KV head's key scales (see `key_scale`)."""
+        if self.key_scale is None:
+            return q
+        if self._query_scale is None or self._query_scale.shape[0] != q.shape[1]:
+            group = q.shape[1] // self.key_scale.shape[0]
+            self._query_scale = self.key_scale.repeat_interleave(group, dim=0)
+        return q * self._query_scale.to(q.dtype)
+
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -101,5 +118,5 @@ class Attention(nn.Module):
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
         assert self.kv_cache is not None, "KV cache not bound: the model runner binds it before the first forward"
         self.kv_cache.write(meta.slot_mapping, k, v)
-        out = self.backend(q, self.kv_cache, meta, self.scale, self.sliding_window)
+        out = self.backend(self.kv_cache.scale_queries(q), self.kv_cache, meta, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

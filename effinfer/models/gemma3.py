@@ -26,6 +26,10 @@ class Gemma3Attention(LlamaAttention):
         q, k = apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
         return self.o_proj(self.attn(q, k, v, meta))
 
+    def write_kv(self, hidden: torch.Tensor, rope: tuple, slot_mapping: torch.Tensor) -> None:
+        _, k, v = self.split_qkv(hidden)
+        self.attn.kv_cache.write(slot_mapping, apply_rotary(self.k_norm(k), *rope), v)
+
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig, layer_idx: int):
@@ -41,6 +45,15 @@ class Gemma3DecoderLayer(nn.Module):
         hidden = hidden + self.post_attention_layernorm(attn_out)
         mlp_out = self.mlp(self.pre_feedforward_layernorm(hidden))
         return hidden + self.post_feedforward_layernorm(mlp_out)
+
+    def write_kv(self, hidden: torch.Tensor, rope: tuple, slot_mapping: torch.Tensor) -> None:
+        self.self_attn.write_kv(self.input_layernorm(hidden), rope, slot_mapping)
+
+    @torch.no_grad()
+    def key_magnitude(self) -> torch.Tensor:
+        """Keys are RMS-normalized per head (k_norm): each channel's size is that norm's gain."""
+        attn = self.self_attn
+        return attn.k_norm(torch.ones_like(attn.k_norm.weight)[None]).float().abs().expand(attn.num_kv_heads, attn.head_dim)
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

@@ -63,6 +63,11 @@ class LlamaAttention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, qkv[:, self.num_heads + self.num_kv_heads:], meta))
 
+    def write_kv(self, hidden: torch.Tensor, rope: tuple, slot_mapping: torch.Tensor) -> None:
+        """Only write this layer's K/V of `hidden` into the cache (a token that exited early skips the rest)."""
+        _, k, v = self.split_qkv(hidden)
+        self.attn.kv_cache.write(slot_mapping, apply_rotary(k, *rope), v)
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ArchConfig):
@@ -87,6 +92,23 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, rope: tuple, meta: AttentionMetadata) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def write_kv(self, hidden: torch.Tensor, rope: tuple, slot_mapping: torch.Tensor) -> None:
+        self.self_attn.write_kv(self.input_layernorm(hidden), rope, slot_mapping)
+
+    @torch.no_grad()
+    def key_magnitude(self) -> torch.Tensor:
+        """[num_kv_heads, head_dim] the size |k| reaches per channel, from the weights alone: the normalized
+        input has unit RMS, so a key channel's standard deviation is about the norm of its weight row times the
+        norm's gain; a token's largest channels reach ~3 of those, plus |bias| (a constant offset)."""
+        attn = self.self_attn
+        norm_weight = self.input_layernorm.weight
+        gain = self.input_layernorm(torch.ones_like(norm_weight)[None]).float()
+        rows = slice(attn.q_size, attn.q_size + attn.kv_size)
+        magnitude = 3 * (dense_weight(attn.qkv_proj)[rows].float() * gain).norm(dim=-1)
+        if attn.qkv_proj.bias is not None:
+            magnitude = magnitude + attn.qkv_proj.bias[rows].float().abs()
+        return magnitude.view(attn.num_kv_heads, attn.head_dim)
 
 
 class LlamaModel(nn.Module):
@@ -171,6 +193,12 @@ class LlamaForCausalLM(nn.Module):
         missing = _expected_names(self) - filled
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """The [out, in] weight a (possibly quantized) linear layer computes with."""
+    method = getattr(linear, "method", None)
+    return method.dequantize(linear) if method is not None else linear.weight
 
 
 def _fused_target(name: str) -> tuple[str, int | None]:

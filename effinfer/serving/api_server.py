@@ -54,7 +54,8 @@ class OpenAIServer:
     def __init__(self, engine: LLMEngine, config: ServerConfig):
         self.engine, self.config = engine, config
         self.model_name = config.served_model_name or engine.config.model.model
-        self.metrics = ServerMetrics(self.model_name)
+        self.metrics = ServerMetrics(self.model_name, engine.config.spec.speculative_method,
+                                     engine.early_exit.heads.layers if engine.early_exit is not None else ())
         self.async_engine = AsyncEngine(engine, self.metrics.on_step)
         self.tokenizer = engine.tokenizer
         self.logprobs = LogprobFormatter(self.tokenizer)

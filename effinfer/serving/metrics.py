@@ -15,16 +15,18 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, spec_method: str | None = None, exit_layers: list[int] = ()):
+        """`spec_method`: the engine's proposer, a label of the speculative-decoding series; `exit_layers`:
+        the layers that have exit heads (early exit), one series each."""
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
 
-        def gauge(name, doc):
-            return Gauge(f"effinfer:{name}", doc, labels, registry=r).labels(model_name)
+        def gauge(name, doc, **extra):
+            return Gauge(f"effinfer:{name}", doc, labels + list(extra), registry=r).labels(model_name, *extra.values())
 
-        def counter(name, doc):
-            return Counter(f"effinfer:{name}", doc, labels, registry=r).labels(model_name)
+        def counter(name, doc, **extra):
+            return Counter(f"effinfer:{name}", doc, labels + list(extra), registry=r).labels(model_name, *extra.values())
 
         def histogram(name, doc, buckets):
             return Histogram(f"effinfer:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
@@ -45,13 +47,22 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.", LATENCY_BUCKETS)
         self.step_time = histogram("engine_step_seconds", "Wall time of one engine step.", TOKEN_BUCKETS)
-        # speculative decoding (vLLM's spec_decode_* names)
-        self.spec_drafts = counter("spec_decode_num_draft_tokens", "Draft tokens proposed for verification.")
-        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
-        self.spec_steps = counter("spec_decode_num_drafts", "Request-steps that verified drafts.")
-        self.spec_acceptance = gauge("spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens.")
+        # speculative decoding (vLLM's spec_decode_* names), labelled by proposer
+        method = {"method": spec_method or "none"}
+        self.spec_drafts = counter("spec_decode_num_draft_tokens", "Draft tokens proposed for verification.", **method)
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", **method)
+        self.spec_steps = counter("spec_decode_num_drafts", "Request-steps that verified drafts.", **method)
+        self.spec_acceptance = gauge("spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens.", **method)
+        self.spec_mean_accepted = gauge("spec_decode_mean_accepted_length",
+                                        "Accepted drafts per verifying request-step.", **method)
+        # early exit: decode tokens that could exit, and those that did, per exit layer
+        self.exit_candidates = counter("early_exit_candidate_tokens", "Decode tokens tested for early exit.")
+        exits = Counter("effinfer:early_exit_tokens", "Decode tokens that exited after this layer.",
+                        labels + ["layer"], registry=r)
+        self.exit_tokens = {layer: exits.labels(model_name, str(layer)) for layer in exit_layers}
         self._seen_hits = self._seen_queries = self._seen_preemptions = 0
         self._seen_spec = {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0}
+        self._seen_exit = {"candidates": 0, "by_layer": {layer: 0 for layer in exit_layers}}
 
     def on_step(self, engine, outputs: list[RequestOutput], step_time: float) -> None:
         """Called on the engine thread after every step."""
@@ -68,6 +79,8 @@ class ServerMetrics:
         if blocks.num_queried_tokens:
             self.prefix_hit_rate.set(blocks.num_hit_tokens / blocks.num_queried_tokens)
         self._observe_spec(engine.spec_stats)
+        if getattr(engine, "early_exit", None) is not None:
+            self._observe_exits(engine.early_exit.stats)
         for out in outputs:
             self.generation_tokens.inc(len(out.new_token_ids))
             if out.finished:
@@ -80,6 +93,13 @@ class ServerMetrics:
         self._seen_spec = dict(stats)
         if stats["draft_tokens"]:
             self.spec_acceptance.set(stats["accepted_tokens"] / stats["draft_tokens"])
+            self.spec_mean_accepted.set(stats["accepted_tokens"] / stats["verify_steps"])
+
+    def _observe_exits(self, stats: dict) -> None:
+        self.exit_candidates.inc(stats["candidates"] - self._seen_exit["candidates"])
+        for layer, metric in self.exit_tokens.items():
+            metric.inc(stats["by_layer"][layer] - self._seen_exit["by_layer"][layer])
+        self._seen_exit = {"candidates": stats["candidates"], "by_layer": dict(stats["by_layer"])}
 
     def _observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics

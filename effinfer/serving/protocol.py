@@ -57,6 +57,8 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    early_exit_threshold: float | None = None
+    """effinfer extra: per-request confidence for early exit (an engine started with --early-exit-heads)."""
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -65,7 +67,8 @@ class SamplingRequest(BaseModel):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
+            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+            early_exit_threshold=self.early_exit_threshold)
 
     @property
     def include_usage(self) -> bool:

@@ -17,6 +17,9 @@ def test_ngram_proposes_what_followed_the_latest_match():
     assert proposer.propose(ids, 3) == [7, 8, 2]          # latest earlier "2 3 4" is followed by 7 8 2
     assert proposer.propose([1, 2, 3], 4) == []            # nothing repeats
     assert proposer.propose([5, 6, 5], 2) == [6, 5]        # falls back to a shorter n-gram
+    # substitution match: the source says 10 11 12 13 14, the copy wrote 10 11 99 (99 replaced 12): go on at 13
+    assert proposer.propose([10, 11, 12, 13, 14, 0, 10, 11, 99], 2) == [13, 14]
+    assert get_proposer("ngram", min_n=2, max_n=3).propose([10, 11, 12, 13, 0, 11, 99], 2) == []  # needs 2 to match
     with pytest.raises(ValueError, match="unknown speculative method"):
         get_proposer("medusa")
 
@@ -115,7 +118,7 @@ def test_server_metrics_report_acceptance():
 
     from effinfer.serving.metrics import ServerMetrics
 
-    metrics = ServerMetrics("m")
+    metrics = ServerMetrics("m", "ngram")
     blocks = SimpleNamespace(usage=0.1, num_hit_tokens=0, num_queried_tokens=0)
     engine = SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[], num_preemptions=0), block_manager=blocks,
                              spec_stats={"draft_tokens": 10, "accepted_tokens": 6, "verify_steps": 4})
@@ -123,9 +126,10 @@ def test_server_metrics_report_acceptance():
     engine.spec_stats = {"draft_tokens": 14, "accepted_tokens": 7, "verify_steps": 5}
     metrics.on_step(engine, [], 0.01)
     text = metrics.render().decode()
-    assert 'effinfer:spec_decode_num_draft_tokens_total{model_name="m"} 14.0' in text
-    assert 'effinfer:spec_decode_num_accepted_tokens_total{model_name="m"} 7.0' in text
-    assert 'effinfer:spec_decode_draft_acceptance_rate{model_name="m"} 0.5' in text
+    assert 'effinfer:spec_decode_num_draft_tokens_total{method="ngram",model_name="m"} 14.0' in text
+    assert 'effinfer:spec_decode_num_accepted_tokens_total{method="ngram",model_name="m"} 7.0' in text
+    assert 'effinfer:spec_decode_draft_acceptance_rate{method="ngram",model_name="m"} 0.5' in text
+    assert 'effinfer:spec_decode_mean_accepted_length{method="ngram",model_name="m"} 1.4' in text
 
 
 def test_retrieval_drafts_from_the_corpus():
