@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:          # a text or corpus path that is not there
-        print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        print(f"error: {exc.strerror}: {exc.filename}" if exc.filename else f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ and the CLI derives its flags from the same names.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from effinfer.loader.catalog import DEFAULT_MODEL
@@ -204,6 +205,9 @@ class ExitConfig:
             raise ValueError(f"early_exit_threshold={self.early_exit_threshold} must be between 0 and 1")
         if self.early_exit_max_batch < 1:
             raise ValueError(f"early_exit_max_batch={self.early_exit_max_batch} must be at least 1")
+        if self.early_exit_heads and not os.path.isfile(self.early_exit_heads):   # before minutes of model loading
+            raise ValueError(f"early_exit_heads={self.early_exit_heads!r}: no such file "
+                             "(train one with `effinfer exit-heads`)")
 
 
 @dataclass

@@ -6,13 +6,13 @@ model's own output head (shared, frozen), taught by distillation to predict the 
 distribution (`effinfer exit-heads`, compression/distill.py), plus a one-unit classifier trained to
 predict whether the head's argmax agrees with the full model's. The exit test is that classifier, not
 the head's softmax: SmolLM2's 49k-way head weighs as much as eight of its layers, so evaluating it at
-every exit point would cost more than exiting saves. The head runs only for the tokens that exit, in
-place of the final one.
+every exit point would cost more than exiting saves. The head runs only in steps that exit, in place of
+the final one.
 
 A token that exits skips the remaining layers, but later tokens attend to its K/V in every layer. They
 are filled by CALM's state propagation: each skipped layer projects K/V from the exit hidden state (its
 input norm, K/V projection and rotary; no attention, no MLP). Early exit is therefore lossy; its quality
-is measured against the full model (`benchmarks/early_exit.py`).
+is measured against the full model (benchmarks/README.md, "Early exit").
 
 Only single-token decode rows exit, and a step exits only when all its sequences may (see `forward`);
 prompt chunks, verification rows and prompt-logprob rows run every layer. A request's K/V past its
@@ -95,8 +95,8 @@ class ExitHeads(nn.Module):
                              f"layers of width {cfg.hidden_size}")
         heads = cls(json.loads(meta["exit_layers"]), model.model.norm, cfg.hidden_size)
         heads.load_state_dict(state)
-        param = next(model.parameters())
-        return heads.to(device=param.device, dtype=param.dtype).requires_grad_(False).eval()
+        like = model.model.norm.weight         # the activation dtype, whatever format the linear layers use
+        return heads.to(device=like.device, dtype=like.dtype).requires_grad_(False).eval()
 
 
 def parse_exit_layers(spec: str | None, num_layers: int) -> list[int]:

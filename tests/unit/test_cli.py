@@ -19,6 +19,8 @@ def run_cli(*args, env=None):
     (["generate", "hi", "--top-p", "0"], "top_p=0.0 is invalid"),
     (["generate", "hi", "--block-size", "3"], "block_size=3 must be a power of two"),
     (["generate", "hi", "--dtype", "int3"], "dtype='int3' is not supported"),
+    (["generate", "hi", "--early-exit-heads", "/nope/heads.safetensors"], "early_exit_heads='/nope/heads.safetensors': no such file"),
+    (["exit-heads", "--text", "/nope/corpus.txt", "--out", "/tmp/h.safetensors"], "No such file or directory: /nope/corpus.txt"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = run_cli(*args)
