@@ -41,11 +41,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "steps", "batch_size", "seq_len", "save_every", "eval_windows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"distill {name}={getattr(self, name)} must be at least 1")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"distill lr={self.lr} must be between 0 and 1")
+        _check_training(self, "distill", ("num_layers", "save_every"))
         if self.layers and not all(x.strip().isdigit() for x in self.layers.split(",")):
             raise ValueError(f"distill layers={self.layers!r}: expected layer indices like 0,5,10,29")
 
@@ -53,27 +49,56 @@ class DistillConfig:
 def distill(teacher: str, text: str, out_dir: str | Path, cfg: DistillConfig, cache_dir: str | None = None,
             show_progress: bool = True) -> dict:
     """Train and save a student of `teacher` on `text`; returns the report written beside it."""
+    start = time.perf_counter()
+    llm, train, held_out = _teacher_and_windows(teacher, text, cfg, cache_dir, show_progress)
+    keep = student_layers(llm.engine.loaded.config.num_layers, cfg)
+    student = build_student(llm.engine.loaded, keep, cache_dir, show_progress)
+    before = evaluate(student, llm, held_out)
+
+    def checkpoint(step: int) -> None:
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_student(student, llm.engine.loaded, keep, out_dir)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    losses = _train(params, lambda batch: kl_loss(student, llm, batch), train, cfg, "distill", show_progress, checkpoint)
+    after = evaluate(student, llm, held_out)
+    report = {"teacher": str(llm.engine.loaded.path), "teacher_layers": keep,
+              **_train_report(cfg, train, before, after, losses, start)}
+    path = save_student(student, llm.engine.loaded, keep, out_dir)
+    (path / "effinfer_distill.json").write_text(json.dumps(report, indent=2))
+    return {**report, "path": str(path)}
+
+
+def _check_training(cfg, command: str, counts: tuple[str, ...] = ()) -> None:
+    for name in (*counts, "steps", "batch_size", "seq_len", "eval_windows"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{command} {name}={getattr(cfg, name)} must be at least 1")
+    if not 0 < cfg.lr < 1:
+        raise ValueError(f"{command} lr={cfg.lr} must be between 0 and 1")
+
+
+def _teacher_and_windows(model: str, text: str, cfg, cache_dir: str | None, show_progress: bool):
+    """The teacher (effinfer's engine, bf16) and the corpus cut into training and held-out windows."""
     from effinfer.llm import LLM
 
     torch.manual_seed(cfg.seed)
-    start = time.perf_counter()
-    llm = LLM(teacher, dtype="bfloat16", cache_dir=cache_dir, kv_cache_memory_gb=0.25, show_progress=show_progress,
+    llm = LLM(model, dtype="bfloat16", cache_dir=cache_dir, kv_cache_memory_gb=0.25, show_progress=show_progress,
               max_num_batched_tokens=max(2048, cfg.seq_len))
-    arch = llm.engine.loaded.config
-    keep = student_layers(arch.num_layers, cfg)
     windows = _windows(llm.tokenizer.encode(text), cfg.seq_len, cfg.batch_size + cfg.eval_windows)
-    train, held_out = windows[:-cfg.eval_windows], windows[-cfg.eval_windows:]
-    student = build_student(llm.engine.loaded, keep, cache_dir, show_progress)
-    before = evaluate(student, llm, held_out)
-    params = [p for p in student.parameters() if p.requires_grad]
+    return llm, windows[:-cfg.eval_windows], windows[-cfg.eval_windows:]
+
+
+def _train(params: list, loss_fn, train: list[list[int]], cfg, name: str, show_progress: bool,
+           after_step=None) -> list[float]:
+    """AdamW with a cosine schedule and gradient clipping over random batches of `train`; the losses."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     generator = torch.Generator().manual_seed(cfg.seed)
-    bar = progress(range(cfg.steps), "distill", show_progress, unit="step")
+    bar = progress(range(cfg.steps), name, show_progress, unit="step")
     losses = []
     for step in bar:
         batch = [train[int(i)] for i in torch.randint(len(train), (cfg.batch_size,), generator=generator)]
-        loss = kl_loss(student, llm, batch)
+        loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -81,18 +106,17 @@ def distill(teacher: str, text: str, out_dir: str | Path, cfg: DistillConfig, ca
         schedule.step()
         losses.append(loss.item())
         if show_progress:
-            bar.set_postfix(kl=f"{losses[-1]:.3f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_student(student, llm.engine.loaded, keep, out_dir)
-    after = evaluate(student, llm, held_out)
-    report = {"teacher": str(llm.engine.loaded.path), "teacher_layers": keep, "config": asdict(cfg),
-              "train_windows": len(train), "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
-              "held_out_before": before, "held_out_after": after,
-              "loss_first_last": [round(losses[0], 4), round(sum(losses[-10:]) / len(losses[-10:]), 4)],
-              "seconds": round(time.perf_counter() - start, 1)}
-    path = save_student(student, llm.engine.loaded, keep, out_dir)
-    (path / "effinfer_distill.json").write_text(json.dumps(report, indent=2))
-    return {**report, "path": str(path)}
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if after_step is not None:
+            after_step(step)
+    return losses
+
+
+def _train_report(cfg, train: list, before: dict, after: dict, losses: list[float], start: float) -> dict:
+    return {"config": asdict(cfg), "train_windows": len(train), "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+            "held_out_before": before, "held_out_after": after,
+            "loss_first_last": [round(losses[0], 4), round(sum(losses[-10:]) / len(losses[-10:]), 4)],
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def student_layers(num_layers: int, cfg: DistillConfig) -> list[int]:
@@ -218,11 +242,7 @@ class ExitHeadsConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_windows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"exit-heads {name}={getattr(self, name)} must be at least 1")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"exit-heads lr={self.lr} must be between 0 and 1")
+        _check_training(self, "exit-heads")
 
 
 EXIT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -237,42 +257,23 @@ def distill_exit_heads(model: str, text: str, out_path: str | Path, cfg: ExitHea
     at the same time, whether the head's argmax agrees with the full model's (binary cross-entropy on
     the detached features)."""
     from effinfer.decoding.early_exit import ExitHeads, parse_exit_layers
-    from effinfer.llm import LLM
 
-    torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    llm = LLM(model, dtype="bfloat16", cache_dir=cache_dir, kv_cache_memory_gb=0.25, show_progress=show_progress,
-              max_num_batched_tokens=max(2048, cfg.seq_len))
+    llm, train, held_out = _teacher_and_windows(model, text, cfg, cache_dir, show_progress)
     arch, net = llm.engine.loaded.config, llm.engine.model
     layers = parse_exit_layers(cfg.layers, arch.num_layers)
-    windows = _windows(llm.tokenizer.encode(text), cfg.seq_len, cfg.batch_size + cfg.eval_windows)
-    train, held_out = windows[:-cfg.eval_windows], windows[-cfg.eval_windows:]
     heads = ExitHeads(layers, net.model.norm, arch.hidden_size).train()
     head = _OutputHead(net)
     before = evaluate_exit_heads(heads, head, llm, held_out)
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    bar = progress(range(cfg.steps), "exit heads", show_progress, unit="step")
-    losses = []
-    for _ in bar:
-        batch = [train[int(i)] for i in torch.randint(len(train), (cfg.batch_size,), generator=generator)]
+
+    def loss_fn(batch: list[list[int]]) -> torch.Tensor:
         teacher, hidden = _teacher_and_hidden(llm, batch, layers)
-        loss = sum(_exit_head_loss(heads[layer], head, hidden[layer], teacher) for layer in layers)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if show_progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        return sum(_exit_head_loss(heads[layer], head, hidden[layer], teacher) for layer in layers)
+
+    losses = _train(list(heads.parameters()), loss_fn, train, cfg, "exit heads", show_progress)
     after = evaluate_exit_heads(heads, head, llm, held_out)
     report = {"model": str(llm.engine.loaded.path), "exit_layers": layers, "num_layers": arch.num_layers,
-              "config": asdict(cfg), "train_windows": len(train), "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
-              "held_out_before": before, "held_out_after": after,
-              "loss_first_last": [round(losses[0], 4), round(sum(losses[-10:]) / len(losses[-10:]), 4)],
-              "seconds": round(time.perf_counter() - start, 1)}
+              **_train_report(cfg, train, before, after, losses, start)}
     path = heads.save(out_path, str(llm.engine.loaded.path), arch.num_layers, report)
     Path(path).with_suffix(".json").write_text(json.dumps(report, indent=2))
     return {**report, "path": str(path)}

@@ -87,14 +87,9 @@ def test_always_exiting_is_the_truncated_model(tiny):
     model, head = plain.engine.model, llm.engine.early_exit.heads[1]
     for prompt, out in zip(PROMPTS, outs):
         ids = prompt + out.token_ids
-        captured = []
-        hook = model.model.layers[1].register_forward_hook(lambda _m, _i, o: captured.append(o))
-        try:
-            full = plain.score(ids)
-        finally:
-            hook.remove()
+        full, hidden = score_with_layer_output(plain, ids, 1)
         with torch.inference_mode():
-            exit_argmax = model.compute_logits(head.features(captured[0])).argmax(-1)
+            exit_argmax = model.compute_logits(head.features(hidden[0])).argmax(-1)
         assert out.token_ids[0] == int(full[len(prompt) - 1].argmax())
         assert out.token_ids[1:] == exit_argmax[len(prompt):-1].tolist()
 
@@ -106,15 +101,10 @@ def test_scoring_with_exits_decodes_token_by_token(tiny):
     llm = LLM(str(folder), early_exit_heads=str(heads_path), early_exit_threshold=0.0, **COMMON)
     ids = list(range(3, 40))
     model, head = llm.engine.model, llm.engine.early_exit.heads[1]
-    captured = []
-    hook = model.model.layers[1].register_forward_hook(lambda _m, _i, o: captured.append(o))
-    try:
-        got = llm.score(ids)
-    finally:
-        hook.remove()
+    got, hidden = score_with_layer_output(llm, ids, 1)
     with torch.inference_mode():
-        want = torch.log_softmax(model.compute_logits(head.features(torch.cat(captured))), dim=-1)
-    assert len(captured) == len(ids)                              # one forward per token
+        want = torch.log_softmax(model.compute_logits(head.features(torch.cat(hidden))), dim=-1)
+    assert len(hidden) == len(ids)                                # one forward per token
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, LLM(str(folder), **COMMON).score(ids), atol=1e-3)
 
@@ -156,6 +146,17 @@ def test_exit_heads_learn_the_final_layer(tmp_path):
     llm = LLM(str(tmp_path), early_exit_heads=report["path"], early_exit_threshold=0.0, **COMMON)
     assert llm.engine.early_exit.heads.layers == [1, 2]
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.8, seed=1), use_tqdm=False)  # sampling runs
+
+
+def score_with_layer_output(llm, ids: list[int], layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`llm.score(ids)` and the hidden states that came out of `layer` on the way, one tensor per forward."""
+    captured = []
+    hook = llm.engine.model.model.layers[layer].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        scores = llm.score(ids)
+    finally:
+        hook.remove()
+    return scores, captured
 
 
 def dense_reference(model, heads, prompts: list[list[int]], max_tokens: int, threshold: float) -> list[list[int]]:
