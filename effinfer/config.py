@@ -29,6 +29,9 @@ class ModelConfig:
     """CPU threads for PyTorch's kernels (default: PyTorch's choice, one per physical core)."""
     attention_backend: str = "torch_sdpa"
     """Paged attention implementation: torch_sdpa (batched decodes) or torch_ref (per-sequence oracle)."""
+    compile: bool = False
+    """Run decode steps through torch.compile (fused norms, rotary and attention): faster single-stream decode
+    on small models. Start-up compiles every batch-size variant: minutes the first time, cached after."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -45,6 +45,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, sc.max_num_seqs, sc.max_num_batched_tokens,
                                    self.max_model_len, sc.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, config.cache.block_size, self.device)
+        if mc.compile:
+            self._compile_decode()
         self.sampler = Sampler()
         self.early_exit = self._make_early_exit()
         self.proposer = self._make_proposer()
@@ -53,6 +55,13 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+
+    def _compile_decode(self) -> None:
+        from effinfer.engine.compiled_decode import compile_decode, warm_up
+
+        self.runner.compiled_forward = compile_decode(self.model)
+        warm_up(self.runner.compiled_forward, self.config.cache.block_size, self.config.scheduler.max_num_seqs,
+                self.device, self.config.show_progress)
 
     def _make_proposer(self):
         sc = self.config.spec

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effinfer.layers.attention import AttentionMetadata
+from effinfer.engine.compiled_decode import MAX_BATCH as COMPILED_MAX_BATCH
+from effinfer.layers.attention import AttentionMetadata, DecodeBatch
+from effinfer.layers.attn_backends.torch_sdpa import padded_block_tables
 
 
 @dataclass
@@ -38,6 +40,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.early_exit = None
         """An `EarlyExit` (decoding/early_exit.py) when the engine has exit heads."""
+        self.compiled_forward = None
+        """The model's forward compiled for decode steps (engine/compiled_decode.py), or None: eager."""
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
@@ -46,7 +50,12 @@ class ModelRunner:
         input_ids, positions, meta, logit_rows = self.prepare(seqs)
         if self.early_exit is not None and any(seq.exit_threshold is not None for seq in seqs):
             return self.early_exit.forward(input_ids, positions, meta, seqs, logit_rows)
-        hidden = self.model(input_ids, positions, meta)
+        if self.compiled_forward is not None and len(seqs) <= COMPILED_MAX_BATCH and all(map(_plain_decode, seqs)):
+            meta.decode = DecodeBatch(padded_block_tables(meta.block_tables, self.device, min_blocks=2),
+                                      torch.tensor(meta.seq_lens, device=self.device))
+            hidden = self.compiled_forward(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[logit_rows])
 
     def prepare(self, seqs: list[ScheduledSeq]):
@@ -74,6 +83,11 @@ class ModelRunner:
         num_blocks = -(-seq_len // self.block_size)
         assert len(block_table) >= num_blocks, "scheduler must allocate blocks before the step"
         return torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
+
+
+def _plain_decode(seq: ScheduledSeq) -> bool:
+    """One token through every layer: what the compiled decode step runs."""
+    return len(seq.token_ids) == 1 and seq.exit_threshold is None
 
 
 def _logit_rows(start: int, end: int, seq: ScheduledSeq) -> range:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from effinfer.compression.quant import kv_quant
-from effinfer.layers.attn_backends import torch_ref
+from effinfer.layers.attn_backends import torch_ref, torch_sdpa
 
 
 @dataclass
@@ -32,6 +32,9 @@ class AttentionMetadata:
     block_size: int
     mask_cache: dict = field(default_factory=dict)
     """Masks and slot lists built by the backend, reused by every layer of the step."""
+    decode: "DecodeBatch | None" = None
+    """Set for a step of single-token decodes run by the compiled model: attention then reads only
+    tensors (no Python lists or caches), so one traced graph serves every such step."""
 
     @property
     def num_seqs(self) -> int:
@@ -46,6 +49,37 @@ class AttentionMetadata:
             offsets = torch.arange(self.block_size, device=blocks.device)
             self.mask_cache[key] = (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:self.seq_lens[i]]
         return self.mask_cache[key]
+
+
+def write_pages(data: torch.Tensor, scales: torch.Tensor | None, slot_mapping: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor, kind: str) -> None:
+    """Store k, v [num_tokens, num_kv_heads, head_dim] (quantized for 8-bit pages) in their slots of `data`
+    [2, num_kv_heads, num_blocks, block_size, head_dim] and `scales`. Registered as the op
+    `effinfer::write_pages`, which `torch.compile` keeps opaque: traced, an index_copy_ into the pages is
+    functionalized into a copy of the whole cache every step."""
+    two, heads, _, _, head_dim = data.shape
+    values, value_scales = kv_quant.quantize(torch.stack((k, v)).transpose(1, 2), kind)   # [2, heads, tokens, dim]
+    data.view(two, heads, -1, head_dim).index_copy_(2, slot_mapping, values.to(data.dtype))
+    if value_scales is not None:
+        scales.view(two, heads, -1).index_copy_(2, slot_mapping, value_scales.to(scales.dtype))
+
+
+# The low-level registration: `torch.library.custom_op` adds ~15 us of Python to each call (30+ per step).
+_LIBRARY = torch.library.Library("effinfer", "DEF")
+_LIBRARY.define("write_pages(Tensor(a!) data, Tensor(b!)? scales, Tensor slot_mapping, Tensor k, Tensor v, "
+                "str kind) -> ()")
+_LIBRARY.impl("write_pages", write_pages, "CompositeExplicitAutograd")
+torch.library.register_fake("effinfer::write_pages", lambda *args: None, lib=_LIBRARY)
+
+
+@dataclass
+class DecodeBatch:
+    """A pure decode step as tensors: one new token per sequence, row i of the step is sequence i."""
+
+    block_tables: torch.Tensor
+    """[num_seqs, max_blocks] each sequence's blocks, padded with block 0."""
+    seq_lens: torch.Tensor
+    """[num_seqs] cached tokens per sequence after this step."""
 
 
 @dataclass
@@ -71,11 +105,7 @@ class PagedKVCache:
         # k, v [num_tokens, num_kv_heads, head_dim] -> their slots
         if self.key_scale is not None:
             k = k / self.key_scale
-        for i, x in enumerate((k, v)):
-            values, scales = kv_quant.quantize(x.transpose(0, 1), self.kind)
-            self.data[i].flatten(1, 2).index_copy_(1, slot_mapping, values.to(self.data.dtype))
-            if scales is not None:
-                self.scales[i].flatten(1, 2).index_copy_(1, slot_mapping, scales.to(self.scales.dtype))
+        torch.ops.effinfer.write_pages(self.data, self.scales, slot_mapping, k, v, self.kind)
 
     def gather_slots(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots: each [num_kv_heads, len(slots), head_dim]."""
@@ -118,5 +148,12 @@ class Attention(nn.Module):
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
         assert self.kv_cache is not None, "KV cache not bound: the model runner binds it before the first forward"
         self.kv_cache.write(meta.slot_mapping, k, v)
-        out = self.backend(self.kv_cache.scale_queries(q), self.kv_cache, meta, self.scale, self.sliding_window)
+        q = self.kv_cache.scale_queries(q)
+        if meta.decode is None:
+            out = self.backend(q, self.kv_cache, meta, self.scale, self.sliding_window)
+        else:    # a compiled decode step (engine/compiled_decode.py)
+            tables = meta.decode.block_tables
+            mask = torch_sdpa.decode_mask(meta.decode.seq_lens, tables.shape[1], self.kv_cache.shape[3],
+                                          self.sliding_window)
+            out = torch_sdpa.attend_decodes_traced(q, self.kv_cache, tables, mask, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

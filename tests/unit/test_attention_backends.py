@@ -69,3 +69,28 @@ def test_bucketed_mixed_lengths_equal_reference():
     expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, None)
     got = get_backend("torch_sdpa")(q, kv_cache, meta, 0.3, None)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["auto", "int8"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_traced_decode_attention_equals_reference(kind, window):
+    """The formulation the compiled decode step uses (broadcast products instead of batched matmuls),
+    run eagerly on tables padded the way the runner pads them, and on 8-bit pages with key scales."""
+    from effinfer.compression.quant import kv_quant
+    from effinfer.layers.attn_backends.torch_sdpa import attend_decodes_traced, decode_mask, padded_block_tables
+
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = [9, 3, 17, 1]
+    meta = metadata([1] * len(seq_lens), seq_lens, gen)
+    data = torch.zeros(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, dtype=kv_quant.storage_dtype(kind, torch.float32))
+    scales = torch.zeros(2, KV_HEADS, NUM_BLOCKS, BLOCK) if kv_quant.has_scales(kind) else None
+    key_scale = torch.rand(KV_HEADS, DIM, generator=gen) + 0.5 if kind == "int8" else None
+    kv_cache = PagedKVCache(data, scales, kind, key_scale)
+    every_slot = torch.arange(NUM_BLOCKS * BLOCK)
+    kv_cache.write(every_slot, *torch.randn(2, len(every_slot), KV_HEADS, DIM, generator=gen))
+    q = kv_cache.scale_queries(torch.randn(len(seq_lens), HEADS, DIM, generator=gen))
+    expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, window)
+    tables = padded_block_tables(meta.block_tables, "cpu", min_blocks=2)
+    mask = decode_mask(torch.tensor(seq_lens), tables.shape[1], BLOCK, window)
+    got = attend_decodes_traced(q, kv_cache, tables, mask, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,89 @@
+"""Decode steps through `torch.compile` (`--compile`): a fast-kernel path for small models.
+
+A single-token decode step of a small model is mostly overhead: per layer two norms, rotary, the KV
+write, attention, the activation and two residual adds are ~25 tiny ops of a few microseconds each,
+dispatched from Python. Compiled, they fuse into ~5 generated kernels per layer, attention included
+(gather, dequantize, both reductions: `attend_decodes_traced`). Prefill chunks, verification of drafts
+and early exits keep the eager path.
+
+Only the batch size and the context width are dynamic; the KV pages and weights are static shapes
+(dynamic page shapes cost ~15% of the step in generic index arithmetic), and guards are kept on the
+step's inputs only. The price is the compile: ~40 s per batch-size variant for SmolLM2 on 2 cores the
+first time (PyTorch's inductor cache makes later starts take seconds). Every variant is compiled when
+the engine starts, so a server never stalls mid-stream on a recompile.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from effinfer.compression.quant.weight_only import KERNEL_MAX_ROWS
+from effinfer.layers.attention import AttentionMetadata, DecodeBatch
+from effinfer.utils import progress
+
+MAX_BATCH = KERNEL_MAX_ROWS
+"""Decode steps of more sequences run eagerly: there the matmuls dominate and the step's overhead is shared
+(measured at 32 sequences: bf16 0.87x with compiled steps, from unbucketed padded attention); this is also
+where the quantized matmuls switch kernels, so one graph serves every compiled batch of 2 or more."""
+WARMUP_BATCHES = (1, 2)
+"""Batch sizes with their own graph: the compiler specializes a size of 1; 2 serves 2..MAX_BATCH."""
+
+
+def compile_decode(model: torch.nn.Module):
+    """The model's forward compiled for decode steps, with dynamic batch size and context length."""
+    # dynamic dims are marked on the warm-up inputs (`_dummy_step`)
+    return torch.compile(_own_code(model.forward), options={"guard_filter_fn": _step_guards_only})
+
+
+def _own_code(method):
+    """`method` bound to a copy of its code object. Compiled graphs are cached per code object, and with
+    the model's guards dropped, a second engine in the process (a bench comparison, a draft model) would
+    otherwise run the first engine's graph on its own, different weights."""
+    fn = method.__func__
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, method.__self__)
+
+
+@torch.inference_mode()
+def warm_up(compiled_forward, block_size: int, max_num_seqs: int, device: torch.device, show_progress: bool) -> None:
+    """Compile both batch-size variants now, on dummy steps that write into the first blocks (unused
+    at start-up, and overwritten before any request reads them)."""
+    sizes = [n for n in WARMUP_BATCHES if n <= max_num_seqs]
+    try:
+        for n in progress(sizes, "compile decode step", show_progress, unit="graph"):
+            compiled_forward(*_dummy_step(n, block_size, device))
+    except Exception as e:   # no C++ compiler, an unsupported op, ...: say so instead of a compiler trace
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RuntimeError(f"compiling the decode step failed ({type(e).__name__}: {first_line[:300]}); "
+                           "run without --compile") from e
+
+
+def _dummy_step(n: int, block_size: int, device: torch.device):
+    """Step inputs whose batch size (unless 1) and context width are marked dynamic: the graph traced
+    on them serves every size of their range. Everything else, the KV pages included, stays static."""
+    ids, positions = torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.long, device=device)
+    slots = torch.arange(n, device=device)
+    tables = torch.zeros(n, 3, dtype=torch.long, device=device)     # 3 blocks: no size shared with another input
+    seq_lens = torch.ones(n, dtype=torch.long, device=device)
+    torch._dynamo.mark_dynamic(tables, 1)
+    if n > 1:
+        for t in (ids, positions, slots, tables, seq_lens):
+            torch._dynamo.mark_dynamic(t, 0)
+    meta = AttentionMetadata(slots, list(range(n + 1)), [1] * n,
+                             [tables[0, :1]] * n, block_size)
+    meta.decode = DecodeBatch(tables, seq_lens)
+    return ids, positions, meta
+
+
+def _step_guards_only(guards) -> list[bool]:
+    """Keep the guards on the step's inputs (shapes, dtypes) and on global state; drop the ~2,500 on the
+    model's modules, weights and hooks, whose checks cost ~1 ms per step: nothing changes a serving model."""
+    keep = {"SHAPE_ENV", "GLOBAL_STATE", "GRAD_MODE", "DEFAULT_DEVICE"}
+    return [g.guard_type in keep or (g.guard_type == "TENSOR_MATCH" and not _in_model(g)) for g in guards]
+
+
+def _in_model(guard) -> bool:
+    source = guard.orig_guard.source
+    return source is not None and source.is_unspecialized_nn_module()
