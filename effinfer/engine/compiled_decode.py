@@ -19,14 +19,14 @@ import types
 
 import torch
 
-from effinfer.compression.quant.weight_only import KERNEL_MAX_ROWS
 from effinfer.layers.attention import AttentionMetadata, DecodeBatch
 from effinfer.utils import progress
 
-MAX_BATCH = KERNEL_MAX_ROWS
+MAX_BATCH = 16
 """Decode steps of more sequences run eagerly: there the matmuls dominate and the step's overhead is shared
-(measured at 32 sequences: bf16 0.87x with compiled steps, from unbucketed padded attention); this is also
-where the quantized matmuls switch kernels, so one graph serves every compiled batch of 2 or more."""
+(measured at 32 sequences: bf16 0.87x with compiled steps, from unbucketed padded attention). Not above
+the quantized matmuls' kernel switch (`weight_only.KERNEL_MAX_ROWS`, a test checks), so one graph serves
+every compiled batch of 2 or more."""
 WARMUP_BATCHES = (1, 2)
 """Batch sizes with their own graph: the compiler specializes a size of 1; 2 serves 2..MAX_BATCH."""
 
@@ -71,8 +71,7 @@ def _dummy_step(n: int, block_size: int, device: torch.device):
     if n > 1:
         for t in (ids, positions, slots, tables, seq_lens):
             torch._dynamo.mark_dynamic(t, 0)
-    meta = AttentionMetadata(slots, list(range(n + 1)), [1] * n,
-                             [tables[0, :1]] * n, block_size)
+    meta = AttentionMetadata(slots, list(range(n + 1)), [1] * n, [tables[0, :1]] * n, block_size)
     meta.decode = DecodeBatch(tables, seq_lens)
     return ids, positions, meta
 

@@ -44,6 +44,12 @@ def test_two_compiled_engines_keep_their_own_graphs(tmp_path):
         assert llm.generate(PROMPTS[1:2], GREEDY, use_tqdm=False)[0].token_ids == expected[q]
 
 
+def test_compiled_batches_stay_on_one_side_of_the_kernel_switch():
+    from effinfer.compression.quant.weight_only import KERNEL_MAX_ROWS
+
+    assert compiled_decode.MAX_BATCH <= KERNEL_MAX_ROWS      # else batches above the switch need a third graph
+
+
 def test_failed_compile_is_one_clear_error(monkeypatch, tmp_path):
     def no_compiler(model):
         def forward(*args):
