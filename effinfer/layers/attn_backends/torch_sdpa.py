@@ -24,16 +24,16 @@ def paged_attention(q: torch.Tensor, kv_cache, meta, scale: float, sliding_windo
     buckets, others = plan
     if len(buckets) == 1 and not others:  # a pure decode step of similar lengths: rows are 0..n-1 in order
         _, block_tables, mask = buckets[0]
-        return attend_decodes(q, kv_cache, block_tables, mask, scale)
+        return _attend_decodes(q, kv_cache, block_tables, mask, scale)
     out = torch.empty_like(q)
     for rows, block_tables, mask in buckets:
-        out.index_copy_(0, rows, attend_decodes(q.index_select(0, rows), kv_cache, block_tables, mask, scale))
+        out.index_copy_(0, rows, _attend_decodes(q.index_select(0, rows), kv_cache, block_tables, mask, scale))
     for i in others:
         torch_ref.attend_one(q, kv_cache, meta, i, scale, sliding_window, out)
     return out
 
 
-def attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
+def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, _, block_size, _ = kv_cache.shape
     max_len = block_tables.shape[1] * block_size
@@ -48,7 +48,7 @@ def attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
 
 
 def attend_decodes_traced(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
-    """`attend_decodes` written as broadcast products and sums, for `torch.compile`: the block gather,
+    """`_attend_decodes` written as broadcast products and sums, for `torch.compile`: the block gather,
     the dequantization and both reductions fuse into a few loops, where two tiny batched matmuls cost
     ~10-20 us each on CPU. Eagerly it would materialize [.., context, head_dim] products: traced use only."""
     num_seqs, num_heads, head_dim = q.shape
