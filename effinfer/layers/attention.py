@@ -51,27 +51,6 @@ class AttentionMetadata:
         return self.mask_cache[key]
 
 
-def write_pages(data: torch.Tensor, scales: torch.Tensor | None, slot_mapping: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor, kind: str) -> None:
-    """Store k, v [num_tokens, num_kv_heads, head_dim] (quantized for 8-bit pages) in their slots of `data`
-    [2, num_kv_heads, num_blocks, block_size, head_dim] and `scales`. Registered as the op
-    `effinfer::write_pages`, which `torch.compile` keeps opaque: traced, an index_copy_ into the pages is
-    functionalized into a copy of the whole cache every step."""
-    two, heads, _, _, head_dim = data.shape
-    values, value_scales = kv_quant.quantize(torch.stack((k, v)).transpose(1, 2), kind)   # [2, heads, tokens, dim]
-    data.view(two, heads, -1, head_dim).index_copy_(2, slot_mapping, values.to(data.dtype))
-    if value_scales is not None:
-        scales.view(two, heads, -1).index_copy_(2, slot_mapping, value_scales.to(scales.dtype))
-
-
-# The low-level registration: `torch.library.custom_op` adds ~15 us of Python to each call (30+ per step).
-_LIBRARY = torch.library.Library("effinfer", "DEF")
-_LIBRARY.define("write_pages(Tensor(a!) data, Tensor(b!)? scales, Tensor slot_mapping, Tensor k, Tensor v, "
-                "str kind) -> ()")
-_LIBRARY.impl("write_pages", write_pages, "CompositeExplicitAutograd")
-torch.library.register_fake("effinfer::write_pages", lambda *args: None, lib=_LIBRARY)
-
-
 @dataclass
 class DecodeBatch:
     """A pure decode step as tensors: one new token per sequence, row i of the step is sequence i."""
@@ -103,9 +82,31 @@ class PagedKVCache:
 
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [num_tokens, num_kv_heads, head_dim] -> their slots
+        two, heads, _, _, head_dim = self.data.shape
+        values, value_scales = self._quantize(k, v)
+        self.data.view(two, heads, -1, head_dim).index_copy_(2, slot_mapping, values)
+        if value_scales is not None:
+            self.scales.view(two, heads, -1).index_copy_(2, slot_mapping, value_scales)
+
+    def write_traced(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` for a compiled step: an index_put_ into the pages themselves, not into a view of them.
+        The compiler performs it in place inside a generated kernel; through a view (as `write` does), the
+        traced write became a copy of the whole cache every step (35-44 ms)."""
+        block_size = self.data.shape[3]
+        blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+        values, value_scales = self._quantize(k, v)
+        self.data[:, :, blocks, offsets] = values
+        if value_scales is not None:
+            self.scales[:, :, blocks, offsets] = value_scales
+
+    def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k, v [num_tokens, num_kv_heads, head_dim] -> pages' values [2, heads, tokens, dim] (and scales)."""
         if self.key_scale is not None:
             k = k / self.key_scale
-        torch.ops.effinfer.write_pages(self.data, self.scales, slot_mapping, k, v, self.kind)
+        values, value_scales = kv_quant.quantize(torch.stack((k, v)).transpose(1, 2), self.kind)
+        if value_scales is not None:
+            value_scales = value_scales.to(self.scales.dtype)
+        return values.to(self.data.dtype), value_scales
 
     def gather_slots(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots: each [num_kv_heads, len(slots), head_dim]."""
@@ -147,11 +148,12 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
         assert self.kv_cache is not None, "KV cache not bound: the model runner binds it before the first forward"
-        self.kv_cache.write(meta.slot_mapping, k, v)
         q = self.kv_cache.scale_queries(q)
         if meta.decode is None:
+            self.kv_cache.write(meta.slot_mapping, k, v)
             out = self.backend(q, self.kv_cache, meta, self.scale, self.sliding_window)
         else:    # a compiled decode step (engine/compiled_decode.py)
+            self.kv_cache.write_traced(meta.slot_mapping, k, v)
             tables = meta.decode.block_tables
             mask = torch_sdpa.decode_mask(meta.decode.seq_lens, tables.shape[1], self.kv_cache.shape[3],
                                           self.sliding_window)
