@@ -8,8 +8,9 @@ Prefill chunks, verification of drafts and early exits keep the eager path.
 
 Only the batch size and the context width are dynamic; the KV pages and weights are static shapes
 (dynamic page shapes cost ~15% of the step in generic index arithmetic), and guards are kept on the
-step's inputs only. The price is the compile: ~40 s per batch-size variant for SmolLM2 on 2 cores the
-first time (PyTorch's inductor cache makes later starts take seconds). Every variant is compiled when
+step's inputs only. The price is the compile: ~30-90 s per batch-size variant for SmolLM2 on 2 cores the
+first time with given settings, the graphs being keyed to the KV pool's size (with frozen weights, later
+starts took ~40 s in all from PyTorch's inductor cache). Every variant is compiled when
 the engine starts, so a server never stalls mid-stream on a recompile.
 """
 

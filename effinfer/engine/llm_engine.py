@@ -227,7 +227,7 @@ class LLMEngine:
         seqs = [self._scheduled_seq(r, scheduled.num_new_tokens[r.request_id]) for r in scheduled.requests]
         if self.early_exit is not None and len(seqs) <= self.config.exit.early_exit_max_batch:
             for request, seq in zip(scheduled.requests, seqs):
-                if len(seq.token_ids) == 1 and seq.needs_logits and not seq.all_logits and not seq.num_spec:
+                if seq.is_one_token_decode:
                     seq.exit_threshold = request.exit_threshold
         logits = self.runner.execute(seqs)
         sample_rows, sampling, verifying, row = [], [], [], 0

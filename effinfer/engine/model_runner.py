@@ -32,6 +32,11 @@ class ScheduledSeq:
     exit_threshold: float | None = None
     """A decode token may exit early when an exit head's confidence exceeds this (None: runs every layer)."""
 
+    @property
+    def is_one_token_decode(self) -> bool:
+        """One new token whose logits sample the next: what early exit and compiled steps can run."""
+        return len(self.token_ids) == 1 and self.needs_logits and not self.all_logits and not self.num_spec
+
 
 class ModelRunner:
     def __init__(self, model: nn.Module, block_size: int, device: torch.device | str):
@@ -87,7 +92,7 @@ class ModelRunner:
 
 def _plain_decode(seq: ScheduledSeq) -> bool:
     """One token through every layer: what the compiled decode step runs."""
-    return len(seq.token_ids) == 1 and seq.exit_threshold is None
+    return seq.is_one_token_decode and seq.exit_threshold is None
 
 
 def _logit_rows(start: int, end: int, seq: ScheduledSeq) -> range:
