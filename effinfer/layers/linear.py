@@ -18,6 +18,8 @@ class QuantMethod(ABC):
     """One weight format. Registered by name in `effinfer.compression.quant`."""
 
     name: str = ""
+    cpu_kernel: str = "auto"
+    """Few-row matmuls on CPU: effinfer's own kernel where there is one and it builds (auto) or PyTorch's (aten)."""
 
     @abstractmethod
     def create_weights(self, layer: "QuantLinear") -> None:

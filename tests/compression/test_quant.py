@@ -34,7 +34,8 @@ def test_int8_kernel_matches_reference(dtype, rows):
     w, x, b = torch.randn(96, 128), torch.randn(rows, 128).to(dtype), torch.randn(96)
     layer = _layer(get_quant_method("int8"), w, dtype, b)
     ref = F.linear(x.float(), layer.method.dequantize(layer).float(), b)
-    assert torch.allclose(layer(x).float(), ref, atol=0.05 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-3)
+    # fp32: few-row steps round activations to int16 in effinfer's kernel (its own tests bound that exactly)
+    assert torch.allclose(layer(x).float(), ref, atol=(0.05 if dtype == torch.bfloat16 else 1e-3) * ref.abs().max().item())
     # per-row error of round-to-nearest is at most half a step of that row's scale (plus bf16 rounding)
     err = (layer.method.dequantize(layer).float() - w).abs().amax(dim=1)
     amax = w.abs().amax(dim=1)
@@ -107,4 +108,5 @@ def test_w8a8_int8_gemm_matches_reference():
     out = layer(x)
     # activations rounded per token: error within a few int8 steps of the output's size
     assert (out - reference).abs().max() < 0.02 * reference.abs().max()
-    assert torch.allclose(layer(x[:3]), F.linear(x[:3], layer.method.dequantize(layer)), atol=1e-3)
+    few = F.linear(x[:3], layer.method.dequantize(layer))                      # the int8 weight-only kernel
+    assert torch.allclose(layer(x[:3]), few, atol=1e-3 * few.abs().max().item())

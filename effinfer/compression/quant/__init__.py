@@ -19,6 +19,7 @@ QUANT_METHODS = {
     "int4": "effinfer.compression.quant.weight_only:Int4WeightOnly",
     "w8a8": "effinfer.compression.quant.w8a8:W8A8",
 }
+CPU_KERNELS = ("auto", "aten")
 FILE_FORMATS = {"gguf": "the GGUF file's own blocks: 4-bit blocks as int4 groups of 32, wider blocks as int8"}
 
 
@@ -34,12 +35,13 @@ class QuantSpec:
     group_size: int = 32
     symmetric: bool = False
     quantize_lm_head: bool = True
+    cpu_kernel: str = "auto"
     layer_methods: dict[str, QuantMethod] = field(default_factory=dict)
     """Per-module methods planned from the checkpoint (GGUF blocks); others use `method`."""
 
     def prepare(self, model: nn.Module) -> None:
         prepare_model(model, get_quant_method(self.method, self.group_size, self.symmetric),
-                      self.quantize_lm_head, self.layer_methods)
+                      self.quantize_lm_head, self.layer_methods, self.cpu_kernel)
 
     def finish(self, model: nn.Module) -> None:
         finish_model(model)
@@ -56,19 +58,24 @@ def get_quant_method(name: str, group_size: int = 32, symmetric: bool = False) -
 
 
 def prepare_model(model: nn.Module, method: QuantMethod, quantize_lm_head: bool = True,
-                  layer_methods: dict[str, QuantMethod] | None = None) -> None:
+                  layer_methods: dict[str, QuantMethod] | None = None, cpu_kernel: str = "auto") -> None:
     """Swap every linear layer of the decoder for a `QuantLinear` of `method` (or the per-layer method in
-    `layer_methods`, keyed by module name); the output head becomes int8 (its rows are the vocabulary)."""
+    `layer_methods`, keyed by module name); the output head becomes int8 (its rows are the vocabulary).
+    Every method used gets `cpu_kernel` (QuantConfig.cpu_kernel)."""
     from effinfer.compression.quant.weight_only import Int8WeightOnly
 
     layer_methods = layer_methods or {}
+    for m in {method, *layer_methods.values()}:
+        m.cpu_kernel = cpu_kernel
     for name, module in list(model.model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 full = f"model.{name}.{child_name}" if name else f"model.{child_name}"
                 setattr(module, child_name, QuantLinear.from_linear(child, layer_methods.get(full, method)))
     if quantize_lm_head:
-        model.lm_head = QuantLinear.from_linear(model.lm_head, Int8WeightOnly())
+        head_method = Int8WeightOnly()
+        head_method.cpu_kernel = cpu_kernel
+        model.lm_head = QuantLinear.from_linear(model.lm_head, head_method)
         if model.config.tie_word_embeddings:
             model.model.embed_tokens = QuantEmbedding(model.lm_head)
 

@@ -1,8 +1,9 @@
 """Weight-only round-to-nearest quantization: int8 per output channel and int4 per group.
 
-Kernels: PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they
-apply; elsewhere (CUDA, or int8 with many rows, where a bf16 GEMM over the dequantized weight is faster
-than the int8 GEMV kernel) the weight is dequantized for the call and multiplied with `F.linear`, which
+Kernels: for int8 few-row steps on x86 CPUs, effinfer's own (`effinfer/kernels/int8_gemv.cpp`: integer dot
+products on int16 activations; 1.5x PyTorch's at one row here), else PyTorch's packed CPU kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they apply; elsewhere (CUDA, or many rows, where
+a bf16 GEMM over the dequantized weight is faster than the GEMV kernels) the weight is dequantized for the call and multiplied with `F.linear`, which
 is also the reference the kernels are tested against. Scales follow the activation dtype.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from effinfer.kernels import int8_gemv
 from effinfer.layers.linear import QuantMethod
 
 KERNEL_MAX_ROWS = 16
@@ -63,8 +65,16 @@ class Int8WeightOnly(QuantMethod):
         layer.qweight[rows] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         layer.scales[rows] = scale.to(layer.scales.dtype)
 
+    def process_weights_after_loading(self, layer):
+        gemv = int8_gemv() if self.cpu_kernel == "auto" and layer.qweight.device.type == "cpu" else None
+        if gemv is not None and layer.in_features % 32 == 0 and layer.out_features % 4 == 0:
+            layer.gemv = gemv
+            layer.register_buffer("scales_fp32", layer.scales.float(), persistent=False)
+
     def apply(self, layer, x):
         if x.device.type == "cpu" and x.shape[0] <= KERNEL_MAX_ROWS:
+            if hasattr(layer, "gemv"):
+                return layer.gemv(x, layer.qweight, layer.scales_fp32)
             return torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales.to(x.dtype))
         return F.linear(x, self.dequantize(layer).to(x.dtype))
 

@@ -1,0 +1,67 @@
+"""effinfer's own CPU kernels (C++ in this folder), built from source on first use by PyTorch's extension
+builder (a C++ compiler and ninja; ~6 s once, then loaded from PyTorch's cache, ~/.cache/torch_extensions).
+
+Where the kernels cannot be built (no compiler, not x86), callers keep PyTorch's own: `int8_gemv()` returns
+None and a warning says why, once.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCES = [Path(__file__).with_name("int8_gemv.cpp")]
+_built: bool | None = None
+"""None until the first request; then whether the build and load succeeded."""
+
+
+def int8_gemv():
+    """The op `int8_gemv(x [M, K], qweight int8 [N, K], scales fp32 [N]) -> x.dtype [M, N]`, or None."""
+    return torch.ops.effinfer_kernels.int8_gemv.default if _loaded() else None
+
+
+def _loaded() -> bool:
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        _put_ninja_on_path()
+
+        load(name="effinfer_kernels", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:   # no compiler or ninja, a read-only cache, ...: keep PyTorch's kernels
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        warnings.warn(f"effinfer's int8 CPU kernel did not build ({type(e).__name__}: {first_line[:200]}); "
+                      "int8 layers use PyTorch's kernel (slower single-stream decode)", stacklevel=3)
+        return False
+    torch.library.register_fake("effinfer_kernels::int8_gemv")(_int8_gemv_shape)
+    return True
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch's builder runs `ninja` from PATH; the pip-installed one sits in the venv's bin, which is not on
+    PATH when the venv is used without activating it (`.venv/bin/effinfer ...`)."""
+    try:
+        import ninja
+    except ImportError:
+        return   # a system ninja may still be on PATH
+    if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _int8_gemv_shape(x, qweight, scales, isa="auto"):
+    """What `torch.compile` traces with: the output's shape and dtype."""
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
