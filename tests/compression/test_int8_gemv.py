@@ -67,6 +67,16 @@ def test_zero_activations_give_zeros():
     assert torch.equal(_gemv()(torch.zeros(1, 64), w, torch.ones(8)), torch.zeros(1, 8))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_activations_give_nan_rows(bad):
+    w = torch.randint(-127, 128, (8, 64), dtype=torch.int8)
+    x = torch.randn(2, 64)
+    x[1, 40] = bad
+    for isa in _isas():
+        out = _gemv()(x, w, torch.ones(8), isa)
+        assert torch.isfinite(out[0]).all() and out[1].isnan().all(), isa
+
+
 def test_bad_shapes_are_refused_with_a_message():
     w = torch.zeros(8, 48, dtype=torch.int8)                  # 48 columns: not a multiple of 32
     with pytest.raises(RuntimeError, match="K % 32"):

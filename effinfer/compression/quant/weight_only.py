@@ -3,8 +3,9 @@
 Kernels: for int8 few-row steps on x86 CPUs, effinfer's own (`effinfer/kernels/int8_gemv.cpp`: integer dot
 products on int16 activations; 1.5x PyTorch's at one row here), else PyTorch's packed CPU kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they apply; elsewhere (CUDA, or many rows, where
-a bf16 GEMM over the dequantized weight is faster than the GEMV kernels) the weight is dequantized for the call and multiplied with `F.linear`, which
-is also the reference the kernels are tested against. Scales follow the activation dtype.
+a bf16 GEMM over the dequantized weight is faster than the GEMV kernels) the weight is dequantized for the
+call and multiplied with `F.linear`, which is also the reference the kernels are tested against. Scales
+follow the activation dtype.
 """
 
 from __future__ import annotations
