@@ -37,8 +37,8 @@ def compile_decode(model: torch.nn.Module):
     """The model's forward compiled for decode steps, with dynamic batch size and context length."""
     # dynamic dims are marked on the warm-up inputs (`_dummy_step`). Freezing makes the weights constants of
     # the graph: the step no longer passes ~300 of them in and folds their casts (int8 decode 126 -> 143-146).
-    # The C++ wrapper calls the step's ~300 kernels from C++ instead of Python (int4 186 -> 224 tokens/s,
-    # int8 183 -> 199; the first compile takes ~3 minutes instead of ~1.5).
+    # The C++ wrapper calls the step's ~300 kernels from C++ instead of Python: +1-11% tokens/s in an A/B of
+    # alternating processes (benchmarks/README.md); the first compile takes ~3 minutes instead of ~1.5.
     options = {"guard_filter_fn": _step_guards_only, "freezing": True, "cpp_wrapper": True}
     return torch.compile(_own_code(model.forward), options=options)
 
