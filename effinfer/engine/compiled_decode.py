@@ -9,7 +9,7 @@ Prefill chunks, verification of drafts and early exits keep the eager path.
 Only the batch size and the context width are dynamic; the KV pages and weights are static shapes
 (dynamic page shapes cost ~15% of the step in generic index arithmetic), and guards are kept on the
 step's inputs only; the weights are frozen into the graph and its kernels are called from a C++ wrapper.
-The price is the compile: ~3 minutes for both batch-size variants of SmolLM2 on 2 cores the first time
+The price is the compile: 3-4 minutes for both batch-size variants of SmolLM2 on 2 cores the first time
 with given settings, the graphs being keyed to the KV pool's size (later starts took ~37 s in all from
 PyTorch's inductor cache). Every variant is compiled when the engine starts, so a server never stalls
 mid-stream on a recompile.
@@ -38,7 +38,7 @@ def compile_decode(model: torch.nn.Module):
     # dynamic dims are marked on the warm-up inputs (`_dummy_step`). Freezing makes the weights constants of
     # the graph: the step no longer passes ~300 of them in and folds their casts (int8 decode 126 -> 143-146).
     # The C++ wrapper calls the step's ~300 kernels from C++ instead of Python: +1-11% tokens/s in an A/B of
-    # alternating processes (benchmarks/README.md); the first compile takes ~3 minutes instead of ~1.5.
+    # alternating processes (benchmarks/README.md); the first compile takes 3-4 minutes instead of ~1.5.
     options = {"guard_filter_fn": _step_guards_only, "freezing": True, "cpp_wrapper": True}
     return torch.compile(_own_code(model.forward), options=options)
 
