@@ -2,7 +2,8 @@
 
 The weights of a whole model's decoder (SmolLM2-135M's shapes by default: 30 layers of fused q/k/v, o,
 gate/up and down) are separate tensors as in the engine, so each step streams them from memory as decode
-does; the output head is timed alone. Prints milliseconds per pass and effective GB/s per row count.
+does; the output head is timed alone. Prints milliseconds per pass and effective GB/s per row count, and
+what a plain read (a sum) of the same tensors takes: the memory's pace.
 
     .venv/bin/python benchmarks/int8_gemv_kernel.py [--layers 30] [--hidden 576] [--intermediate 1536]
 """
@@ -48,8 +49,11 @@ def main() -> None:
     head = torch.randint(-127, 128, (args.vocab, h), dtype=torch.int8), torch.rand(args.vocab)
     kernels = {"aten": lambda x, w, s: torch.ops.aten._weight_int8pack_mm(x, w, s.to(x.dtype)),
                "effinfer": lambda x, w, s: ours(x, w, s)}
+    # what memory gives: the same tensors only read (summed as int64 words), per pass
+    read = timed(lambda: [w.view(torch.int64).sum() for layer in layers for w, _ in layer], args.repeats)
     print(f"{args.layers} layers, {nbytes / 1e6:.0f} MB of int8 weights, {args.threads} threads; "
-          f"isa {torch.ops.effinfer_kernels.gemv_isa()}")
+          f"isa {torch.ops.effinfer_kernels.gemv_isa()}; a plain read of them: {read * 1e3:.2f} ms, "
+          f"{nbytes / read / 1e9:.1f} GB/s")
     print(f"{'rows':>4} {'kernel':>9} {'layers ms':>10} {'GB/s':>6} {'head ms':>8} {'ratio':>6}")
     for rows in (1, 2, 4, 8, 16):
         x = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (h, i)}
