@@ -1,8 +1,8 @@
 """effinfer's own CPU kernels (C++ in this folder), built from source on first use by PyTorch's extension
 builder (a C++ compiler and ninja; ~6 s once, then loaded from PyTorch's cache, ~/.cache/torch_extensions).
 
-Where the kernels cannot be built (no compiler, not x86), callers keep PyTorch's own: `int8_gemv()` returns
-None and a warning says why, once.
+Where the kernels cannot be built (no compiler, not x86), callers keep PyTorch's own: `int8_gemv()` and
+`int4_gemv()` return None and a warning says why, once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("int8_gemv.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemv.cpp", "int4_gemv.cpp")]
 _built: bool | None = None
 """None until the first request; then whether the build and load succeeded."""
 
@@ -22,6 +22,15 @@ _built: bool | None = None
 def int8_gemv():
     """The op `int8_gemv(x [M, K], qweight int8 [N, K], scales fp32 [N]) -> x.dtype [M, N]`, or None."""
     return torch.ops.effinfer_kernels.int8_gemv.default if _loaded() else None
+
+
+def int4_gemv():
+    """The op `int4_gemv(x [M, K], packed uint8 [N, K / 2], records fp32 [N, 2K / sub], sub) -> x.dtype [M, N]`
+    (layout: effinfer/kernels/int4_layout.py), or None where the kernel is not built or the CPU lacks
+    AVX512-VNNI (its only fast path; elsewhere PyTorch's int4 kernel is faster than its scalar one)."""
+    if not _loaded() or torch.ops.effinfer_kernels.int4_isa() != "avx512_vnni":
+        return None
+    return torch.ops.effinfer_kernels.int4_gemv.default
 
 
 def _loaded() -> bool:
@@ -43,10 +52,12 @@ def _build() -> bool:
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:   # no compiler or ninja, a read-only cache, ...: keep PyTorch's kernels
         first_line = (str(e).strip().splitlines() or [""])[0]
-        warnings.warn(f"effinfer's int8 CPU kernel did not build ({type(e).__name__}: {first_line[:200]}); "
-                      "int8 layers use PyTorch's kernel (slower single-stream decode)", stacklevel=3)
+        warnings.warn(f"effinfer's CPU kernels did not build ({type(e).__name__}: {first_line[:200]}); "
+                      "int8 and int4 layers use PyTorch's kernels (slower single-stream decode)", stacklevel=3)
         return False
     torch.library.register_fake("effinfer_kernels::int8_gemv")(_int8_gemv_shape)
+    torch.library.register_fake("effinfer_kernels::int4_gemv")(_int4_gemv_shape)
+    torch.library.register_fake("effinfer_kernels::int4_dequantize")(_int4_dequantize_shape)
     return True
 
 
@@ -65,3 +76,10 @@ def _int8_gemv_shape(x, qweight, scales, isa="auto"):
     """What `torch.compile` traces with: the output's shape and dtype."""
     return x.new_empty(x.shape[0], qweight.shape[0])
 
+
+def _int4_gemv_shape(x, packed, records, sub, isa="auto"):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _int4_dequantize_shape(packed, records, sub, dtype):
+    return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype)

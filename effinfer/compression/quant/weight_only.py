@@ -1,7 +1,8 @@
 """Weight-only round-to-nearest quantization: int8 per output channel and int4 per group.
 
-Kernels: for int8 few-row steps on x86 CPUs, effinfer's own (`effinfer/kernels/int8_gemv.cpp`: integer dot
-products on int16 activations; 1.5x PyTorch's at one row here), else PyTorch's packed CPU kernels
+Kernels: for few-row steps on x86 CPUs, effinfer's own (`effinfer/kernels/`): int8 with integer dot products
+on int16 activations (1.5x PyTorch's at one row here), int4 on AVX512-VNNI with int8 activations per block
+of 64 columns, as llama.cpp's Q4_0 x Q8_0 (~1.3x PyTorch's); else PyTorch's packed CPU kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they apply; elsewhere (CUDA, or many rows, where
 a bf16 GEMM over the dequantized weight is faster than the GEMV kernels) the weight is dequantized for the
 call and multiplied with `F.linear`, which is also the reference the kernels are tested against. Scales
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from effinfer.kernels import int8_gemv
+from effinfer.kernels import int4_gemv, int4_layout, int8_gemv
 from effinfer.layers.linear import QuantMethod
 
 KERNEL_MAX_ROWS = 16
@@ -131,20 +132,43 @@ class Int4WeightOnly(QuantMethod):
         layer.zeros[rows] = (weight.minimum + 8 * weight.scale).to(layer.zeros.dtype)
 
     def process_weights_after_loading(self, layer):
-        if layer.qvalues.device.type != "cpu" or layer.out_features % 16:
-            return    # other devices (and widths the CPU kernel cannot pack) dequantize per call
+        if layer.qvalues.device.type != "cpu" or self._pack_for_effinfer_kernel(layer):
+            return    # (other devices dequantize per call)
+        if layer.out_features % 16:
+            return    # widths PyTorch's kernel cannot pack dequantize per call
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(layer.qvalues.to(torch.int32), 1)
         layer.register_buffer("packed", packed)
         layer.register_buffer("scales_and_zeros", torch.stack([layer.scales, layer.zeros], -1).transpose(0, 1).contiguous())
         del layer.qvalues, layer.scales, layer.zeros
 
+    def _pack_for_effinfer_kernel(self, layer) -> bool:
+        """effinfer's int4 kernel where it runs (x86 with AVX512-VNNI, not `cpu_kernel=aten`) and the shape fits."""
+        gemv = int4_gemv() if self.cpu_kernel == "auto" else None
+        if gemv is None or layer.in_features % 64 or layer.out_features % 4:
+            return False
+        scales, zeros = layer.scales.float(), layer.zeros.float()
+        packed, records, block = int4_layout.pack(layer.qvalues, scales, zeros - 8 * scales, self.group_size)
+        if not records.isfinite().all():
+            return False    # scales past fp16's range (not seen in real weights): PyTorch's layout keeps them
+        layer.register_buffer("packed", packed)
+        layer.register_buffer("records", records)
+        layer.gemv, layer.block = gemv, block
+        del layer.qvalues, layer.scales, layer.zeros
+        return True
+
     def apply(self, layer, x):
+        if hasattr(layer, "gemv"):
+            if x.shape[0] <= KERNEL_MAX_ROWS:
+                return layer.gemv(x, layer.packed, layer.records, layer.block)
+            return F.linear(x, torch.ops.effinfer_kernels.int4_dequantize(layer.packed, layer.records, layer.block, x.dtype))
         if hasattr(layer, "packed") and (x.shape[0] <= KERNEL_MAX_ROWS or layer.out_features % 64):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, self.group_size,
                                                                layer.scales_and_zeros.to(x.dtype))
         return F.linear(x, self.dequantize(layer).to(x.dtype))
 
     def dequantize(self, layer):
+        if hasattr(layer, "gemv"):
+            return int4_layout.dequantize(layer.packed, layer.records, layer.block)
         if hasattr(layer, "packed"):
             q = unpack_int4_cpu(layer.packed, layer.out_features, layer.in_features)
             scales, zeros = layer.scales_and_zeros.unbind(-1)
