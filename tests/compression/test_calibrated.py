@@ -72,7 +72,9 @@ def test_checkpoint_saves_and_loads_back(smollm2_path, tmp_path, method):
     saved = (q.float().view(q.shape[0], -1, GROUP) * scale[..., None] + minimum[..., None]).view(q.shape)
     qkv = llm.engine.model.model.layers[0].self_attn.qkv_proj
     loaded = qkv.method.dequantize(qkv)[576:576 + 192]
-    assert torch.allclose(loaded, saved, atol=1e-5)
+    # exact on PyTorch's int4 layout; effinfer's kernel keeps scale and minimum in fp16 (half an ulp each)
+    fp16_rounding = ((15 * scale.abs() + minimum.abs()) * 2 ** -11 + 1e-6).repeat_interleave(GROUP, dim=1)
+    assert torch.all((loaded - saved).abs() <= fp16_rounding)
     text = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0].text
     assert "Paris" in text
     with pytest.raises(ValueError, match="already quantized"):
