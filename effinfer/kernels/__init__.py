@@ -25,7 +25,7 @@ def int8_gemv():
 
 
 def int4_gemv():
-    """The op `int4_gemv(x [M, K], packed uint8 [N, K / 2], records fp32 [N, 2K / sub], sub) -> x.dtype [M, N]`
+    """The op `int4_gemv(x [M, K], packed uint8 [N, K / 2], records fp16 [N, 2K / sub], sub) -> x.dtype [M, N]`
     (layout: effinfer/kernels/int4_layout.py), or None where the kernel is not built or the CPU lacks
     AVX512-VNNI (its only fast path; elsewhere PyTorch's int4 kernel is faster than its scalar one)."""
     if not _loaded() or torch.ops.effinfer_kernels.int4_isa() != "avx512_vnni":
