@@ -320,9 +320,11 @@ void gemv(const std::string& isa, const T* x, const uint8_t* w, const c10::Half*
   xq.resize(M * s.K);
   xscale.resize(M * s.blocks());
   xsum.resize(M * s.blocks());
-  static const bool avx512 = best_isa() == "avx512_vnni";
+  const bool avx512 = isa == "avx512_vnni";   // the scalar path quantizes without AVX512 too (the same bits)
   for (int64_t m = 0; m < M; ++m)
     quantize_row(x + m * s.K, s, avx512, xq.data() + m * s.K, xscale.data() + m * s.blocks(), xsum.data() + m * s.blocks());
+  TileFn tiles[kMaxRowsPerPass + 1];   // by activation rows in a pass, chosen once per call
+  for (int64_t mb = 1; mb <= kMaxRowsPerPass; ++mb) tiles[mb] = pick(isa, s.sub, mb);
   const int8_t* xq_ptr = xq.data();
   const float *xs = xscale.data(), *xm = xsum.data();
   const int64_t row_bytes = s.K / 2, row_record = 2 * s.blocks();
@@ -332,8 +334,8 @@ void gemv(const std::string& isa, const T* x, const uint8_t* w, const c10::Half*
       const int64_t n = t * R;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRowsPerPass) {
         const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, M - m0);
-        pick(isa, s.sub, mb)(w + n * row_bytes, records + n * row_record, s, xq_ptr + m0 * s.K, xs + m0 * s.blocks(),
-                            xm + m0 * s.blocks(), sums);
+        tiles[mb](w + n * row_bytes, records + n * row_record, s, xq_ptr + m0 * s.K, xs + m0 * s.blocks(),
+                  xm + m0 * s.blocks(), sums);
         for (int64_t m = 0; m < mb; ++m)
           for (int r = 0; r < R; ++r) out[(m0 + m) * N + n + r] = static_cast<T>(sums[m * R + r]);
       }
@@ -381,8 +383,8 @@ template <> __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline voi
 
 // The weight the kernel multiplies with, in column order and `dtype`: for steps of many rows, which run a
 // GEMM. Each 128-column chunk: nibbles split, 32-bit lanes put back in column order, 16 columns at a time
-// widened to fp32, times the block's scale plus its minimum (SmolLM2's layers: ~1 ms, where unpacking
-// PyTorch's int4 layout with PyTorch ops takes ~2.6 ms and this layout with PyTorch ops ~13).
+// widened to fp32, times the block's scale plus its minimum (SmolLM2's four layer shapes: ~1 ms, where
+// unpacking PyTorch's int4 layout with PyTorch ops took 2.0-2.9 ms and this layout with PyTorch ops 5.5-14).
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c")))
 void dequantize_row(const uint8_t* w, const c10::Half* scales, const Shape& s, T* row) {

@@ -95,6 +95,8 @@ class Int4WeightOnly(QuantMethod):
         if group_size not in (32, 64, 128, 256):
             raise ValueError(f"group_size={group_size} is not supported for int4; choose 32, 64, 128 or 256")
         self.group_size, self.symmetric = group_size, symmetric
+        self.kernel_block = int4_layout.block_columns(group_size)
+        """Columns per activation block (and per stored scale) in effinfer's int4 kernel."""
 
     def describe(self):
         return {"method": self.name, "group_size": self.group_size, "symmetric": self.symmetric}
@@ -147,20 +149,20 @@ class Int4WeightOnly(QuantMethod):
         if gemv is None or layer.in_features % 64 or layer.out_features % 4:
             return False
         scales, zeros = layer.scales.float(), layer.zeros.float()
-        packed, records, block = int4_layout.pack(layer.qvalues, scales, zeros - 8 * scales, self.group_size)
+        packed, records, _ = int4_layout.pack(layer.qvalues, scales, zeros - 8 * scales, self.group_size)
         if not records.isfinite().all():
             return False    # scales past fp16's range (not seen in real weights): PyTorch's layout keeps them
         layer.register_buffer("packed", packed)
         layer.register_buffer("records", records)
-        layer.gemv, layer.block = gemv, block
+        layer.gemv = gemv
         del layer.qvalues, layer.scales, layer.zeros
         return True
 
     def apply(self, layer, x):
         if hasattr(layer, "gemv"):
             if x.shape[0] <= KERNEL_MAX_ROWS:
-                return layer.gemv(x, layer.packed, layer.records, layer.block)
-            return F.linear(x, torch.ops.effinfer_kernels.int4_dequantize(layer.packed, layer.records, layer.block, x.dtype))
+                return layer.gemv(x, layer.packed, layer.records, self.kernel_block)
+            return F.linear(x, torch.ops.effinfer_kernels.int4_dequantize(layer.packed, layer.records, self.kernel_block, x.dtype))
         if hasattr(layer, "packed") and (x.shape[0] <= KERNEL_MAX_ROWS or layer.out_features % 64):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, self.group_size,
                                                                layer.scales_and_zeros.to(x.dtype))
@@ -168,7 +170,7 @@ class Int4WeightOnly(QuantMethod):
 
     def dequantize(self, layer):
         if hasattr(layer, "gemv"):
-            return int4_layout.dequantize(layer.packed, layer.records, layer.block)
+            return int4_layout.dequantize(layer.packed, layer.records, self.kernel_block)
         if hasattr(layer, "packed"):
             q = unpack_int4_cpu(layer.packed, layer.out_features, layer.in_features)
             scales, zeros = layer.scales_and_zeros.unbind(-1)
