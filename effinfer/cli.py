@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
     p.add_argument("--act-order", action="store_true", help="GPTQ: quantize salient columns first")
+    p.add_argument("--one-pass", action="store_true",
+                   help="GPTQ: every layer's Hessian from the float model in one pass (default: layer by layer, "
+                        "each from inputs through the layers already quantized)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="GPTQ: fraction of the Hessian's mean diagonal added to it (default 0.1; more: less fit "
+                        "to the calibration text)")
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("prune", help="prune a model (magnitude, wanda, 2:4) and save it as a checkpoint folder")
@@ -176,10 +182,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from effinfer.compression.quant.calibrated import quantize_calibrated
+    from effinfer.compression.quant.gptq import GPTQOptions
 
     text = Path(args.calib_text).read_text(encoding="utf-8")
+    gptq = GPTQOptions(args.act_order, not args.one_pass, **({"damp": args.damp} if args.damp is not None else {}))
     report = quantize_calibrated(args.model, args.method, args.out, text, args.calib_tokens, args.window,
-                                 args.group_size, args.act_order, args.cache_dir)
+                                 args.group_size, gptq, args.cache_dir)
     errors = report["output_mse_sum"]
     print(f"{args.method}: {report['calibration']['windows']} windows, {report['seconds']:.0f} s")
     if errors:

@@ -8,10 +8,12 @@ import torch
 
 from effinfer import LLM, SamplingParams
 from effinfer.compression.quant.awq import search_scale
-from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears
+from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears, quantize_layer_by_layer
 from effinfer.compression.quant.gptq import gptq_quantize, reconstruction_error
+from effinfer.compression.quant.group_search import quantize_groups
 from effinfer.compression.quant.weight_only import Int4WeightOnly
 from effinfer.layers.linear import QuantLinear
+from tests.tiny_models import VOCAB, save_tiny_folder
 
 TEXT = " ".join(
     f"Section {i}. The committee met on day {i * 3} to discuss the harbour, the railway and the new school; "
@@ -37,6 +39,51 @@ def test_gptq_beats_round_to_nearest_on_layer_outputs(calibrated, layer, act_ord
     rtn = Int4WeightOnly(GROUP).quantize(w)
     assert gptq.q.max() <= 15 and gptq.scale.shape == rtn.scale.shape
     assert reconstruction_error(w, gptq, x) < 0.8 * reconstruction_error(w, rtn, x)
+
+
+def test_group_search_never_loses_to_min_max_and_follows_importance():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 256))          # heavy tails: outliers set min..max
+    importance = torch.rand(256) ** 4
+    rtn, searched = Int4WeightOnly(64).quantize(w), quantize_groups(w, 64, importance)
+    assert searched.q.dtype == torch.uint8 and searched.q.max() <= 15
+
+    def group_errors(blocks, weight):
+        return (weight * (w - blocks.dequantize()) ** 2).view(64, -1, 64).sum(-1)
+
+    assert torch.all(group_errors(searched, importance) <= group_errors(rtn, importance) * (1 + 1e-5) + 1e-9)
+    assert group_errors(searched, importance).sum() < 0.7 * group_errors(rtn, importance).sum()
+    salient = torch.full((256,), 0.01)
+    salient[::64] = 1.0                                                   # one column per group matters
+    column_error = (w - quantize_groups(w, 64, salient).dequantize())[:, ::64].pow(2).mean()
+    assert column_error < 0.5 * (w - quantize_groups(w, 64).dequantize())[:, ::64].pow(2).mean()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_layer_by_layer_statistics_come_through_the_quantized_layers(tmp_path, family):
+    """Each linear's Hessian in the walk must be what the finished (quantized) model feeds it: equal to
+    a plain pass over the quantized model, and no longer the float model's after the first linear."""
+    save_tiny_folder(family, tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.02)
+    windows = [[(7 * i + 13 * j) % VOCAB for j in range(40)] for i in range(3)]
+    before = collect_stats(llm, windows, keep_hessian=True, show_progress=False)
+    walked = {}
+
+    def round_to_nearest(name, linear, stats):
+        walked[name] = stats.hessian
+        return Int4WeightOnly(32).quantize(linear.weight.float()).dequantize()
+
+    quantize_layer_by_layer(llm, windows, round_to_nearest, show_progress=False)
+    after = collect_stats(llm, windows, keep_hessian=True, show_progress=False)
+    assert list(walked) == [f"model.layers.{i}.{part}" for i in range(len(llm.engine.model.model.layers))
+                            for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    for name, hessian in walked.items():
+        torch.testing.assert_close(hessian, after[name].hessian, rtol=1e-4, atol=1e-4)
+    first, *rest = walked
+    torch.testing.assert_close(walked[first], before[first].hessian, rtol=1e-4, atol=1e-4)
+    assert all(not torch.allclose(walked[name], before[name].hessian, rtol=1e-3, atol=1e-3) for name in rest)
+    with pytest.raises(ValueError, match="one length"):
+        quantize_layer_by_layer(llm, [windows[0], windows[1][:20]], round_to_nearest, show_progress=False)
 
 
 def test_awq_scales_beat_round_to_nearest_on_layer_outputs(calibrated):

@@ -2,7 +2,8 @@
 
 For a linear layer with inputs x, a per-channel scale s turns W x into (W diag(s)) (x / s): the
 channels with large mean |x| get larger weights, hence relatively finer 4-bit steps. s = mean|x|^alpha,
-with alpha searched on a grid to minimise the layer's output error on calibration rows. The 1/s is
+with alpha searched on a grid to minimise the layer's output error on calibration rows; then each
+group's range is clipped where that lowers its input-weighted rounding error. The 1/s is
 folded into the operation that produces x, so inference costs nothing extra:
 
 - q/k/v: the input norm's weight; gate/up: the MLP's input norm; down: the rows of `up` (the product
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from effinfer.compression.quant.group_search import quantize_groups
 from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly
 
 GRID = 20
@@ -35,6 +37,7 @@ def search_scale(weight: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, 
     return best_s, best_alpha
 
 
-def awq_quantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int) -> Int4Blocks:
-    """Round-to-nearest int4 of the scaled weight W diag(s)."""
-    return Int4WeightOnly(group_size).quantize(weight * scale[None, :])
+def awq_quantize(weight: torch.Tensor, scale: torch.Tensor, group_size: int, input_sq_sum: torch.Tensor) -> Int4Blocks:
+    """Int4 of the scaled weight W diag(s), each group's range clipped for the inputs it meets, x / s
+    (AWQ's clip search; `input_sq_sum`: sum of x_j^2 per input channel)."""
+    return quantize_groups(weight * scale[None, :], group_size, importance=input_sq_sum / scale ** 2)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from effinfer.compression.quant.gptq import gptq_quantize, reconstruction_error
+from effinfer.compression.quant.awq import awq_quantize
+from effinfer.compression.quant.gptq import GPTQOptions, gptq_quantize, reconstruction_error
 from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly
 from effinfer.utils import progress
 
@@ -35,8 +37,9 @@ def read_config(path: Path) -> dict:
 
 
 def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str, num_tokens: int = 8192,
-                        window: int = 512, group_size: int = 32, act_order: bool = False,
+                        window: int = 512, group_size: int = 32, gptq: GPTQOptions = GPTQOptions(),
                         cache_dir: str | None = None, show_progress: bool = True) -> dict:
+    """Calibrate `model` on `text` and save the checkpoint to `out_dir` (GPTQ's settings in `gptq`)."""
     from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears
     from effinfer.llm import LLM
 
@@ -46,6 +49,13 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
     llm = LLM(model, dtype="float32", cache_dir=cache_dir, show_progress=show_progress, kv_cache_memory_gb=0.25,
               max_num_batched_tokens=max(512, window))
     windows = calibration_windows(llm.tokenizer, text, num_tokens, window)
+    config = {"quant_method": method, "load_as": LOAD_AS[method], "bits": 4, "group_size": group_size,
+              "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},
+              **({"gptq": asdict(gptq)} if method == "gptq" else {})}
+    if method == "gptq" and gptq.sequential:
+        tensors, errors = _gptq_layer_by_layer(llm, windows, group_size, gptq, show_progress)
+        return {**_write_checkpoint(out_dir, tensors, {**config, "output_mse_sum": errors}),
+                "seconds": time.perf_counter() - start}
     stats = collect_stats(llm, windows, keep_hessian=method == "gptq", show_progress=show_progress)
     net = llm.engine.model
     linears = decoder_linears(net)
@@ -60,19 +70,38 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
         w, x = linear.weight.detach().float(), stats[name].sample_rows
         errors["rtn"] += reconstruction_error(w, rtn.quantize(w), x)
         if method == "gptq":
-            blocks = gptq_quantize(w, stats[name].hessian, group_size, act_order)
+            blocks = gptq_quantize(w, stats[name].hessian, group_size, gptq.act_order, gptq.damp)
         else:
             # the layer computes Q(W s) (x / s), with the 1/s already folded into its input's producer
             scale = getattr(linear, "input_scale", None)
             scale = torch.ones(w.shape[1]) if scale is None else scale
+            blocks = awq_quantize(w, scale, group_size, stats[name].sq_sum)
             w, x = w * scale[None, :], x / scale
-            blocks = rtn.quantize(w)
         errors[method] += reconstruction_error(w, blocks, x)
         tensors.update(_shard_tensors(net, name, blocks))
-    config = {"quant_method": method, "load_as": LOAD_AS[method], "bits": 4, "group_size": group_size, "act_order": act_order,
-              "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},
-              "output_mse_sum": errors}
-    return {**_write_checkpoint(out_dir, tensors, config), "seconds": time.perf_counter() - start}
+    return {**_write_checkpoint(out_dir, tensors, {**config, "output_mse_sum": errors}),
+            "seconds": time.perf_counter() - start}
+
+
+def _gptq_layer_by_layer(llm, windows, group_size: int, gptq: GPTQOptions, show_progress: bool):
+    """GPTQ in sequential order; returns the checkpoint tensors and the summed output errors (GPTQ and
+    round-to-nearest, each layer scored on the inputs it gets in the quantized model)."""
+    from effinfer.compression.quant.calibrate import quantize_layer_by_layer
+
+    net, rtn = llm.engine.model, Int4WeightOnly(group_size)
+    tensors: dict[str, torch.Tensor] = {}
+    errors = {"rtn": 0.0, "gptq": 0.0}
+
+    def quantize(name, linear, stats):
+        w, x = linear.weight.detach().float(), stats.sample_rows
+        blocks = gptq_quantize(w, stats.hessian, group_size, gptq.act_order, gptq.damp)
+        errors["rtn"] += reconstruction_error(w, rtn.quantize(w), x)
+        errors["gptq"] += reconstruction_error(w, blocks, x)
+        tensors.update(_shard_tensors(net, name, blocks))
+        return blocks.dequantize()
+
+    quantize_layer_by_layer(llm, windows, quantize, show_progress)
+    return tensors, errors
 
 
 def _save_smoothquant(llm, net, linears, stats, out_dir, windows, window, start, show_progress) -> dict:

@@ -4,33 +4,48 @@ error onto the columns not yet quantized, weighted by the inverse Hessian of the
 Output is int4 per group of `group_size` input columns (scale and minimum), the same format as
 round-to-nearest int4, so the same kernels run it. With `act_order`, columns are visited in order of
 decreasing Hessian diagonal (most salient first); group parameters are then fixed up front from the
-original weight ("static groups"), so groups stay contiguous for the kernel.
+original weight ("static groups"), so groups stay contiguous for the kernel. Group parameters come
+from `group_search` (clipped and refitted, weighted by the Hessian's diagonal), as the reference
+implementation's `mse` option searches clipping.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from effinfer.compression.quant.group_search import group_params
 from effinfer.compression.quant.weight_only import Int4Blocks
 
 
-def group_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit scale and minimum per (row, group) of `w` [rows, cols]."""
-    g = w.view(w.shape[0], -1, group_size)
-    lo, hi = g.amin(-1), g.amax(-1)
-    return ((hi - lo) / 15).clamp(min=1e-8), lo
+@dataclass
+class GPTQOptions:
+    act_order: bool = False
+    """Quantize columns in order of decreasing Hessian diagonal (static groups)."""
+    sequential: bool = True
+    """Layer by layer, each layer's Hessian from inputs through the layers already quantized (the paper's
+    order); False: every Hessian from the float model in one pass."""
+    damp: float = 0.1
+    """Added to the Hessian's diagonal, as a fraction of its mean: more trusts the calibration text less
+    (the paper's 0.01 fitted chat calibration text too closely for WikiText on SmolLM2: 16.40 vs 16.17
+    perplexity, sequential with act-order; benchmarks/README.md)."""
+
+    def __post_init__(self):
+        if not 0 < self.damp <= 10:
+            raise ValueError(f"GPTQ damp must be above 0 and at most 10 (a fraction of the Hessian's mean diagonal), got {self.damp}")
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 32, act_order: bool = False,
-                  damp: float = 0.01, block_size: int = 128) -> Int4Blocks:
+                  damp: float = GPTQOptions.damp, block_size: int = 128) -> Int4Blocks:
     w = weight.double().clone()
     rows, cols = w.shape
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    scale, minimum = group_params(w.float(), group_size)       # static groups (used as is without act order too)
-    scale, minimum = scale.double(), minimum.double()
+    importance = torch.diag(h)
+    scale, minimum = group_params(w, group_size, importance)    # static groups (used as is without act order too)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
@@ -45,8 +60,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
         for i in range(end - start):
             col = start + i
             if dynamic and col % group_size == 0:   # in order: refit the group on the updated columns
-                s, m = group_params(torch.cat([w_block[:, i:], w[:, end:]], 1)[:, :group_size].float(), group_size)
-                scale[:, col // group_size], minimum[:, col // group_size] = s[:, 0].double(), m[:, 0].double()
+                s, m = group_params(torch.cat([w_block[:, i:], w[:, end:]], 1)[:, :group_size], group_size,
+                                    importance[col:col + group_size])
+                scale[:, col // group_size], minimum[:, col // group_size] = s[:, 0], m[:, 0]
             g = group_of[col]
             q = torch.round((w_block[:, i] - minimum[:, g]) / scale[:, g]).clamp(0, 15)
             q_all[:, col] = q.to(torch.uint8)
