@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import uvicorn
 
@@ -18,6 +19,26 @@ def make_engine(loaded, **config):
 
     config = {"dtype": "float32", "device": "cpu", "num_blocks": 256, "show_progress": False, **config}
     return LLMEngine(EngineConfig.from_kwargs(**config), loaded)
+
+
+@contextmanager
+def one_gguf_parse():
+    """Inside the block, transformers parses each GGUF file once: it builds a `gguf.GGUFReader` for the
+    tokenizer, again for the config and again for the weights, and each parse walks the vocabulary's
+    strings in Python (~19 s for Gemma 3's 262k tokens). The readers are read-only, so one per file serves all."""
+    import gguf
+    import pytest
+
+    readers, parse = {}, gguf.GGUFReader
+
+    def shared_reader(path, mode="r"):
+        if (str(path), mode) not in readers:
+            readers[str(path), mode] = parse(path, mode)
+        return readers[str(path), mode]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", shared_reader)
+        yield
 
 
 def run_to_completion(engine) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -183,6 +185,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def _check_offline_prompt(self, caller: str, prompt_ids: list[int]) -> None:
+        if self.has_unfinished():
+            raise RuntimeError(f"{caller} runs on an idle engine; finish or abort the requests first")
+        if not 0 < len(prompt_ids) <= self.max_model_len:
+            raise ValueError(f"a prompt must have 1 to {self.max_model_len} tokens, got {len(prompt_ids)}")
+
     @torch.inference_mode()
     def score(self, prompt_ids: list[int]) -> torch.Tensor:
         """Log-probabilities of the next token after every position of `prompt_ids`: [len, vocab] fp32.
@@ -191,10 +199,7 @@ class LLMEngine:
         chunks of the step's token budget over blocks taken from the pool and returned at the end. With
         early exit on (a default threshold below 1) it runs one token per step, each free to exit as a
         generated token would: the distributions are the ones early-exit decoding uses given this text."""
-        if self.has_unfinished():
-            raise RuntimeError("score() runs on an idle engine; finish or abort the requests first")
-        if not 0 < len(prompt_ids) <= self.max_model_len:
-            raise ValueError(f"a scored text must have 1 to {self.max_model_len} tokens, got {len(prompt_ids)}")
+        self._check_offline_prompt("score()", prompt_ids)
         request = Request("score", list(prompt_ids), SamplingParams(max_tokens=1))
         threshold = self.config.exit.early_exit_threshold if self.early_exit is not None else 1.0
         exit_threshold = threshold if threshold < 1.0 else None
@@ -211,6 +216,22 @@ class LLMEngine:
         finally:
             self.block_manager.free(request)
         return torch.cat(rows)
+
+    @contextmanager
+    def prepared_prompt(self, prompt_ids: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor, object]]:
+        """The model inputs (token ids, positions, attention metadata) of one whole prompt on blocks taken
+        from the pool, returned when the block ends: for code that runs the model's layers itself
+        (layer-by-layer calibration). Same rules as `score`: an idle engine, a prompt that fits."""
+        self._check_offline_prompt("prepared_prompt()", prompt_ids)
+        request = Request("prepared", list(prompt_ids), SamplingParams(max_tokens=1))
+        if self.block_manager.allocate(request, len(prompt_ids)) is None:
+            raise ValueError(f"the KV cache cannot hold {len(prompt_ids)} tokens; raise kv_cache_memory_gb")
+        try:
+            input_ids, positions, meta, _ = self.runner.prepare([ScheduledSeq(list(prompt_ids), 0, request.block_ids,
+                                                                              False)])
+            yield input_ids, positions, meta
+        finally:
+            self.block_manager.free(request)
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

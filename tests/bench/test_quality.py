@@ -9,7 +9,7 @@ import torch
 
 from effinfer.bench import quality
 from effinfer.llm import LLM
-from helpers import make_engine
+from helpers import make_engine, one_gguf_parse
 
 TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
         "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
@@ -32,8 +32,9 @@ def test_perplexity_matches_transformers(smollm2_path, smollm2_fp32):
     llm = LLM.from_engine(make_engine(smollm2_fp32, max_num_batched_tokens=16))    # scoring spans chunks
     ids = llm.tokenizer.encode(TEXT)
     ours = quality.perplexity(llm, quality.windows(ids, window=len(ids), stride=len(ids)))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                           dtype=torch.float32).eval()
+    with one_gguf_parse():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                                               dtype=torch.float32).eval()
     with torch.no_grad():
         loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss
     assert ours["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-4)

@@ -9,7 +9,7 @@ import torch
 from effinfer import LLM, SamplingParams
 from effinfer.compression.quant.awq import search_scale
 from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears, quantize_layer_by_layer
-from effinfer.compression.quant.gptq import gptq_quantize, reconstruction_error
+from effinfer.compression.quant.gptq import GPTQOptions, gptq_quantize, reconstruction_error
 from effinfer.compression.quant.group_search import quantize_groups
 from effinfer.compression.quant.weight_only import Int4WeightOnly
 from effinfer.layers.linear import QuantLinear
@@ -73,7 +73,9 @@ def test_layer_by_layer_statistics_come_through_the_quantized_layers(tmp_path, f
         walked[name] = stats.hessian
         return Int4WeightOnly(32).quantize(linear.weight.float()).dequantize()
 
+    free_blocks = llm.engine.block_manager.num_free_blocks
     quantize_layer_by_layer(llm, windows, round_to_nearest, show_progress=False)
+    assert llm.engine.block_manager.num_free_blocks == free_blocks        # the window's blocks went back
     after = collect_stats(llm, windows, keep_hessian=True, show_progress=False)
     assert list(walked) == [f"model.layers.{i}.{part}" for i in range(len(llm.engine.model.model.layers))
                             for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
@@ -84,6 +86,9 @@ def test_layer_by_layer_statistics_come_through_the_quantized_layers(tmp_path, f
     assert all(not torch.allclose(walked[name], before[name].hessian, rtol=1e-3, atol=1e-3) for name in rest)
     with pytest.raises(ValueError, match="one length"):
         quantize_layer_by_layer(llm, [windows[0], windows[1][:20]], round_to_nearest, show_progress=False)
+    with pytest.raises(ValueError, match="1 to"):
+        quantize_layer_by_layer(llm, [windows[0] * 1000], round_to_nearest, show_progress=False)
+    assert llm.engine.block_manager.num_free_blocks == free_blocks
 
 
 def test_awq_scales_beat_round_to_nearest_on_layer_outputs(calibrated):
@@ -104,8 +109,9 @@ def test_awq_scales_beat_round_to_nearest_on_layer_outputs(calibrated):
 def test_checkpoint_saves_and_loads_back(smollm2_path, tmp_path, method):
     from effinfer.compression.quant.calibrated import quantize_calibrated
 
+    # act-order: static groups, one group search per layer (without it, one per group: 3x the time here)
     report = quantize_calibrated(str(smollm2_path), method, tmp_path / method, TEXT, num_tokens=512, window=256,
-                                 group_size=GROUP, show_progress=False)
+                                 group_size=GROUP, gptq=GPTQOptions(act_order=True), show_progress=False)
     errors = report["output_mse_sum"]
     assert errors[method] < errors["rtn"]
     llm = LLM(str(tmp_path / method), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)

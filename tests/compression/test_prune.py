@@ -3,12 +3,16 @@ that really shrinks the model and still runs."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
 from effinfer import LLM, SamplingParams
 from effinfer.bench import quality
 from effinfer.compression.prune import _row_mask, _two_four_mask
+from helpers import make_engine
 
 TEXT = " ".join(
     f"In the year {1800 + i} the town of Elm built a {['mill', 'bridge', 'school', 'church'][i % 4]} by the river, "
@@ -33,17 +37,23 @@ def calib_file(tmp_path_factory):
     return path
 
 
+def _engine(loaded, **prune) -> LLM:
+    """An engine on a copy of the loaded fp32 model (pruning changes the weights in place), its KV cache
+    sized from memory as `LLM(path, ...)` would."""
+    model = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    return LLM.from_engine(make_engine(model, num_blocks=None, kv_cache_memory_gb=0.05, **prune))
+
+
 def _ppl(llm, text):
     wins = quality.windows(llm.tokenizer.encode(text), 256, 256)
     return quality.perplexity(llm, wins)["perplexity"]
 
 
-def test_wanda_beats_magnitude_at_half_sparsity(smollm2_path, calib_file):
+def test_wanda_beats_magnitude_at_half_sparsity(smollm2_fp32, calib_file):
     eval_text = " ".join(f"On day {i} the ship sailed north past {i + 4} islands, where fishermen sold cod "
                          f"and the captain wrote letters home about the weather." for i in range(40))
-    common = dict(dtype="float32", show_progress=False, kv_cache_memory_gb=0.05, sparsity=0.5)
-    magnitude = LLM(str(smollm2_path), prune="magnitude", **common)
-    wanda = LLM(str(smollm2_path), prune="wanda", prune_calibration_text=str(calib_file), **common)
+    magnitude = _engine(smollm2_fp32, prune="magnitude", sparsity=0.5)
+    wanda = _engine(smollm2_fp32, prune="wanda", sparsity=0.5, prune_calibration_text=str(calib_file))
     assert magnitude.engine.prune_report["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert wanda.engine.prune_report["sparsity"] == pytest.approx(0.5, abs=0.01)
     w = wanda.engine.model.model.layers[3].mlp.down_proj.weight
@@ -51,10 +61,9 @@ def test_wanda_beats_magnitude_at_half_sparsity(smollm2_path, calib_file):
     assert _ppl(wanda, eval_text) < _ppl(magnitude, eval_text)
 
 
-def test_layer_removal_shrinks_the_model_and_runs(smollm2_path, calib_file):
-    full = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.05)
-    pruned = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.05,
-                 prune="layers", sparsity=0.2, prune_calibration_text=str(calib_file))
+def test_layer_removal_shrinks_the_model_and_runs(smollm2_fp32, calib_file):
+    full = _engine(smollm2_fp32)
+    pruned = _engine(smollm2_fp32, prune="layers", sparsity=0.2, prune_calibration_text=str(calib_file))
     report = pruned.engine.prune_report
     assert len(report["removed_layers"]) == 6 and len(pruned.engine.model.model.layers) == 24
     assert 0 not in report["removed_layers"]            # the first layer transforms most: never the least influential
@@ -65,9 +74,8 @@ def test_layer_removal_shrinks_the_model_and_runs(smollm2_path, calib_file):
     assert len(out[0].token_ids) == 6
 
 
-def test_mlp_channel_removal_shrinks_matrices(smollm2_path, calib_file):
-    pruned = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.05,
-                 prune="mlp_channels", sparsity=0.25, prune_calibration_text=str(calib_file))
+def test_mlp_channel_removal_shrinks_matrices(smollm2_fp32, calib_file):
+    pruned = _engine(smollm2_fp32, prune="mlp_channels", sparsity=0.25, prune_calibration_text=str(calib_file))
     mlp = pruned.engine.model.model.layers[5].mlp
     assert mlp.down_proj.weight.shape == (576, 1152) and mlp.gate_up_proj.weight.shape == (2304, 576)
     assert _ppl(pruned, TEXT) < 200

@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effinfer.engine.model_runner import ScheduledSeq
-from effinfer.engine.request import Request
-from effinfer.sampling_params import SamplingParams
 from effinfer.utils import progress
 
 QuantizeLinear = Callable[[str, nn.Linear, "LayerStats"], torch.Tensor]
@@ -93,12 +90,9 @@ def quantize_layer_by_layer(llm, windows: list[list[int]], quantize: QuantizeLin
     is about (linears per layer + 1) passes of the model, not one pass per layer."""
     if len({len(ids) for ids in windows}) != 1:
         raise ValueError("layer-by-layer calibration needs windows of one length")
-    engine, net = llm.engine, llm.engine.model
-    request = Request("calibrate", list(windows[0]), SamplingParams(max_tokens=1))
-    if engine.block_manager.allocate(request, len(windows[0])) is None:
-        raise ValueError(f"the KV cache cannot hold a calibration window of {len(windows[0])} tokens")
-    try:     # every window runs on the same blocks in turn: one set of positions, metadata and rotary tables
-        input_ids, positions, meta, _ = engine.runner.prepare([ScheduledSeq(windows[0], 0, request.block_ids, False)])
+    net = llm.engine.model
+    # every window runs on the same blocks in turn: one set of positions, metadata and rotary tables
+    with llm.engine.prepared_prompt(windows[0]) as (input_ids, positions, meta):
         hidden = [net.embed(torch.tensor(ids, dtype=torch.long, device=input_ids.device)) for ids in windows]
         ropes = net.rope_for_layer(positions, hidden[0].dtype)
         layers = list(enumerate(zip(net.model.layers, ropes)))
@@ -113,8 +107,6 @@ def quantize_layer_by_layer(llm, windows: list[list[int]], quantize: QuantizeLin
                     hook.remove()
                 linear.weight.copy_(quantize(f"model.layers.{index}.{name}", linear, stats))
             hidden = [layer(h, rope, meta) for h in hidden]
-    finally:
-        engine.block_manager.free(request)
 
 
 def _call_order(layer: nn.Module, run) -> list[tuple[str, nn.Linear]]:

@@ -38,41 +38,53 @@ class GPTQOptions:
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 32, act_order: bool = False,
                   damp: float = GPTQOptions.damp, block_size: int = 128) -> Int4Blocks:
-    w = weight.double().clone()
-    rows, cols = w.shape
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
+    w = weight.float().clone()
     w[:, dead] = 0
-    importance = torch.diag(h)
+    importance = torch.diag(h).float()
     scale, minimum = group_params(w, group_size, importance)    # static groups (used as is without act order too)
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    group_of = perm // group_size                                # original group of each visited column
-    q_all = torch.zeros(rows, cols, dtype=torch.uint8)
-    dynamic = not act_order
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        w_block, err_block = w[:, start:end].clone(), torch.zeros(rows, end - start, dtype=w.dtype)
-        h_block = h_inv[start:end, start:end]
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+    h = h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(len(perm), dtype=h.dtype)
+    # the inverse in fp64 (it is what error feedback trusts), the column walk in fp32 as the reference does
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    # transposed, so that each visited column, its group's scale and minimum are contiguous rows
+    w_t, scale_t, min_t = w[:, perm].t().contiguous(), scale.t().contiguous(), minimum.t().contiguous()
+    q_t = _walk_columns(w_t, h_inv, scale_t, min_t, (perm // group_size).tolist(), group_size,
+                        None if act_order else importance, -(-block_size // group_size) * group_size)
+    q = torch.empty_like(q_t.t())
+    q[:, perm] = q_t.t()
+    return Int4Blocks(q, scale_t.t().contiguous(), min_t.t().contiguous(), group_size)
+
+
+def _walk_columns(w_t: torch.Tensor, h_inv: torch.Tensor, scale_t: torch.Tensor, min_t: torch.Tensor,
+                  group_of: list[int], group_size: int, refit_importance: torch.Tensor | None, block: int
+                  ) -> torch.Tensor:
+    """GPTQ's loop over the (permuted) columns, rows of `w_t`, updated in place: each column rounded with
+    its group's scale and minimum, its error pushed onto the columns after it, in blocks of `block` columns
+    (a multiple of the group size) with one matrix product per block for the columns beyond. With
+    `refit_importance` (in order), each group's parameters are searched again when the walk reaches it, on
+    its columns as updated so far."""
+    cols = w_t.shape[0]
+    q_t = torch.empty(w_t.shape, dtype=torch.uint8)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        w_block, err_block, h_block = w_t[start:end], torch.empty_like(w_t[start:end]), h_inv[start:end, start:end]
+        pivots = torch.diag(h_block).tolist()
         for i in range(end - start):
-            col = start + i
-            if dynamic and col % group_size == 0:   # in order: refit the group on the updated columns
-                s, m = group_params(torch.cat([w_block[:, i:], w[:, end:]], 1)[:, :group_size], group_size,
-                                    importance[col:col + group_size])
-                scale[:, col // group_size], minimum[:, col // group_size] = s[:, 0], m[:, 0]
-            g = group_of[col]
-            q = torch.round((w_block[:, i] - minimum[:, g]) / scale[:, g]).clamp(0, 15)
-            q_all[:, col] = q.to(torch.uint8)
-            err = (w_block[:, i] - (q * scale[:, g] + minimum[:, g])) / h_block[i, i]
-            w_block[:, i:] -= err[:, None] * h_block[i, i:][None, :]
-            err_block[:, i] = err
-        w[:, end:] -= err_block @ h_inv[start:end, end:]
-    q_orig = torch.empty_like(q_all)
-    q_orig[:, perm] = q_all
-    return Int4Blocks(q_orig, scale.float(), minimum.float(), group_size)
+            col, g = start + i, group_of[start + i]
+            if refit_importance is not None and col % group_size == 0:
+                s, m = group_params(w_block[i:i + group_size].t(), group_size, refit_importance[col:col + group_size])
+                scale_t[g], min_t[g] = s[:, 0], m[:, 0]
+            q = torch.round((w_block[i] - min_t[g]) / scale_t[g]).clamp_(0, 15)
+            q_t[col] = q
+            err = torch.addcmul(min_t[g], q, scale_t[g]).sub_(w_block[i]).div_(-pivots[i])
+            w_block[i:].addr_(h_block[i, i:], err, alpha=-1)
+            err_block[i] = err
+        w_t[end:] -= h_inv[start:end, end:].t() @ err_block
+    return q_t
 
 
 def reconstruction_error(weight: torch.Tensor, blocks: Int4Blocks, x: torch.Tensor) -> float:

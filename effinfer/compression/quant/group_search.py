@@ -22,7 +22,7 @@ def group_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | No
     smallest rounding error weighted by `importance` [cols] (the Hessian's diagonal: how much each input
     column's error costs at the output), then refits scale and minimum to that rounding by weighted
     least squares (as llama.cpp's k-quant search does)."""
-    g = w.view(w.shape[0], -1, group_size)
+    g = w.float().reshape(w.shape[0], -1, group_size)     # fp32: as good a search, several times faster than fp64
     weight = torch.ones(group_size, dtype=g.dtype) if importance is None else importance.to(g.dtype).clamp(min=0)
     weight = weight.view(1, -1, group_size).expand_as(g) if weight.numel() > group_size else weight.expand_as(g)
     lo, hi = g.amin(-1), g.amax(-1)
@@ -38,7 +38,7 @@ def group_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | No
                 better = err < best_err
                 best_scale, best_min = torch.where(better, scale, best_scale), torch.where(better, low, best_min)
                 best_err = torch.minimum(err, best_err)
-    return best_scale, best_min
+    return best_scale.to(w.dtype), best_min.to(w.dtype)
 
 
 def _quantized(g, scale, minimum):
