@@ -54,8 +54,7 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
               **({"gptq": asdict(gptq)} if method == "gptq" else {})}
     if method == "gptq" and gptq.sequential:
         tensors, errors = _gptq_layer_by_layer(llm, windows, group_size, gptq, show_progress)
-        return {**_write_checkpoint(out_dir, tensors, {**config, "output_mse_sum": errors}),
-                "seconds": time.perf_counter() - start}
+        return _finish(out_dir, tensors, config, errors, start)
     stats = collect_stats(llm, windows, keep_hessian=method == "gptq", show_progress=show_progress)
     net = llm.engine.model
     linears = decoder_linears(net)
@@ -79,6 +78,10 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
             w, x = w * scale[None, :], x / scale
         errors[method] += reconstruction_error(w, blocks, x)
         tensors.update(_shard_tensors(net, name, blocks))
+    return _finish(out_dir, tensors, config, errors, start)
+
+
+def _finish(out_dir, tensors: dict, config: dict, errors: dict, start: float) -> dict:
     return {**_write_checkpoint(out_dir, tensors, {**config, "output_mse_sum": errors}),
             "seconds": time.perf_counter() - start}
 
