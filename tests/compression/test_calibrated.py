@@ -13,7 +13,7 @@ from effinfer.compression.quant.gptq import GPTQOptions, gptq_quantize, reconstr
 from effinfer.compression.quant.group_search import quantize_groups
 from effinfer.compression.quant.weight_only import Int4WeightOnly
 from effinfer.layers.linear import QuantLinear
-from tests.tiny_models import VOCAB, save_tiny_folder
+from tiny_models import VOCAB, save_tiny_folder
 
 TEXT = " ".join(
     f"Section {i}. The committee met on day {i * 3} to discuss the harbour, the railway and the new school; "
