@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ: fraction of the Hessian's mean diagonal added to it (default 0.1; more: less fit "
                         "to the calibration text)")
+    p.add_argument("--gptq-groups", choices=["mixed", "minmax", "search"], default=None,
+                   help="GPTQ: each group's scale and minimum searched (clipping, weighted by the Hessian's "
+                        "diagonal), from its range, or (mixed, the default) searched where that at least halves "
+                        "the group's rounding error")
     p.add_argument("--cache-dir", default=None)
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("prune", help="prune a model (magnitude, wanda, 2:4) and save it as a checkpoint folder")
@@ -185,7 +189,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from effinfer.compression.quant.gptq import GPTQOptions
 
     text = Path(args.calib_text).read_text(encoding="utf-8")
-    gptq = GPTQOptions(args.act_order, not args.one_pass, **({"damp": args.damp} if args.damp is not None else {}))
+    chosen = {"damp": args.damp, "groups": args.gptq_groups}
+    gptq = GPTQOptions(args.act_order, not args.one_pass, **{k: v for k, v in chosen.items() if v is not None})
     report = quantize_calibrated(args.model, args.method, args.out, text, args.calib_tokens, args.window,
                                  args.group_size, gptq, args.cache_dir)
     errors = report["output_mse_sum"]

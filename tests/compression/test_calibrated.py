@@ -10,8 +10,8 @@ from effinfer import LLM, SamplingParams
 from effinfer.compression.quant.awq import search_scale
 from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears, quantize_layer_by_layer
 from effinfer.compression.quant.gptq import GPTQOptions, gptq_quantize, reconstruction_error
-from effinfer.compression.quant.group_search import quantize_groups
-from effinfer.compression.quant.weight_only import Int4WeightOnly
+from effinfer.compression.quant.group_search import group_params, mixed_params, quantize_groups
+from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly, min_max_params
 from effinfer.layers.linear import QuantLinear
 from tiny_models import VOCAB, save_tiny_folder
 
@@ -30,15 +30,24 @@ def calibrated(smollm2_path):
 
 
 @pytest.mark.parametrize("layer", ["model.layers.2.self_attn.qkv_proj", "model.layers.20.mlp.down_proj"])
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_round_to_nearest_on_layer_outputs(calibrated, layer, act_order):
+@pytest.mark.parametrize("act_order,groups", [(False, "mixed"), (True, "mixed"), (True, "minmax"), (False, "search")])
+def test_gptq_beats_round_to_nearest_on_layer_outputs(calibrated, layer, act_order, groups):
     llm, stats = calibrated
     w = decoder_linears(llm.engine.model)[layer].weight.float()
     x = stats[layer].sample_rows
-    gptq = gptq_quantize(w, stats[layer].hessian, GROUP, act_order)
+    gptq = gptq_quantize(w, stats[layer].hessian, GROUP, act_order, groups=groups)
     rtn = Int4WeightOnly(GROUP).quantize(w)
     assert gptq.q.max() <= 15 and gptq.scale.shape == rtn.scale.shape
     assert reconstruction_error(w, gptq, x) < 0.8 * reconstruction_error(w, rtn, x)
+    if act_order and groups == "minmax":        # static groups: each group's range in the original weight
+        torch.testing.assert_close((gptq.scale, gptq.minimum), (rtn.scale, rtn.minimum))
+
+
+def test_gptq_options_name_bad_settings():
+    with pytest.raises(ValueError, match="groups must be one of mixed, minmax, search"):
+        GPTQOptions(groups="median")
+    with pytest.raises(ValueError, match="damp"):
+        GPTQOptions(damp=0)
 
 
 def test_group_search_never_loses_to_min_max_and_follows_importance():
@@ -57,6 +66,23 @@ def test_group_search_never_loses_to_min_max_and_follows_importance():
     salient[::64] = 1.0                                                   # one column per group matters
     column_error = (w - quantize_groups(w, 64, salient).dequantize())[:, ::64].pow(2).mean()
     assert column_error < 0.5 * (w - quantize_groups(w, 64).dequantize())[:, ::64].pow(2).mean()
+
+
+def test_mixed_groups_search_only_where_it_pays():
+    """Smooth groups keep their min..max; groups where one column matters take the searched parameters."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    importance = torch.ones(256)
+    importance[128::64] = 1000.0                                          # groups 2 and 3: one salient column
+    scale, minimum = mixed_params(w, 64, importance)
+    range_scale, range_min = min_max_params(w.view(64, -1, 64))
+    searched_scale, _ = group_params(w, 64, importance)
+    assert torch.equal(scale[:, :2], range_scale[:, :2]) and torch.equal(minimum[:, :2], range_min[:, :2])
+    assert (scale[:, 2:] == searched_scale[:, 2:]).float().mean() > 0.75
+    mixed = Int4Blocks(torch.round((w.view(64, -1, 64) - minimum[..., None]) / scale[..., None]).clamp(0, 15)
+                       .view(64, 256).to(torch.uint8), scale, minimum, 64)
+    salient_error = (w - mixed.dequantize())[:, 128::64].pow(2).mean()
+    assert salient_error < 0.5 * (w - Int4WeightOnly(64).quantize(w).dequantize())[:, 128::64].pow(2).mean()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

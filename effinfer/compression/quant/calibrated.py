@@ -69,7 +69,7 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
         w, x = linear.weight.detach().float(), stats[name].sample_rows
         errors["rtn"] += reconstruction_error(w, rtn.quantize(w), x)
         if method == "gptq":
-            blocks = gptq_quantize(w, stats[name].hessian, group_size, gptq.act_order, gptq.damp)
+            blocks = gptq_quantize(w, stats[name].hessian, group_size, gptq.act_order, gptq.damp, gptq.groups)
         else:
             # the layer computes Q(W s) (x / s), with the 1/s already folded into its input's producer
             scale = getattr(linear, "input_scale", None)
@@ -97,7 +97,7 @@ def _gptq_layer_by_layer(llm, windows, group_size: int, gptq: GPTQOptions, show_
 
     def quantize(name, linear, stats):
         w, x = linear.weight.detach().float(), stats.sample_rows
-        blocks = gptq_quantize(w, stats.hessian, group_size, gptq.act_order, gptq.damp)
+        blocks = gptq_quantize(w, stats.hessian, group_size, gptq.act_order, gptq.damp, gptq.groups)
         errors["rtn"] += reconstruction_error(w, rtn.quantize(w), x)
         errors["gptq"] += reconstruction_error(w, blocks, x)
         tensors.update(_shard_tensors(net, name, blocks))

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from effinfer.compression.quant.weight_only import Int4Blocks
+from effinfer.compression.quant.weight_only import Int4Blocks, min_max_params
 
 CLIP_STEPS = (0.0, 0.05, 0.1, 0.15, 0.2)
 """Fractions of a group's range that the grid search may cut off at each end."""
+MIXED_KEEP_BELOW = 0.5
+"""`mixed_params` takes a group's searched parameters only where they at least halve its rounding error."""
 
 
 def group_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None
@@ -39,6 +41,21 @@ def group_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | No
                 best_scale, best_min = torch.where(better, scale, best_scale), torch.where(better, low, best_min)
                 best_err = torch.minimum(err, best_err)
     return best_scale.to(w.dtype), best_min.to(w.dtype)
+
+
+def mixed_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None,
+                 keep_below: float = MIXED_KEEP_BELOW) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's searched parameters where they cut its weighted rounding error below `keep_below` of
+    min..max's (weights on a coarser grid, an outlier spending the range), else its min..max."""
+    g = w.float().reshape(w.shape[0], -1, group_size)
+    weight = torch.ones(group_size) if importance is None else importance.float().clamp(min=0)
+    weight = weight.view(1, -1, group_size).expand_as(g) if weight.numel() > group_size else weight.expand_as(g)
+    range_scale, range_min = min_max_params(g)
+    scale, minimum = group_params(w, group_size, importance)
+    searched = _rounding_error(g, weight, scale.float(), minimum.float()) < \
+        keep_below * _rounding_error(g, weight, range_scale, range_min)
+    return (torch.where(searched, scale.float(), range_scale).to(w.dtype),
+            torch.where(searched, minimum.float(), range_min).to(w.dtype))
 
 
 def _quantized(g, scale, minimum):

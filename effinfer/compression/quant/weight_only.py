@@ -47,6 +47,12 @@ class Int4Blocks:
         return w.view(self.q.shape)
 
 
+def min_max_params(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit scale and minimum of each group (last dimension) from its range."""
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    return ((hi - lo) / 15).clamp(min=1e-8), lo
+
+
 def as_float(weight) -> torch.Tensor:
     return weight.dequantize() if isinstance(weight, Int4Blocks) else weight.float()
 
@@ -119,10 +125,8 @@ class Int4WeightOnly(QuantMethod):
             q = torch.round(g / scale[..., None] + 8).clamp(0, 15)
             minimum = -8 * scale
         else:
-            lo, hi = g.amin(-1), g.amax(-1)
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
-            minimum = lo
+            scale, minimum = min_max_params(g)
+            q = torch.round((g - minimum[..., None]) / scale[..., None]).clamp(0, 15)
         return Int4Blocks(q.view(w.shape).to(torch.uint8), scale, minimum, self.group_size)
 
     def load_weight(self, layer, weight, row_offset):
