@@ -25,8 +25,7 @@ def group_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | No
     column's error costs at the output), then refits scale and minimum to that rounding by weighted
     least squares (as llama.cpp's k-quant search does)."""
     g = w.float().reshape(w.shape[0], -1, group_size)     # fp32: as good a search, several times faster than fp64
-    weight = torch.ones(group_size, dtype=g.dtype) if importance is None else importance.to(g.dtype).clamp(min=0)
-    weight = weight.view(1, -1, group_size).expand_as(g) if weight.numel() > group_size else weight.expand_as(g)
+    weight = _column_weights(g, importance)
     lo, hi = g.amin(-1), g.amax(-1)
     best_scale, best_min, best_err = None, None, None
     for cut_lo in CLIP_STEPS:
@@ -48,14 +47,20 @@ def mixed_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | No
     """Each group's searched parameters where they cut its weighted rounding error below `keep_below` of
     min..max's (weights on a coarser grid, an outlier spending the range), else its min..max."""
     g = w.float().reshape(w.shape[0], -1, group_size)
-    weight = torch.ones(group_size) if importance is None else importance.float().clamp(min=0)
-    weight = weight.view(1, -1, group_size).expand_as(g) if weight.numel() > group_size else weight.expand_as(g)
+    weight = _column_weights(g, importance)
     range_scale, range_min = min_max_params(g)
     scale, minimum = group_params(w, group_size, importance)
     searched = _rounding_error(g, weight, scale.float(), minimum.float()) < \
         keep_below * _rounding_error(g, weight, range_scale, range_min)
     return (torch.where(searched, scale.float(), range_scale).to(w.dtype),
             torch.where(searched, minimum.float(), range_min).to(w.dtype))
+
+
+def _column_weights(g: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
+    """`importance` [cols] (or one group's [group_size]; None: uniform) laid out as the groups `g`."""
+    group_size = g.shape[-1]
+    weight = torch.ones(group_size, dtype=g.dtype) if importance is None else importance.to(g.dtype).clamp(min=0)
+    return weight.view(1, -1, group_size).expand_as(g) if weight.numel() > group_size else weight.expand_as(g)
 
 
 def _quantized(g, scale, minimum):
