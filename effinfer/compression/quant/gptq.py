@@ -17,10 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from effinfer.compression.quant.group_search import group_params, mixed_params
-from effinfer.compression.quant.weight_only import Int4Blocks, min_max_params
-
-GROUP_FITS = ("mixed", "minmax", "search")
+from effinfer.compression.quant.group_search import GROUP_FITS
+from effinfer.compression.quant.weight_only import Int4Blocks
 
 
 @dataclass
@@ -57,7 +55,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int =
     w = weight.float().clone()
     w[:, dead] = 0
     importance = torch.diag(h).float()
-    fit = _group_fit(groups)
+    fit = GROUP_FITS[groups]
     scale, minimum = fit(w, group_size, importance)     # static groups (refitted as the walk goes without act order)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
     h = h[perm][:, perm]
@@ -99,15 +97,6 @@ def _walk_columns(w_t: torch.Tensor, h_inv: torch.Tensor, scale_t: torch.Tensor,
             err_block[i] = err
         w_t[end:] -= h_inv[start:end, end:].t() @ err_block
     return q_t
-
-
-def _group_fit(groups: str):
-    """(w [rows, cols], group_size, importance [cols]) -> scale and minimum per (row, group)."""
-    if groups == "search":
-        return group_params
-    if groups == "mixed":
-        return mixed_params
-    return lambda w, group_size, importance: min_max_params(w.reshape(w.shape[0], -1, group_size))
 
 
 def reconstruction_error(weight: torch.Tensor, blocks: Int4Blocks, x: torch.Tensor) -> float:

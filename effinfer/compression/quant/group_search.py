@@ -56,6 +56,16 @@ def mixed_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | No
             torch.where(searched, minimum.float(), range_min).to(w.dtype))
 
 
+def range_params(w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's min..max (`importance` unused: the signature of the other fits)."""
+    return min_max_params(w.reshape(w.shape[0], -1, group_size))
+
+
+GROUP_FITS = {"mixed": mixed_params, "minmax": range_params, "search": group_params}
+"""The ways to fix a group's scale and minimum, by name (GPTQ's `groups` option)."""
+
+
 def _column_weights(g: torch.Tensor, importance: torch.Tensor | None) -> torch.Tensor:
     """`importance` [cols] (or one group's [group_size]; None: uniform) laid out as the groups `g`."""
     group_size = g.shape[-1]
