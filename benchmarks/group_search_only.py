@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears
-from effinfer.compression.quant.calibrated import _shard_tensors, _write_checkpoint
+from effinfer.tools.quantize import _shard_tensors, _write_checkpoint
 from effinfer.compression.quant.group_search import quantize_groups
 from effinfer.llm import LLM
 from effinfer.loader import catalog
@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     llm = LLM(args.model, dtype="float32", kv_cache_memory_gb=0.25, max_num_batched_tokens=512)
     windows = calibration_windows(llm.tokenizer, Path(args.calib_text).read_text(encoding="utf-8"), args.calib_tokens, 512)
-    stats = collect_stats(llm, windows, keep_hessian=False)
+    stats = collect_stats(llm.engine.model, windows, llm.score, keep_hessian=False)
     net, tensors = llm.engine.model, {}
     for name, linear in decoder_linears(net).items():
         importance = None if args.unweighted else stats[name].sq_sum

@@ -12,9 +12,12 @@ import sys
 import time
 import typing
 
-from effinfer.config import SUB_CONFIGS, EngineConfig, all_option_names, field_docs
+from effinfer.cli_args import add_engine_args, arg_type, add_sampling_args, make_llm, sampling_params_from
+from effinfer.compression.prune import PRUNE_METHODS
+from effinfer.compression.quant.group_search import GROUP_FITS
+from effinfer.config import field_docs
 from effinfer.loader import catalog
-from effinfer.sampling_params import SamplingParams
+from effinfer.loader.checkpoint import LOAD_AS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     p = sub.add_parser("quantize", help="calibrated checkpoint (GPTQ, AWQ 4-bit; SmoothQuant W8A8), saved to a folder that loads as a model")
     p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
-    p.add_argument("--method", choices=["gptq", "awq", "smoothquant"], required=True)
+    p.add_argument("--method", choices=list(LOAD_AS), required=True)
     p.add_argument("--out", required=True, help="output folder (pass it as --model to use it)")
     p.add_argument("--calib-text", required=True, help="a UTF-8 text file to calibrate on")
     p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (in windows)")
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ: fraction of the Hessian's mean diagonal added to it (default 0.1; more: less fit "
                         "to the calibration text)")
-    p.add_argument("--gptq-groups", choices=["mixed", "minmax", "search"], default=None,
+    p.add_argument("--gptq-groups", choices=list(GROUP_FITS), default=None,
                    help="GPTQ: each group's scale and minimum searched (clipping, weighted by the Hessian's "
                         "diagonal), from its range, or (mixed, the default) searched where that at least halves "
                         "the group's rounding error")
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
     p = sub.add_parser("prune", help="prune a model (magnitude, wanda, 2:4) and save it as a checkpoint folder")
     p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
-    p.add_argument("--method", choices=["magnitude", "wanda", "2:4"], required=True,
+    p.add_argument("--method", choices=[m.name for m in PRUNE_METHODS.values() if not m.structured], required=True,
                    help="unstructured methods (structured ones, layers and mlp_channels, apply at load: --prune)")
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--calib-text", default=None, help="a UTF-8 text file (wanda, 2:4)")
@@ -120,38 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128, temperature: float = 0.0) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens)
-    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-
-
-def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed)
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """One flag per config field, named after it (`max_num_seqs` -> `--max-num-seqs`)."""
-    for group_name, cls in {**SUB_CONFIGS, "engine": EngineConfig}.items():
-        g = p.add_argument_group(f"engine: {group_name}")
-        hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in SUB_CONFIGS and cls is EngineConfig:
-                continue
-            flag, kind, doc = "--" + f.name.replace("_", "-"), _arg_type(hints[f.name]), docs.get(f.name)
-            if kind is bool:
-                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
-            else:
-                g.add_argument(flag, type=kind, default=f.default, dest=f.name, help=doc)
-
-
 def add_server_args(p: argparse.ArgumentParser) -> None:
     from effinfer.serving.api_server import ServerConfig
 
@@ -162,31 +133,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
             g.add_argument("--api-key", action="append", dest="api_keys", default=[],
                            help="accepted bearer token (repeat for several); none means no authentication")
         else:
-            g.add_argument("--" + f.name.replace("_", "-"), type=_arg_type(hints[f.name]), default=f.default,
+            g.add_argument("--" + f.name.replace("_", "-"), type=arg_type(hints[f.name]), default=f.default,
                            dest=f.name, help=docs.get(f.name))
-
-
-def _arg_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k in all_option_names()}
-
-
-def make_llm(args: argparse.Namespace):
-    from effinfer.llm import LLM
-
-    EngineConfig.from_kwargs(**engine_kwargs(args))  # validate flags before the model loads
-    return LLM(**engine_kwargs(args))
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from effinfer.compression.quant.calibrated import quantize_calibrated
     from effinfer.compression.quant.gptq import GPTQOptions
+    from effinfer.tools.quantize import quantize_calibrated
 
     text = Path(args.calib_text).read_text(encoding="utf-8")
     chosen = {"damp": args.damp, "groups": args.gptq_groups}
@@ -202,12 +157,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from effinfer.compression.quant.calibrated import save_pruned
     from effinfer.llm import LLM
+    from effinfer.tools.quantize import save_pruned
 
     llm = LLM(args.model, dtype="float32", cache_dir=args.cache_dir, kv_cache_memory_gb=0.1, prune=args.method,
               sparsity=args.sparsity, prune_calibration_text=args.calib_text)
-    saved = save_pruned(llm, args.out, llm.engine.prune_report)
+    saved = save_pruned(llm, args.out, llm.prune_report)
     print(f"{args.method}: {saved['prune']['sparsity']:.1%} of the decoder's weights are zero; saved {saved['path']}")
     return 0
 
@@ -215,7 +170,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from effinfer.compression.distill import DistillConfig, distill
+    from effinfer.tools.distill import DistillConfig, distill
 
     cfg = DistillConfig(num_layers=args.num_layers, layers=args.layers, steps=args.steps, batch_size=args.batch_size,
                         seq_len=args.seq_len, lr=args.lr, save_every=args.save_every)
@@ -230,7 +185,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_exit_heads(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from effinfer.compression.distill import ExitHeadsConfig, distill_exit_heads
+    from effinfer.tools.distill import ExitHeadsConfig, distill_exit_heads
 
     cfg = ExitHeadsConfig(layers=args.layers, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
     report = distill_exit_heads(args.model, Path(args.text).read_text(encoding="utf-8"), args.out, cfg, args.cache_dir)

@@ -1,8 +1,9 @@
 """One configuration source: dataclass sub-configs composed into `EngineConfig`.
 
 Every field has a one-line docstring and is validated in `__post_init__` with a message that names the
-bad value and the fix. `EngineConfig.from_kwargs` takes flat field names (`LLM(model, max_num_seqs=8)`),
-and the CLI derives its flags from the same names.
+bad value and the fix; a field that names a plug-in is checked against its registry (`option_choices`)
+before any model loads. `EngineConfig.from_kwargs` takes flat field names (`LLM(model, max_num_seqs=8)`),
+and the CLI derives its flags (and their choices) from the same names.
 """
 
 from __future__ import annotations
@@ -11,8 +12,27 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from effinfer.compression.prune import PRUNE_METHODS
+from effinfer.compression.quant import CPU_KERNELS, QUANT_METHODS, QuantSpec
+from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES
+from effinfer.decoding.spec import PROPOSERS
+from effinfer.layers.attn_backends import ATTENTION_BACKENDS
 from effinfer.loader.catalog import DEFAULT_MODEL
 from effinfer.utils import DTYPES
+
+
+def option_choices() -> dict[str, list[str]]:
+    """Config fields whose value names a registered plug-in -> the names registered ("none": the field is off)."""
+    return {"attention_backend": list(ATTENTION_BACKENDS), "kv_cache_dtype": list(KV_CACHE_DTYPES),
+            "quantization": [*QUANT_METHODS, "none"], "speculative_model_quantization": [*QUANT_METHODS, "none"],
+            "prune": [*PRUNE_METHODS, "none"], "speculative_method": [*PROPOSERS, "none"], "cpu_kernel": list(CPU_KERNELS)}
+
+
+def check_choice(name: str, value) -> None:
+    """`value` of field `name` is one of its registry's names (or None where the field may be off)."""
+    choices = option_choices()[name]
+    if value is not None and value not in choices or value is None and "none" not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose from {', '.join(choices)}")
 
 
 @dataclass
@@ -38,6 +58,7 @@ class ModelConfig:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} must be at least 1")
+        check_choice("attention_backend", self.attention_backend)
 
 
 @dataclass
@@ -58,8 +79,7 @@ class CacheConfig:
             raise ValueError(f"block_size={self.block_size} must be a power of two, e.g. 16")
         if self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be positive")
-        if self.kv_cache_dtype not in ("auto", "int8", "fp8"):
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; choose auto, int8 or fp8")
+        check_choice("kv_cache_dtype", self.kv_cache_dtype)
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks={self.num_blocks} must be at least 1")
 
@@ -99,23 +119,17 @@ class QuantConfig:
     (PyTorch's `_weight_int8pack_mm`, for comparison)."""
 
     def __post_init__(self) -> None:
-        from effinfer.compression.quant import CPU_KERNELS, available
-
         if self.quantization in ("", "none"):
             self.quantization = None
-        if self.quantization is not None and self.quantization not in available():
-            raise ValueError(f"quantization={self.quantization!r} is not supported; choose from {', '.join(available())}")
+        check_choice("quantization", self.quantization)
         if self.group_size not in (32, 64, 128, 256):
             raise ValueError(f"group_size={self.group_size} is not supported; choose 32, 64, 128 or 256")
-        if self.cpu_kernel not in CPU_KERNELS:
-            raise ValueError(f"cpu_kernel={self.cpu_kernel!r} is not supported; choose {' or '.join(CPU_KERNELS)}")
+        check_choice("cpu_kernel", self.cpu_kernel)
 
     def spec(self):
-        from effinfer.compression.quant import QuantSpec
-
         if self.quantization is None:
             return None
-        return QuantSpec(self.quantization, self.group_size, self.symmetric, self.quantize_lm_head, self.cpu_kernel)
+        return QuantSpec(**dataclasses.asdict(self))
 
 
 @dataclass
@@ -130,15 +144,12 @@ class PruneConfig:
     """Calibration tokens read from that text."""
 
     def __post_init__(self) -> None:
-        from effinfer.compression.prune import NEEDS_CALIBRATION, PRUNE_METHODS
-
         if self.prune in ("", "none"):
             self.prune = None
-        if self.prune is not None and self.prune not in PRUNE_METHODS:
-            raise ValueError(f"prune={self.prune!r} is not supported; choose from {', '.join(PRUNE_METHODS)}")
+        check_choice("prune", self.prune)
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity={self.sparsity} must be between 0 and 1")
-        if self.prune in NEEDS_CALIBRATION and not self.prune_calibration_text:
+        if self.prune is not None and PRUNE_METHODS[self.prune].needs_calibration and not self.prune_calibration_text:
             raise ValueError(f"prune={self.prune} needs prune_calibration_text (a text file to calibrate on)")
 
 
@@ -171,13 +182,9 @@ class SpecConfig:
     """draft_model/self: memory for the draft's own KV-cache pool, in GiB."""
 
     def __post_init__(self) -> None:
-        from effinfer.decoding.spec import PROPOSERS
-
         if self.speculative_method in ("", "none"):
             self.speculative_method = None
-        if self.speculative_method is not None and self.speculative_method not in PROPOSERS:
-            raise ValueError(f"speculative_method={self.speculative_method!r} is not supported; "
-                             f"choose from {', '.join(sorted(PROPOSERS))}")
+        check_choice("speculative_method", self.speculative_method)
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be between 1 and 16")
         if self.speculative_max_batch < 1:

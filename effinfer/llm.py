@@ -1,24 +1,41 @@
-"""The offline facade: `LLM(model, **config).generate(prompts, sampling_params)`."""
+"""The facade: `LLM(model, **config).generate(prompts, sampling_params)`, and `build_engine`, which loads the
+model, applies what the config asks for (quantization at load, pruning, exit heads, compiled steps, a
+speculator) and hands the results to an `LLMEngine`, which runs them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
 
-from effinfer.config import EngineConfig
+import torch
+from torch import nn
+
+from effinfer.compression.prune import Calibration, prune_model
+from effinfer.compression.quant.calibrate import calibration_windows
+from effinfer.compression.quant.kv_quant import get_kv_dtype
+from effinfer.config import EngineConfig, QuantConfig
+from effinfer.decoding.early_exit import EarlyExit, ExitHeads
+from effinfer.decoding.spec import DraftContext, speculator_from_config
+from effinfer.engine.block_manager import BlockManager
+from effinfer.engine import compiled_decode
+from effinfer.engine.kv_cache import allocate_kv_cache, bytes_per_block
 from effinfer.engine.llm_engine import LLMEngine, Prompt
+from effinfer.engine.model_runner import ModelRunner
+from effinfer.engine.offline import score
+from effinfer.engine.side_model import SideModel
+from effinfer.layers.attn_backends import get_backend
 from effinfer.loader.catalog import DEFAULT_MODEL
+from effinfer.models import LoadedModel, load_model
 from effinfer.outputs import GenerationResult, RequestOutput
 from effinfer.sampling_params import SamplingParams
-from effinfer.utils import progress
-
-if TYPE_CHECKING:
-    import torch
+from effinfer.utils import default_device, parse_dtype, progress
 
 
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, **config):
         self.config = EngineConfig.from_kwargs(model=model, **config)
-        self.engine = LLMEngine(self.config)
+        self.engine = build_engine(self.config)
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
@@ -30,6 +47,11 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def prune_report(self) -> dict | None:
+        """What pruning at load removed (None without `prune`)."""
+        return self.engine.loaded.prune_report
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | list | None = None,
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[GenerationResult]:
@@ -47,7 +69,7 @@ class LLM:
 
     def score(self, prompt: Prompt) -> "torch.Tensor":
         """[num_tokens, vocab] log-probabilities of the next token after each prompt position (evaluation)."""
-        return self.engine.score(self.engine.encode_prompt(prompt))
+        return score(self.engine, self.engine.encode_prompt(prompt))
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one request's output after every step that adds to it; abort it if the caller stops early."""
@@ -85,3 +107,92 @@ def _is_single_prompt(prompts) -> bool:
     if isinstance(prompts, str):
         return True
     return bool(prompts) and isinstance(prompts, list) and all(isinstance(x, (int, dict)) for x in prompts)
+
+
+# ---- building an engine ---------------------------------------------------------------------------------
+def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
+    """Load the model (unless `loaded` is given), prune it, size and allocate its KV cache, build the plug-ins
+    the config names, and hand them all to an `LLMEngine`."""
+    torch.manual_seed(config.global_seed)
+    mc, cc = config.model, config.cache
+    if mc.num_threads:
+        torch.set_num_threads(mc.num_threads)
+    device, dtype = torch.device(default_device() if mc.device == "auto" else mc.device), parse_dtype(mc.dtype)
+    loaded = loaded or load_model(mc.model, dtype, str(device), mc.cache_dir, config.show_progress, config.quant.spec())
+    if config.prune.prune:
+        loaded.prune_report = _prune(config, loaded)
+    block_manager = BlockManager(_num_blocks(config, loaded.model, dtype), cc.block_size, cc.enable_prefix_caching)
+    allocate_kv_cache(loaded.model, block_manager.num_blocks, cc.block_size, dtype, device,
+                      get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
+    max_model_len = _max_model_len(config, loaded, block_manager.num_blocks)
+    runner = ModelRunner(loaded.model, cc.block_size, device, _compiled_step(config, loaded.model, device),
+                         _early_exit(config, loaded.model))
+    speculator = None
+    if config.spec.speculative_method:
+        speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
+    return LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator)
+
+
+def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:
+    """Prune the loaded model in place, calibrating through a throwaway engine with a small cache
+    (pruning can remove layers, so the real engine's cache is sized afterwards)."""
+    pc = config.prune
+    calibration = None
+    if pc.prune_calibration_text:
+        scratch = EngineConfig(model=config.model, show_progress=False)
+        scratch.cache.kv_cache_memory_gb = 0.1
+        text = Path(pc.prune_calibration_text).read_text(encoding="utf-8")
+        windows = calibration_windows(loaded.tokenizer, text, pc.prune_calibration_tokens, 256)
+        calibration = Calibration(windows, partial(score, build_engine(scratch, loaded)), config.show_progress)
+    return prune_model(loaded.model, pc.prune, pc.sparsity, calibration)
+
+
+def _num_blocks(config: EngineConfig, model: nn.Module, dtype: torch.dtype) -> int:
+    cc = config.cache
+    if cc.num_blocks:
+        return cc.num_blocks
+    per_block = bytes_per_block(model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype))
+    return max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
+
+
+def _max_model_len(config: EngineConfig, loaded: LoadedModel, num_blocks: int) -> int:
+    capacity = num_blocks * config.cache.block_size
+    context = loaded.config.max_position_embeddings
+    limit = config.scheduler.max_model_len or min(context, capacity)
+    if limit > context:
+        raise ValueError(f"max_model_len={limit} exceeds the model's context length {context}")
+    if limit > capacity:
+        raise ValueError(f"max_model_len={limit} tokens do not fit in the KV cache ({capacity} tokens); "
+                         "raise kv_cache_memory_gb or num_blocks, or lower max_model_len")
+    return limit
+
+
+def _compiled_step(config: EngineConfig, model: nn.Module, device: torch.device):
+    if not config.model.compile:
+        return None
+    compiled = compiled_decode.compile_decode(model)
+    compiled_decode.warm_up(compiled, config.cache.block_size, config.scheduler.max_num_seqs, device, config.show_progress)
+    return compiled
+
+
+def _early_exit(config: EngineConfig, model: nn.Module) -> EarlyExit | None:
+    if not config.exit.early_exit_heads:
+        return None
+    return EarlyExit(model, ExitHeads.load(config.exit.early_exit_heads, model))
+
+
+def _draft_context(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
+                   max_model_len: int) -> DraftContext:
+    mc, block_size = config.model, config.cache.block_size
+
+    def load_draft(name: str, quantization: str | None) -> LoadedModel:
+        quant = QuantConfig(quantization=quantization).spec() if quantization else None
+        return load_model(name, dtype, str(device), mc.cache_dir, config.show_progress, quant)
+
+    def side_model(model: nn.Module, memory_gb: float, max_len: int | None = None) -> SideModel:
+        """`model` with its own KV pool of `memory_gb` (not taken from the engine's), keyed by request id."""
+        num_blocks = max(1, int(memory_gb * 2**30) // bytes_per_block(model, block_size, dtype))
+        return SideModel(model, num_blocks, block_size, dtype, device, get_backend(mc.attention_backend),
+                         min(max_len or max_model_len, max_model_len))
+
+    return DraftContext(loaded.model, loaded.tokenizer, loaded.config.vocab_size, mc.cache_dir, load_draft, side_model)

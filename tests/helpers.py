@@ -15,10 +15,10 @@ from effinfer.serving.api_server import ServerConfig, build_app
 def make_engine(loaded, **config):
     """An engine on an already-loaded model, with small defaults that keep tests fast."""
     from effinfer.config import EngineConfig
-    from effinfer.engine.llm_engine import LLMEngine
+    from effinfer.llm import build_engine
 
     config = {"dtype": "float32", "device": "cpu", "num_blocks": 256, "show_progress": False, **config}
-    return LLMEngine(EngineConfig.from_kwargs(**config), loaded)
+    return build_engine(EngineConfig.from_kwargs(**config), loaded)
 
 
 @contextmanager

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from effinfer.bench.systems import PEER_SYSTEMS
-from effinfer.cli import add_engine_args, all_option_names, engine_kwargs
-from effinfer.config import EngineConfig
+from effinfer.cli_args import add_engine_args, engine_kwargs
+from effinfer.config import EngineConfig, all_option_names
 from effinfer.bench.tasks import TASKS
 from effinfer.bench.workloads import PROMPT_SETS
 from effinfer.loader import catalog

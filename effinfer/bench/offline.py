@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from effinfer.compression.quant.kv_quant import get_kv_dtype
 from effinfer.engine.kv_cache import bytes_per_block
 from effinfer.bench.workloads import BenchRequest, random_requests
 
@@ -96,7 +97,7 @@ def kv_bytes_per_token(system) -> int:
     if engine is None:
         return 0     # a peer: its KV layout is its own; weights dominate at these context lengths
     block_size = engine.config.cache.block_size
-    return bytes_per_block(engine.model, block_size, engine.dtype, engine.config.cache.kv_cache_dtype) // block_size
+    return bytes_per_block(engine.model, block_size, engine.dtype, get_kv_dtype(engine.config.cache.kv_cache_dtype)) // block_size
 
 
 def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 3) -> float:

@@ -3,7 +3,7 @@ intermediate layer when a confidence test says the rest of the layers would not 
 
 An exit head sits after each chosen layer: a zero-initialised linear adapter and a norm in front of the
 model's own output head (shared, frozen), taught by distillation to predict the final layer's
-distribution (`effinfer exit-heads`, compression/distill.py), plus a one-unit classifier trained to
+distribution (`effinfer exit-heads`, tools/distill.py), plus a one-unit classifier trained to
 predict whether the head's argmax agrees with the full model's. The exit test is that classifier, not
 the head's softmax: SmolLM2's 49k-way head weighs as much as eight of its layers, so evaluating it at
 every exit point would cost more than exiting saves. The head runs only in steps that exit, in place of
@@ -129,22 +129,29 @@ class EarlyExit:
         The exit is all or nothing for the step's batch: a batch runs each layer once for all its rows, so
         letting some rows leave saves nothing unless all do (measured: per-token exits with the batch shrunk
         in place were 6-19% slower than no exit at 8 concurrent requests)."""
-        hidden = self.model.embed(input_ids)
-        ropes = self.model.rope_for_layer(positions, hidden.dtype)
         thresholds = [seq.exit_threshold for seq in seqs]
         self.stats["candidates"] += sum(t is not None for t in thresholds)
-        may_exit = all(t is not None for t in thresholds)
-        limits = torch.tensor(thresholds, device=hidden.device) if may_exit else None
-        for index, layer in enumerate(self.model.model.layers):
-            hidden = layer(hidden, ropes[index], meta)
-            if may_exit and str(index) in self.heads.heads:
-                features = self.heads[index].features(hidden)      # decode steps: row i is sequence i
-                if bool((self.heads[index].confidence(features) > limits).all()):
-                    self._fill_skipped_kv(hidden, ropes, meta.slot_mapping, index + 1)
-                    self.stats["exited"] += len(seqs)
-                    self.stats["by_layer"][index] += len(seqs)
-                    return self.model.compute_logits(features)
-        return self.model.compute_logits(self.model.model.norm(hidden[logit_rows]))
+        if not all(t is not None for t in thresholds):
+            return self.model.compute_logits(self.model(input_ids, positions, meta)[logit_rows])
+        limits = torch.tensor(thresholds, device=input_ids.device)
+        exit_features = []
+
+        def after_layer(index: int, hidden: torch.Tensor, ropes: list[tuple]) -> bool:
+            if str(index) not in self.heads.heads:
+                return False
+            features = self.heads[index].features(hidden)      # decode steps: row i is sequence i
+            if not bool((self.heads[index].confidence(features) > limits).all()):
+                return False
+            self._fill_skipped_kv(hidden, ropes, meta.slot_mapping, index + 1)
+            self.stats["exited"] += len(seqs)
+            self.stats["by_layer"][index] += len(seqs)
+            exit_features.append(features)
+            return True
+
+        hidden = self.model(input_ids, positions, meta, after_layer=after_layer)
+        if exit_features:
+            return self.model.compute_logits(exit_features[0])
+        return self.model.compute_logits(hidden[logit_rows])
 
     def _fill_skipped_kv(self, hidden: torch.Tensor, ropes: list[tuple], slots: torch.Tensor, first: int) -> None:
         """K/V of the exited tokens in layers `first`.. from their exit hidden state (state propagation)."""

@@ -43,30 +43,34 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # logits [num_rows, vocab] fp32
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
-        if any(r.params.has_penalties for r in rows):
-            logits = apply_penalties(logits.clone(), rows)
         token_ids = self.sample(logits, rows)
         return SamplerOutput(token_ids.tolist(), gather_logprobs(raw_logprobs, token_ids, rows))
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
+        """One token per row from `final_probs` (the exponential race: argmax(probs / q), q ~ Exp(1) drawn from
+        each row's generator; a greedy row's one-hot distribution makes that its argmax)."""
+        logits = _penalized(logits, rows)
         if all(r.params.is_greedy for r in rows):
-            return greedy
-        temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
-        probs = torch.softmax(apply_top_k_top_p_min_p(logits / temps[:, None], rows), dim=-1)
+            return logits.argmax(dim=-1)
+        probs = _distribution(logits, rows)
         noise = torch.empty_like(probs)
         for i, row in enumerate(rows):
             noise[i].exponential_(generator=row.generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([r.params.is_greedy for r in rows], device=logits.device)
-        return torch.where(is_greedy, greedy, sampled)
+        return (probs / noise).argmax(dim=-1)
 
 
 def final_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """The distribution each row samples from after every setting: one-hot argmax for greedy rows,
-    else softmax of the penalised, temperature-scaled, top-k/top-p/min-p-masked logits."""
-    if any(r.params.has_penalties for r in rows):
-        logits = apply_penalties(logits.clone(), rows)
+    else softmax of the penalised, temperature-scaled, top-k/top-p/min-p-masked logits. The one pipeline
+    that sampling and speculative verification share."""
+    return _distribution(_penalized(logits, rows), rows)
+
+
+def _penalized(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    return apply_penalties(logits.clone(), rows) if any(r.params.has_penalties for r in rows) else logits
+
+
+def _distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     probs = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
     sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     if sampled:

@@ -3,7 +3,7 @@
 A single-token decode step of a small model is mostly overhead: per layer two norms, rotary, the KV
 write, attention, the activation and two residual adds are ~25 tiny ops of a few microseconds each,
 dispatched from Python. Compiled, they fuse into ~5 generated kernels per layer, attention and the KV
-write included (gather, dequantize, both reductions: `attend_decodes_traced`; `PagedKVCache.write_traced`).
+write included (gather, dequantize, both reductions: the backend's `decode_attention_traced`; `PagedKVCache.write_traced`).
 Prefill chunks, verification of drafts and early exits keep the eager path.
 
 Only the batch size and the context width are dynamic; the KV pages and weights are static shapes

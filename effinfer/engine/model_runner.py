@@ -13,7 +13,7 @@ from torch import nn
 
 from effinfer.engine.compiled_decode import MAX_BATCH as COMPILED_MAX_BATCH
 from effinfer.layers.attention import AttentionMetadata, DecodeBatch
-from effinfer.layers.attn_backends.torch_sdpa import padded_block_tables
+from effinfer.layers.attn_backends.traced_decode import padded_block_tables
 
 
 @dataclass
@@ -39,14 +39,19 @@ class ScheduledSeq:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device | str):
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device | str, compiled_forward=None,
+                 early_exit=None, kv_bindings: dict | None = None):
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
-        self.early_exit = None
-        """An `EarlyExit` (decoding/early_exit.py) when the engine has exit heads."""
-        self.compiled_forward = None
+        self.compiled_forward = compiled_forward
         """The model's forward compiled for decode steps (engine/compiled_decode.py), or None: eager."""
+        self.early_exit = early_exit
+        """An `EarlyExit` (decoding/early_exit.py: `forward(input_ids, positions, meta, seqs, logit_rows)`) when the
+        engine has exit heads."""
+        self.kv_bindings = kv_bindings
+        """Pages (and backend) per attention module that this runner's steps use instead of the modules' own
+        (`AttentionMetadata.kv_bindings`): a side model's."""
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
@@ -75,7 +80,7 @@ class ModelRunner:
             starts.append(starts[-1] + len(seq.token_ids))
             seq_lens.append(seq_len)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        meta = AttentionMetadata(as_tensor(slots), starts, seq_lens, tables, size)
+        meta = AttentionMetadata(as_tensor(slots), starts, seq_lens, tables, size, kv_bindings=self.kv_bindings)
         logit_rows = as_tensor([row for start, end, seq in zip(starts, starts[1:], seqs) for row in _logit_rows(start, end, seq)])
         return as_tensor(ids), as_tensor(positions), meta, logit_rows
 

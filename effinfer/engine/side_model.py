@@ -18,7 +18,7 @@ from torch import nn
 from effinfer.engine.block_manager import BlockManager
 from effinfer.engine.kv_cache import attention_layers, new_kv_caches
 from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
-from effinfer.layers.attn_backends import get_backend
+from effinfer.layers.attn_backends import Backend, get_backend
 
 
 @dataclass
@@ -35,13 +35,16 @@ class _Seq:
 
 class SideModel:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, backend: str = "torch_ref", max_len: int | None = None):
+                 device: torch.device, backend: Backend | None = None, max_len: int | None = None):
         self.model = model
         self.layers = attention_layers(model)
         self.caches = new_kv_caches(self.layers, num_blocks, block_size, dtype, device)
-        self.backend = get_backend(backend)
+        backend = backend or get_backend("torch_ref")
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(model, block_size, device)
+        # the attention modules may be shared with the target (self-speculation): every step of this runner
+        # reads and writes this model's pages instead of theirs
+        bindings = {id(layer): (cache, backend) for layer, cache in zip(self.layers, self.caches)}
+        self.runner = ModelRunner(model, block_size, device, kv_bindings=bindings)
         self.max_len = min(max_len or 1 << 62, num_blocks * block_size)
         self.seqs: OrderedDict[str, _Seq] = OrderedDict()
         """Per key, least recently used first (evicted first when blocks run out)."""
@@ -61,7 +64,7 @@ class SideModel:
             seqs.append((key, seq, ids[keep:]))
         out = dict.fromkeys(key for key, _ in items)
         if seqs:
-            logits = self._forward([ScheduledSeq(new, len(seq.ids), seq.block_ids) for _, seq, new in seqs])
+            logits = self.runner.execute([ScheduledSeq(new, len(seq.ids), seq.block_ids) for _, seq, new in seqs])
             for row, (key, seq, new) in enumerate(seqs):
                 seq.ids.extend(new)
                 out[key] = logits[row]
@@ -80,18 +83,6 @@ class SideModel:
                 return False
             self.release(victim)
         return True
-
-    def _forward(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
-        # the attention modules may be shared with the target (self-speculation): bind this model's pages
-        # for the call and put the target's back after
-        saved = [(layer.kv_cache, layer.backend) for layer in self.layers]
-        for layer, cache in zip(self.layers, self.caches):
-            layer.kv_cache, layer.backend = cache, self.backend
-        try:
-            return self.runner.execute(seqs)
-        finally:
-            for layer, (cache, backend) in zip(self.layers, saved):
-                layer.kv_cache, layer.backend = cache, backend
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -9,12 +9,12 @@ Slot `s` of a layer's cache is index `s` of its flattened `[num_blocks * block_s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from effinfer.compression.quant import kv_quant
-from effinfer.layers.attn_backends import torch_ref, torch_sdpa
+from effinfer.layers.attn_backends import Backend, get_backend
 
 
 @dataclass
@@ -35,6 +35,9 @@ class AttentionMetadata:
     decode: "DecodeBatch | None" = None
     """Set for a step of single-token decodes run by the compiled model: attention then reads only
     tensors (no Python lists or caches), so one traced graph serves every such step."""
+    kv_bindings: dict | None = None
+    """id(Attention) -> the (PagedKVCache, Backend) that layer uses in this step instead of its own: a side model
+    runs attention modules it shares with the target (self-speculation) on its own pages."""
 
     @property
     def num_seqs(self) -> int:
@@ -61,18 +64,55 @@ class DecodeBatch:
     """[num_seqs] cached tokens per sequence after this step."""
 
 
+class KVCodec(Protocol):
+    """How pages store K and V (the kv_cache_dtype). The codecs and their table `KV_CACHE_DTYPES` live in
+    compression/quant/kv_quant.py; whoever allocates the pages hands one to `PagedKVCache`."""
+
+    name: str
+    has_scales: bool
+    """Pages keep one scale per token and KV head beside the values (`PagedKVCache.scales`)."""
+    scales_keys: bool
+    """Keys are divided by per-channel scales before they are quantized (`PagedKVCache.key_scale`, from
+    `key_scales(magnitude)`, a method such a codec has, applied to each layer's estimated key size)."""
+
+    def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype: ...
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [..., head_dim] -> (stored values [..., head_dim], per-vector scales [...] or None)."""
+
+    def dequantize(self, values: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+class AutoKV:
+    """kv_cache_dtype "auto": pages in the model dtype, stored as computed (the default codec)."""
+
+    name = "auto"
+    has_scales = False
+    scales_keys = False
+
+    def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x, None
+
+    def dequantize(self, values: torch.Tensor, scales: None, dtype: torch.dtype) -> torch.Tensor:
+        return values.to(dtype)
+
+
 @dataclass
 class PagedKVCache:
     """One layer's pages: `data` [2, num_kv_heads, num_blocks, block_size, head_dim] (K then V) in the
-    model dtype, or 8-bit with `scales` [2, num_kv_heads, num_blocks, block_size] (see kv_quant)."""
+    codec's storage dtype, with `scales` [2, num_kv_heads, num_blocks, block_size] if the codec keeps them."""
 
     data: torch.Tensor
     scales: torch.Tensor | None = None
-    kind: str = "auto"
+    codec: KVCodec = field(default_factory=AutoKV)
     key_scale: torch.Tensor | None = None
-    """int8: [num_kv_heads, head_dim] per-channel divisors applied to keys before quantizing (kv_quant). Pages
-    and gathers keep the divided keys; queries are multiplied by the same scales instead (`scale_queries`):
-    q . (k / s) * s = (q * s) . (k / s), a few rows per step rather than the whole gathered context."""
+    """[num_kv_heads, head_dim] per-channel divisors applied to keys before quantizing, for a codec that
+    `scales_keys` (int8, see kv_quant). Pages and gathers keep the divided keys; queries are multiplied by
+    the same scales instead (`scale_queries`): q . (k / s) * s = (q * s) . (k / s), a few rows per step
+    rather than the whole gathered context."""
     _query_scale: torch.Tensor | None = None
     """`key_scale` repeated over the query heads that share each KV head (built on first use)."""
 
@@ -103,7 +143,7 @@ class PagedKVCache:
         """k, v [num_tokens, num_kv_heads, head_dim] -> pages' values [2, heads, tokens, dim] (and scales)."""
         if self.key_scale is not None:
             k = k / self.key_scale
-        values, value_scales = kv_quant.quantize(torch.stack((k, v)).transpose(1, 2), self.kind)
+        values, value_scales = self.codec.quantize(torch.stack((k, v)).transpose(1, 2))
         if value_scales is not None:
             value_scales = value_scales.to(self.scales.dtype)
         return values.to(self.data.dtype), value_scales
@@ -112,7 +152,7 @@ class PagedKVCache:
         """K and V of the given slots: each [num_kv_heads, len(slots), head_dim]."""
         values = self.data.flatten(2, 3).index_select(2, slots)
         scales = self.scales.flatten(2, 3).index_select(2, slots) if self.scales is not None else None
-        kv = kv_quant.dequantize(values, scales, self.kind, dtype)
+        kv = self.codec.dequantize(values, scales, dtype)
         return kv[0], kv[1]
 
     def gather_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -121,7 +161,7 @@ class PagedKVCache:
         values = self.data.view(two, heads, num_blocks, -1).index_select(2, block_ids)
         values = values.view(two, heads, len(block_ids), block_size, head_dim)
         scales = self.scales.index_select(2, block_ids) if self.scales is not None else None
-        return kv_quant.dequantize(values, scales, self.kind, dtype)
+        return self.codec.dequantize(values, scales, dtype)
 
     def scale_queries(self, q: torch.Tensor) -> torch.Tensor:
         """q [num_tokens, num_heads, head_dim] times its KV head's key scales (see `key_scale`)."""
@@ -142,20 +182,18 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.kv_cache: PagedKVCache | None = None
         """This layer's pages, bound by the engine."""
-        self.backend = torch_ref.paged_attention
-        """The paged attention function; the engine binds the configured backend."""
+        self.backend: Backend = get_backend("torch_ref")
+        """The attention backend (attn_backends); the engine binds the configured one."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]
-        assert self.kv_cache is not None, "KV cache not bound: the model runner binds it before the first forward"
-        q = self.kv_cache.scale_queries(q)
+        cache, backend = meta.kv_bindings[id(self)] if meta.kv_bindings else (self.kv_cache, self.backend)
+        assert cache is not None, "KV cache not bound: the engine allocates the pages before the first forward"
+        q = cache.scale_queries(q)
         if meta.decode is None:
-            self.kv_cache.write(meta.slot_mapping, k, v)
-            out = self.backend(q, self.kv_cache, meta, self.scale, self.sliding_window)
+            cache.write(meta.slot_mapping, k, v)
+            out = backend.paged_attention(q, cache, meta, self.scale, self.sliding_window)
         else:    # a compiled decode step (engine/compiled_decode.py)
-            self.kv_cache.write_traced(meta.slot_mapping, k, v)
-            tables = meta.decode.block_tables
-            mask = torch_sdpa.decode_mask(meta.decode.seq_lens, tables.shape[1], self.kv_cache.shape[3],
-                                          self.sliding_window)
-            out = torch_sdpa.attend_decodes_traced(q, self.kv_cache, tables, mask, self.scale)
+            cache.write_traced(meta.slot_mapping, k, v)
+            out = backend.decode_attention_traced(q, cache, meta.decode, self.scale, self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

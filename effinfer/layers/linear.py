@@ -20,6 +20,14 @@ class QuantMethod(ABC):
     name: str = ""
     cpu_kernel: str = "auto"
     """Few-row matmuls on CPU: effinfer's own kernel where there is one and it builds (auto) or PyTorch's (aten)."""
+    plan_layers = None
+    """Set by a method that reads its format from the checkpoint (GGUF blocks): (the checkpoint's HF tensor name ->
+    format type, the model's `fused_target`) -> {module name: the QuantMethod of that layer}. The loader calls it."""
+
+    @classmethod
+    def from_options(cls, group_size: int = 32, symmetric: bool = False) -> "QuantMethod":
+        """An instance from the config's options (those it has no use for are ignored)."""
+        return cls()
 
     @abstractmethod
     def create_weights(self, layer: "QuantLinear") -> None:

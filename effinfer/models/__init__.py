@@ -12,6 +12,7 @@ from torch import nn
 from effinfer.compression.quant import QuantSpec
 from effinfer.layers.rotary import RotaryEmbedding
 from effinfer.loader import catalog
+from effinfer.loader.checkpoint import is_quantized_checkpoint, iter_checkpoint_weights, read_config
 from effinfer.loader.tokenizer import Tokenizer
 from effinfer.loader.arch_config import ArchConfig
 from effinfer.models.registry import get_model_class
@@ -26,6 +27,8 @@ class LoadedModel:
     path: Path
     gguf: object | None = None
     """The open `GGUFFile` when the weights came from one (its raw quantized blocks stay reachable)."""
+    prune_report: dict | None = None
+    """What pruning at load removed from the model, if it was pruned."""
 
 
 def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: bool = True) -> Path:
@@ -34,8 +37,6 @@ def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: b
 
     path = Path(name).expanduser()
     if path.is_file() or path.is_dir():
-        from effinfer.compression.quant.calibrated import is_quantized_checkpoint
-
         if path.is_dir() and not is_hf_folder(path) and not is_quantized_checkpoint(path):
             raise ModelLoadError(f"{path} is a folder without config.json; expected a Hugging Face model folder")
         return path
@@ -49,8 +50,6 @@ def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: b
 
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                cache_dir: str | None = None, show_progress: bool = True, quant: QuantSpec | None = None) -> LoadedModel:
-    from effinfer.compression.quant.calibrated import is_quantized_checkpoint, iter_checkpoint_weights, read_config
-
     path = resolve_model_path(name, cache_dir, show_progress)
     if is_quantized_checkpoint(path):   # GPTQ/AWQ from `effinfer quantize`: 4-bit layers over a base model
         checkpoint = read_config(path)
@@ -62,14 +61,12 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
         weights = iter_checkpoint_weights(path, source.iter_weights(show_progress), checkpoint["group_size"])
     else:
         source = _open_source(path, cache_dir)
-        keep_blocks = quant is not None and quant.method == "gguf"
-        if keep_blocks:
+        keep_blocks = quant is not None and quant.method_class().plan_layers is not None
+        if keep_blocks:   # the method reads each layer's format from the file: plan per layer
             if source.gguf is None:
-                raise ValueError("quantization=gguf uses a GGUF file's own blocks; this model is a folder")
-            from effinfer.compression.quant.gguf_blocks import plan_layers
-
+                raise ValueError(f"quantization={quant.quantization} uses a GGUF file's own blocks; this model is a folder")
             fused_target = get_model_class(source.config.architecture).fused_target
-            quant.layer_methods = plan_layers(source.gguf.hf_tensor_types(), fused_target)
+            quant.layer_methods = quant.method_class().plan_layers(source.gguf.hf_tensor_types(), fused_target)
         weights = source.iter_weights(show_progress, keep_blocks)
     model = _build(source.config, weights, dtype, device, quant)
     return LoadedModel(model, source.tokenizer(), source.config, path, source.gguf)
@@ -77,8 +74,6 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
 
 def load_tokenizer(name: str, cache_dir: str | None = None) -> Tokenizer:
     """Only the tokenizer of a catalog name, GGUF file or HF folder (no weights are read)."""
-    from effinfer.compression.quant.calibrated import is_quantized_checkpoint, read_config
-
     path = resolve_model_path(name, cache_dir, show_progress=False)
     if is_quantized_checkpoint(path):
         return load_tokenizer(read_config(path)["base_model"], cache_dir)

@@ -6,7 +6,7 @@ one matmul each at load time: fewer, larger GEMMs and fewer dispatches per token
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from effinfer.layers.attention import Attention, AttentionMetadata
 from effinfer.layers.norm import RMSNorm
 from effinfer.layers.rotary import RotaryEmbedding, apply_rotary
 from effinfer.loader.arch_config import SLIDING_ATTENTION, ArchConfig
+from effinfer.models.interface import AfterLayer
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -145,12 +146,19 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rotary_emb(positions, dtype)
         return [rope] * len(self.model.layers)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                layer_ids: Sequence[int] | None = None, after_layer: AfterLayer | None = None) -> torch.Tensor:
+        """The one decoder loop: embed, the layers `layer_ids` (default all, in order), the final norm.
+        `after_layer(index, hidden, ropes)` runs after each layer; when it returns True the loop stops there
+        (early exit). A layer subset is a self-speculation draft. Plain calls stay traceable by torch.compile."""
         # input_ids, positions [num_tokens] -> hidden [num_tokens, hidden_size]
         hidden = self.embed(input_ids)
-        ropes = self.rope_for_layer(positions, hidden.dtype)
-        for layer, rope in zip(self.model.layers, ropes):
-            hidden = layer(hidden, rope, meta)
+        ropes = self.rope_for_layer(positions, hidden.dtype)   # one per layer of the full model
+        layers = self.model.layers
+        for index in range(len(layers)) if layer_ids is None else layer_ids:
+            hidden = layers[index](hidden, ropes[index], meta)
+            if after_layer is not None and after_layer(index, hidden, ropes):
+                break
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

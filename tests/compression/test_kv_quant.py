@@ -1,48 +1,64 @@
-"""8-bit KV pages: round trips, the batched backend against the reference on 8-bit pages, capacity."""
+"""KV-cache dtypes: every codec's round trip, the backends against the reference on 8-bit pages, capacity,
+key channel scales."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from effinfer.compression.quant import kv_quant
+from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES, Int8KV, get_kv_dtype, key_channel_scales
 from effinfer.layers.attention import AttentionMetadata, PagedKVCache
-from effinfer.layers.attn_backends import get_backend
+from effinfer.layers.attn_backends import ATTENTION_BACKENDS, get_backend, torch_ref
 from effinfer import LLM, SamplingParams
 
-
-@pytest.mark.parametrize("kind, tolerance", [("int8", 1 / 127), ("fp8", 1 / 8)])
-def test_round_trip_error_is_bounded(kind, tolerance):
-    x = torch.randn(5, 3, 64)
-    values, scales = kv_quant.quantize(x, kind)
-    assert values.element_size() == 1
-    back = kv_quant.dequantize(values, scales, kind, torch.float32)
-    assert ((back - x).abs() <= tolerance * x.abs().amax(-1, keepdim=True) + 1e-6).all()
+ROUND_TRIP_BOUND = {"auto": 0.0, "int8": 1 / 254, "fp8": 1 / 16}
+"""Largest |dequantize(quantize(x)) - x| as a fraction of the vector's largest |x| (for |x| <= 448): int8
+rounds to half a step of amax / 127; e4m3 keeps 3 mantissa bits, a relative error of at most 2^-4."""
 
 
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
+def test_round_trip_error_is_bounded(kv_cache_dtype):
+    assert kv_cache_dtype in ROUND_TRIP_BOUND, "a new KV-cache dtype brings its round-trip bound"
+    codec = get_kv_dtype(kv_cache_dtype)
+    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0)) * 4
+    values, scales = codec.quantize(x)
+    assert values.dtype == codec.storage_dtype(torch.float32) and (scales is not None) == codec.has_scales
+    back = codec.dequantize(values, scales, torch.float32)
+    if kv_cache_dtype == "auto":
+        assert torch.equal(back, x)
+    bound = ROUND_TRIP_BOUND[kv_cache_dtype] * x.abs().amax(-1, keepdim=True)
+    assert ((back - x).abs() <= bound + 1e-6).all()
+
+
+def test_unknown_kv_cache_dtype_lists_the_known():
+    with pytest.raises(ValueError, match="supported: " + ", ".join(KV_CACHE_DTYPES)):
+        get_kv_dtype("int4")
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("kind", ["int8", "int8-key-scale", "fp8"])
-def test_backends_agree_on_8bit_pages(kind):
+def test_backends_agree_on_8bit_pages(backend, kind):
     torch.manual_seed(0)
     heads, q_heads, block, dim, num_blocks = 2, 4, 4, 16, 12
     seq_lens, query_lens = [9, 3, 14], [1, 3, 1]            # two decodes and a prompt of three
     tables = [torch.tensor([5, 0, 7]), torch.tensor([2]), torch.tensor([11, 3, 9, 1])]
     meta = lambda: AttentionMetadata(torch.tensor([0]), [0, 1, 4, 5], seq_lens, tables, block)  # noqa: E731
-    kind, tag = kind.split("-")[0], kind
-    cache = PagedKVCache(torch.zeros(2, heads, num_blocks, block, dim, dtype=kv_quant.storage_dtype(kind, torch.float32)),
-                         torch.zeros(2, heads, num_blocks, block) if kind == "int8" else None, kind)
+    codec = get_kv_dtype(kind.split("-")[0])
+    cache = PagedKVCache(torch.zeros(2, heads, num_blocks, block, dim, dtype=codec.storage_dtype(torch.float32)),
+                         torch.zeros(2, heads, num_blocks, block) if codec.has_scales else None, codec)
     full = PagedKVCache(torch.zeros(2, heads, num_blocks, block, dim))
-    if tag == "int8-key-scale":                # keys divided per channel before quantizing, multiplied back after
-        cache.key_scale = kv_quant.key_channel_scales(torch.rand(heads, dim) * 4 + 0.1)
+    if kind == "int8-key-scale":                # keys divided per channel before quantizing, multiplied back after
+        cache.key_scale = key_channel_scales(torch.rand(heads, dim) * 4 + 0.1)
     slots = torch.arange(num_blocks * block)
     k, v = torch.randn(len(slots), heads, dim), torch.randn(len(slots), heads, dim)
     cache.write(slots, k, v)
     full.write(slots, k, v)
     q = torch.randn(sum(query_lens), q_heads, dim)
-    ref = get_backend("torch_ref")(cache.scale_queries(q), cache, meta(), 0.25, None)
-    fast = get_backend("torch_sdpa")(cache.scale_queries(q), cache, meta(), 0.25, None)
-    exact = get_backend("torch_ref")(q, full, meta(), 0.25, None)
+    ref = torch_ref.paged_attention(cache.scale_queries(q), cache, meta(), 0.25, None)
+    fast = get_backend(backend).paged_attention(cache.scale_queries(q), cache, meta(), 0.25, None)
+    exact = torch_ref.paged_attention(q, full, meta(), 0.25, None)
     assert torch.allclose(ref, fast, atol=1e-5)
-    assert 0 < (ref - exact).abs().max() < (0.05 if kind == "int8" else 0.3)
+    assert 0 < (ref - exact).abs().max() < (0.05 if codec.name == "int8" else 0.3)
 
 
 def test_int8_pages_hold_twice_the_tokens_and_decode_alike(smollm2_path):
@@ -68,9 +84,9 @@ def test_key_channel_scales_protect_keys_with_channel_offsets():
     k = torch.randn(tokens, heads, dim) + offset
     slots = torch.arange(tokens)
     errors = {}
-    for name, key_scale in (("per-token", None), ("per-channel", kv_quant.key_channel_scales(offset.abs() + 3))):
+    for name, key_scale in (("per-token", None), ("per-channel", key_channel_scales(offset.abs() + 3))):
         cache = PagedKVCache(torch.zeros(2, heads, 1, tokens, dim, dtype=torch.int8), torch.zeros(2, heads, 1, tokens),
-                             "int8", key_scale)
+                             Int8KV(), key_scale)
         cache.write(slots, k, k)
         back, _ = cache.gather_slots(slots, torch.float32)          # pages keep k / key_scale
         back = back * (key_scale[:, None, :] if key_scale is not None else 1)
@@ -100,7 +116,7 @@ def test_engine_key_scales_come_from_the_weights(tmp_path):
     errors = []
     for key_scale in (attn.kv_cache.key_scale, None):
         cache = PagedKVCache(torch.zeros(2, k.shape[1], 1, len(slots), k.shape[2], dtype=torch.int8),
-                             torch.zeros(2, k.shape[1], 1, len(slots)), "int8", key_scale)
+                             torch.zeros(2, k.shape[1], 1, len(slots)), Int8KV(), key_scale)
         cache.write(slots, k, k)
         back = cache.gather_slots(slots, torch.float32)[0] * (key_scale[:, None, :] if key_scale is not None else 1)
         errors.append((back.transpose(0, 1) - k).pow(2).mean().item())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from effinfer.compression.quant import get_quant_method
+from effinfer.compression.quant import QUANT_METHODS, get_quant_method
 from effinfer.compression.quant.gguf_blocks import to_int4_blocks
 from effinfer.compression.quant.weight_only import Int4Blocks
 from effinfer.layers.linear import QuantLinear
@@ -129,3 +129,18 @@ def test_w8a8_int8_gemm_matches_reference():
     assert (out - reference).abs().max() < 0.02 * reference.abs().max()
     few = F.linear(x[:3], layer.method.dequantize(layer))                      # the int8 weight-only kernel
     assert torch.allclose(layer(x[:3]), few, atol=1e-3 * few.abs().max().item())
+
+
+@pytest.mark.parametrize("name", sorted(QUANT_METHODS))
+@pytest.mark.parametrize("rows", [1, 40])
+def test_every_registered_method_computes_with_its_own_weights(name, rows):
+    """Any method in the table: a layer built from the config's options computes x @ dequantize().T (the
+    oracle) and its weights stay within 5% of the float ones (4-bit groups of 32 or 8-bit rows)."""
+    torch.manual_seed(3)
+    w, x = torch.randn(64, 128), torch.randn(rows, 128)
+    layer = _layer(get_quant_method(name, 32), w)
+    dense = layer.method.dequantize(layer).float()
+    assert dense.shape == w.shape
+    assert (dense - w).norm() <= 0.15 * w.norm()
+    ref = F.linear(x, dense)
+    assert torch.allclose(layer(x).float(), ref, atol=0.02 * ref.abs().max().item())

@@ -1,20 +1,10 @@
-"""A live server on a free loopback port, in this process so tests can look inside the engine."""
+"""The OpenAI client of the live server (`live`, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from effinfer.serving.api_server import ServerConfig
-from helpers import API_KEY, LiveServer, free_port, make_engine
-
-
-@pytest.fixture(scope="module")
-def live(smollm2_fp32):
-    engine = make_engine(smollm2_fp32, num_blocks=512, max_num_seqs=64, max_model_len=1024)
-    config = ServerConfig(port=free_port(), api_keys=[API_KEY, "second-key"], served_model_name="smol",
-                          max_n=8, max_requests_in_flight=96, max_body_bytes=200_000)
-    with LiveServer(engine, config) as server:
-        yield server
+from helpers import API_KEY
 
 
 @pytest.fixture()

@@ -1,13 +1,15 @@
-"""The batched backend against the per-sequence reference on random pages: mixed steps of decodes and
-prefill chunks, grouped-query heads, sliding windows, scattered block tables."""
+"""Every registered backend against the per-sequence reference (`torch_ref.paged_attention`) on random
+pages: mixed steps of decodes and prefill chunks, grouped-query heads, sliding windows, scattered block
+tables; and its traced decode (the compiled step's attention) on every KV-cache dtype."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from effinfer.layers.attention import AttentionMetadata, PagedKVCache
-from effinfer.layers.attn_backends import get_backend
+from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES, get_kv_dtype
+from effinfer.layers.attention import AttentionMetadata, DecodeBatch, PagedKVCache
+from effinfer.layers.attn_backends import ATTENTION_BACKENDS, get_backend, torch_ref
 
 BLOCK, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 64
 
@@ -24,25 +26,37 @@ def metadata(query_lens, seq_lens, gen):
     return AttentionMetadata(torch.cat(new_slots), starts, list(seq_lens), tables, BLOCK)
 
 
+def fresh(meta):
+    """The same step without the masks and plans a backend cached in `meta`."""
+    return AttentionMetadata(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                             meta.block_size)
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("query_lens, seq_lens", [
     ([1, 1, 1], [9, 3, 17]),                 # pure decode step
     ([1, 6, 1, 3], [12, 6, 1, 20]),          # decodes mixed with a fresh prompt and a later chunk
+    ([5, 2], [5, 11]),                       # prefill chunks only
 ])
-def test_batched_equals_reference(query_lens, seq_lens, window):
+def test_backend_equals_reference(backend, query_lens, seq_lens, window):
     gen = torch.Generator().manual_seed(0)
     meta = metadata(query_lens, seq_lens, gen)
     kv_cache = PagedKVCache(torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen))
     q = torch.randn(sum(query_lens), HEADS, DIM, generator=gen)
-    expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, window)
-    fresh = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                              meta.block_size)
-    got = get_backend("torch_sdpa")(q, kv_cache, fresh, 0.3, window)
+    expected = torch_ref.paged_attention(q, kv_cache, meta, 0.3, window)
+    got = get_backend(backend).paged_attention(q, kv_cache, fresh(meta), 0.3, window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_every_backend_is_described():
+    for name, info in ATTENTION_BACKENDS.items():
+        assert info.description, name
+        assert get_backend(name).name == name and info.module.endswith(name)
+
+
 def test_unknown_backend_lists_the_known():
-    with pytest.raises(ValueError, match="supported: torch_ref, torch_sdpa"):
+    with pytest.raises(ValueError, match="supported: " + ", ".join(ATTENTION_BACKENDS)):
         get_backend("flash")
 
 
@@ -60,37 +74,38 @@ def test_length_buckets_cover_every_decode_once():
         assert blocks[-1] <= 1.25 * blocks[0] + 1 or len(groups) == 6
 
 
-def test_bucketed_mixed_lengths_equal_reference():
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_bucketed_mixed_lengths_equal_reference(backend):
     gen = torch.Generator().manual_seed(6)
     seq_lens = [3, 60, 5, 40, 4, 33, 17, 2]
     meta = metadata([1] * len(seq_lens), seq_lens, gen)
     kv_cache = PagedKVCache(torch.randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, generator=gen))
     q = torch.randn(len(seq_lens), HEADS, DIM, generator=gen)
-    expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, None)
-    got = get_backend("torch_sdpa")(q, kv_cache, meta, 0.3, None)
+    expected = torch_ref.paged_attention(q, kv_cache, meta, 0.3, None)
+    got = get_backend(backend).paged_attention(q, kv_cache, fresh(meta), 0.3, None)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["auto", "int8"])
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
 @pytest.mark.parametrize("window", [None, 5])
-def test_traced_decode_attention_equals_reference(kind, window):
-    """The formulation the compiled decode step uses (broadcast products instead of batched matmuls),
-    run eagerly on tables padded the way the runner pads them, and on 8-bit pages with key scales."""
-    from effinfer.compression.quant import kv_quant
-    from effinfer.layers.attn_backends.torch_sdpa import attend_decodes_traced, decode_mask, padded_block_tables
+def test_traced_decode_attention_equals_reference(backend, kv_cache_dtype, window):
+    """The attention of a compiled decode step (`decode_attention_traced`), run eagerly on tables padded
+    the way the runner pads them, on the pages of every KV-cache dtype (with key scales where it has them)."""
+    from effinfer.layers.attn_backends.traced_decode import padded_block_tables
 
     gen = torch.Generator().manual_seed(3)
     seq_lens = [9, 3, 17, 1]
     meta = metadata([1] * len(seq_lens), seq_lens, gen)
-    data = torch.zeros(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, dtype=kv_quant.storage_dtype(kind, torch.float32))
-    scales = torch.zeros(2, KV_HEADS, NUM_BLOCKS, BLOCK) if kv_quant.has_scales(kind) else None
-    key_scale = torch.rand(KV_HEADS, DIM, generator=gen) + 0.5 if kind == "int8" else None
-    kv_cache = PagedKVCache(data, scales, kind, key_scale)
+    codec = get_kv_dtype(kv_cache_dtype)
+    data = torch.zeros(2, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, dtype=codec.storage_dtype(torch.float32))
+    scales = torch.zeros(2, KV_HEADS, NUM_BLOCKS, BLOCK) if codec.has_scales else None
+    key_scale = torch.rand(KV_HEADS, DIM, generator=gen) + 0.5 if codec.scales_keys else None
+    kv_cache = PagedKVCache(data, scales, codec, key_scale)
     every_slot = torch.arange(NUM_BLOCKS * BLOCK)
     kv_cache.write(every_slot, *torch.randn(2, len(every_slot), KV_HEADS, DIM, generator=gen))
     q = kv_cache.scale_queries(torch.randn(len(seq_lens), HEADS, DIM, generator=gen))
-    expected = get_backend("torch_ref")(q, kv_cache, meta, 0.3, window)
-    tables = padded_block_tables(meta.block_tables, "cpu", min_blocks=2)
-    mask = decode_mask(torch.tensor(seq_lens), tables.shape[1], BLOCK, window)
-    got = attend_decodes_traced(q, kv_cache, tables, mask, 0.3)
+    expected = torch_ref.paged_attention(q, kv_cache, meta, 0.3, window)
+    decode = DecodeBatch(padded_block_tables(meta.block_tables, "cpu", min_blocks=2), torch.tensor(seq_lens))
+    got = get_backend(backend).decode_attention_traced(q, kv_cache, decode, 0.3, window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

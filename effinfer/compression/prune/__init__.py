@@ -1,4 +1,6 @@
-"""Pruning, registered by name: `prune_model(llm, cfg) -> report` runs on a loaded float model.
+"""Pruning, registered by name in `PRUNE_METHODS`: `prune_model(model, method, sparsity, calibration) -> report`
+runs on a loaded float model; a method that needs activations gets them by running calibration windows
+through the model (`Calibration.score`, the engine's).
 
 - magnitude: zero the smallest |w| of each output row (unstructured, any sparsity);
 - wanda: zero the smallest |w| * ||x_j|| per output row, x_j the layer's input channel norms on
@@ -16,47 +18,137 @@ a sparse kernel; they are here to be measured for quality, as the literature rep
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-PRUNE_METHODS = ("magnitude", "wanda", "2:4", "layers", "mlp_channels")
-NEEDS_CALIBRATION = ("wanda", "2:4", "layers", "mlp_channels")
+from effinfer.compression.quant.calibrate import collect_stats, decoder_linears
 
 
-def prune_model(llm, method: str, sparsity: float, calibration_text: str | None, num_tokens: int = 4096,
-                show_progress: bool = True) -> dict:
-    """Prune `llm`'s model in place; returns what was removed. `sparsity` is the share of weights (or of
-    layers, or of MLP channels) to remove."""
-    from effinfer.compression.quant.calibrate import decoder_linears
+@dataclass
+class Calibration:
+    """Calibration text, cut into windows, and the way to run one through the model being pruned."""
 
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(PRUNE_METHODS)}")
+    windows: list[list[int]]
+    score: Callable[[list[int]], object]
+    show_progress: bool = True
+
+
+class PruneMethod:
+    """One pruning method: `prune` changes the model in place and reports what it removed."""
+
+    name: str = ""
+    needs_calibration: bool = True
+    """Whether `prune` needs activations (a `Calibration`)."""
+    structured: bool = False
+    """Whether it changes shapes (layers, channels) rather than zeroing weights in dense matrices."""
+
+    def prune(self, model: nn.Module, sparsity: float, calibration: Calibration | None) -> dict:
+        linears = _float_linears(model)
+        stats = _input_stats(model, calibration) if self.needs_calibration else None
+        zeroed = total = 0
+        for name, linear in linears.items():
+            w = linear.weight.data
+            mask = self.mask(w.abs().float(), stats[name].sq_sum if stats else None, sparsity)
+            w.mul_(mask.to(w.dtype))
+            zeroed += int((~mask).sum())
+            total += mask.numel()
+        return {"method": self.name, "sparsity": zeroed / total, "zeroed_weights": zeroed}
+
+    def mask(self, magnitude: torch.Tensor, input_sq_sum: torch.Tensor | None, sparsity: float) -> torch.Tensor:
+        """[out, in] True where a weight stays."""
+        raise NotImplementedError
+
+
+class MagnitudePrune(PruneMethod):
+    name, needs_calibration = "magnitude", False
+
+    def mask(self, magnitude, input_sq_sum, sparsity):
+        return _row_mask(magnitude, sparsity)
+
+
+class WandaPrune(PruneMethod):
+    name = "wanda"
+
+    def mask(self, magnitude, input_sq_sum, sparsity):
+        return _row_mask(magnitude * input_sq_sum.sqrt()[None, :], sparsity)
+
+
+class TwoFourPrune(PruneMethod):
+    name = "2:4"
+
+    def mask(self, magnitude, input_sq_sum, sparsity):
+        return _two_four_mask(magnitude * input_sq_sum.sqrt()[None, :])
+
+
+class LayerPrune(PruneMethod):
+    name, structured = "layers", True
+
+    def prune(self, model, sparsity, calibration):
+        _float_linears(model)
+        return _drop_layers(model, _layer_influence(model, calibration), sparsity)
+
+
+class MLPChannelPrune(PruneMethod):
+    name, structured = "mlp_channels", True
+
+    def prune(self, model, sparsity, calibration):
+        _float_linears(model)
+        return _drop_mlp_channels(model, _input_stats(model, calibration), sparsity)
+
+
+PRUNE_METHODS: dict[str, PruneMethod] = {m.name: m for m in (MagnitudePrune(), WandaPrune(), TwoFourPrune(),
+                                                               LayerPrune(), MLPChannelPrune())}
+
+
+def get_prune_method(name: str) -> PruneMethod:
+    if name not in PRUNE_METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; choose from {', '.join(PRUNE_METHODS)}")
+    return PRUNE_METHODS[name]
+
+
+def prune_model(model: nn.Module, method: str, sparsity: float, calibration: Calibration | None = None) -> dict:
+    """Prune `model` in place; returns what was removed. `sparsity` is the share of weights (or of layers, or
+    of MLP channels) to remove."""
+    pruner = get_prune_method(method)
     if not 0 < sparsity < 1:
         raise ValueError(f"sparsity={sparsity} must be between 0 and 1")
-    model = llm.engine.model
+    if pruner.needs_calibration and calibration is None:
+        raise ValueError(f"{method} pruning needs calibration text (prune_calibration_text=PATH)")
+    return pruner.prune(model, sparsity, calibration)
+
+
+def _float_linears(model: nn.Module) -> dict[str, nn.Linear]:
     linears = decoder_linears(model)
     if not linears:
         raise ValueError("pruning works on an unquantized model; prune first, then quantize the saved result")
-    stats = influence = None
-    if method in NEEDS_CALIBRATION:
-        if not calibration_text:
-            raise ValueError(f"{method} pruning needs calibration text (prune_calibration_text=PATH)")
-        stats, influence = _calibrate(llm, calibration_text, num_tokens, method == "layers", show_progress)
-    if method == "layers":
-        return _drop_layers(model, influence, sparsity)
-    if method == "mlp_channels":
-        return _drop_mlp_channels(model, stats, sparsity)
-    zeroed = total = 0
-    for name, linear in linears.items():
-        w = linear.weight.data
-        score = w.abs().float()
-        if method != "magnitude":
-            score = score * stats[name].sq_sum.sqrt()[None, :]
-        mask = _two_four_mask(score) if method == "2:4" else _row_mask(score, sparsity)
-        w.mul_(mask.to(w.dtype))
-        zeroed += int((~mask).sum())
-        total += mask.numel()
-    return {"method": method, "sparsity": zeroed / total, "zeroed_weights": zeroed}
+    return linears
+
+
+def _input_stats(model: nn.Module, calibration: Calibration) -> dict:
+    return collect_stats(model, calibration.windows, calibration.score, keep_hessian=False,
+                         show_progress=calibration.show_progress)
+
+
+def _layer_influence(model: nn.Module, calibration: Calibration) -> torch.Tensor:
+    """Per decoder layer, the summed 1 - cos(input, output) over the calibration tokens (block influence)."""
+    layers = model.model.layers
+    influence = torch.zeros(len(layers))
+
+    def hook(i):
+        def record(module, args, out):
+            cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
+            influence[i] += float((1 - cos).sum())
+        return record
+    hooks = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        _input_stats(model, calibration)
+    finally:
+        for h in hooks:
+            h.remove()
+    return influence
 
 
 def _row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -71,30 +163,6 @@ def _two_four_mask(score: torch.Tensor) -> torch.Tensor:
     groups = score.view(score.shape[0], -1, 4)
     keep = torch.topk(groups, 2, dim=-1).indices
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True).view(score.shape)
-
-
-def _calibrate(llm, text: str, num_tokens: int, layer_influence: bool, show_progress: bool):
-    from effinfer.compression.quant.calibrate import calibration_windows, collect_stats
-
-    windows = calibration_windows(llm.tokenizer, text, num_tokens, 256)
-    influence = None
-    hooks = []
-    if layer_influence:
-        layers = llm.engine.model.model.layers
-        influence = torch.zeros(len(layers))
-
-        def hook(i):
-            def record(module, args, out):
-                cos = torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
-                influence[i] += float((1 - cos).sum())
-            return record
-        hooks = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        stats = collect_stats(llm, windows, keep_hessian=False, show_progress=show_progress)
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats, influence
 
 
 def _drop_layers(model: nn.Module, influence: torch.Tensor, share: float) -> dict:

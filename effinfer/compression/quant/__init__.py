@@ -1,4 +1,7 @@
-"""Weight quantization methods, registered by name: the engine and loader ask `get_quant_method(cfg)`.
+"""Weight quantization methods, registered by name in `QUANT_METHODS`: the loader asks `get_quant_method`.
+
+A method may plan per layer from the checkpoint itself (`QuantMethod.plan_layers`, e.g. `gguf`: the file's
+own blocks); the loader asks for that plan when the method has one.
 
 `prepare_model` swaps a model's `nn.Linear` layers for `QuantLinear` before memory is allocated (and the
 output head for int8, with a tied embedding reading the same int8 rows); `finish_model` repacks after
@@ -18,20 +21,21 @@ QUANT_METHODS = {
     "int8": "effinfer.compression.quant.weight_only:Int8WeightOnly",
     "int4": "effinfer.compression.quant.weight_only:Int4WeightOnly",
     "w8a8": "effinfer.compression.quant.w8a8:W8A8",
+    "gguf": "effinfer.compression.quant.gguf_blocks:GGUFBlocks",
 }
+"""Name -> `module:QuantMethod class`, imported when chosen."""
 CPU_KERNELS = ("auto", "aten")
-FILE_FORMATS = {"gguf": "the GGUF file's own blocks: 4-bit blocks as int4 groups of 32, wider blocks as int8"}
 
 
 def available() -> list[str]:
-    return sorted([*QUANT_METHODS, *FILE_FORMATS])
+    return sorted(QUANT_METHODS)
 
 
 @dataclass
 class QuantSpec:
-    """What the loader needs to build a quantized model (from `QuantConfig`)."""
+    """What the loader needs to build a quantized model: `QuantConfig`'s fields (same names), plus the plan."""
 
-    method: str
+    quantization: str
     group_size: int = 32
     symmetric: bool = False
     quantize_lm_head: bool = True
@@ -39,22 +43,26 @@ class QuantSpec:
     layer_methods: dict[str, QuantMethod] = field(default_factory=dict)
     """Per-module methods planned from the checkpoint (GGUF blocks); others use `method`."""
 
+    def method_class(self) -> type[QuantMethod]:
+        return quant_method_class(self.quantization)
+
     def prepare(self, model: nn.Module) -> None:
-        prepare_model(model, get_quant_method(self.method, self.group_size, self.symmetric),
+        prepare_model(model, get_quant_method(self.quantization, self.group_size, self.symmetric),
                       self.quantize_lm_head, self.layer_methods, self.cpu_kernel)
 
     def finish(self, model: nn.Module) -> None:
         finish_model(model)
 
 
-def get_quant_method(name: str, group_size: int = 32, symmetric: bool = False) -> QuantMethod:
-    if name == "gguf":   # layers the file's plan does not cover (none in practice) fall back to int4 g32
-        name, group_size, symmetric = "int4", 32, False
+def quant_method_class(name: str) -> type[QuantMethod]:
     if name not in QUANT_METHODS:
         raise ValueError(f"unknown quantization {name!r}; choose from {', '.join(available())}")
     module, _, cls_name = QUANT_METHODS[name].partition(":")
-    cls = getattr(importlib.import_module(module), cls_name)
-    return cls(group_size, symmetric) if name == "int4" else cls()
+    return getattr(importlib.import_module(module), cls_name)
+
+
+def get_quant_method(name: str, group_size: int = 32, symmetric: bool = False) -> QuantMethod:
+    return quant_method_class(name).from_options(group_size, symmetric)
 
 
 def prepare_model(model: nn.Module, method: QuantMethod, quantize_lm_head: bool = True,

@@ -1,12 +1,11 @@
 """Calibration statistics for GPTQ and AWQ: what each decoder linear layer sees on a small text set.
 
-The float model scores calibration windows through the engine; forward hooks on every decoder
-`nn.Linear` accumulate, per layer, the input's second moment H = sum(x^T x) (GPTQ's Hessian), the
+The float model scores calibration windows (a `score(ids)` callable: the engine's); forward hooks on every
+decoder `nn.Linear` accumulate, per layer, the input's second moment H = sum(x^T x) (GPTQ's Hessian), the
 mean absolute activation per input channel (AWQ's salience), and a reservoir of input rows (to score
 AWQ's scale candidates on real activations). `collect_stats` takes them from the float model in
-one pass (AWQ, SmoothQuant, Wanda); `quantize_layer_by_layer` walks the decoder one layer at a time
-and takes each layer's statistics from inputs that went through the layers already quantized (GPTQ's
-sequential order).
+one pass (AWQ, SmoothQuant, Wanda); GPTQ's sequential order, layer by layer, is driven by
+`effinfer/tools/quantize.py`.
 """
 
 from __future__ import annotations
@@ -18,9 +17,6 @@ import torch
 from torch import nn
 
 from effinfer.utils import progress
-
-QuantizeLinear = Callable[[str, nn.Linear, "LayerStats"], torch.Tensor]
-
 
 @dataclass
 class LayerStats:
@@ -63,63 +59,20 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"model.{name}": m for name, m in model.model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def collect_stats(llm, windows: list[list[int]], keep_hessian: bool, show_progress: bool = True) -> dict[str, LayerStats]:
-    """Run the windows through `llm` (an unquantized engine) with hooks on every decoder linear."""
-    linears = decoder_linears(llm.engine.model)
+def collect_stats(model: nn.Module, windows: list[list[int]], score: Callable[[list[int]], object], keep_hessian: bool,
+                  show_progress: bool = True) -> dict[str, LayerStats]:
+    """Run the windows through `score` (an engine's, over the unquantized `model`) with hooks on every decoder linear."""
+    linears = decoder_linears(model)
     stats = {name: LayerStats(m.in_features) for name, m in linears.items()}
     hooks = [m.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0], keep_hessian))
              for name, m in linears.items()]
     try:
         for ids in progress(windows, "calibrate", show_progress, unit="window"):
-            llm.score(ids)
+            score(ids)
     finally:
         for h in hooks:
             h.remove()
     return stats
-
-
-@torch.no_grad()
-def quantize_layer_by_layer(llm, windows: list[list[int]], quantize: QuantizeLinear,
-                            show_progress: bool = True) -> None:
-    """Quantize every decoder linear of `llm` (an unquantized engine) in GPTQ's sequential order.
-
-    Layers in order, and inside a layer its linears in the order it calls them (q/k/v, o, gate/up,
-    down): each linear's statistics (Hessian and sample rows) are gathered on inputs that passed through
-    every linear quantized before it, then `quantize(name, linear, stats)` returns the quantized
-    weight (as float values), which replaces it. Each window's hidden state is kept between layers, so the cost
-    is about (linears per layer + 1) passes of the model, not one pass per layer."""
-    if len({len(ids) for ids in windows}) != 1:
-        raise ValueError("layer-by-layer calibration needs windows of one length")
-    net = llm.engine.model
-    # every window runs on the same blocks in turn: one set of positions, metadata and rotary tables
-    with llm.engine.prepared_prompt(windows[0]) as (input_ids, positions, meta):
-        hidden = [net.embed(torch.tensor(ids, dtype=torch.long, device=input_ids.device)) for ids in windows]
-        ropes = net.rope_for_layer(positions, hidden[0].dtype)
-        layers = list(enumerate(zip(net.model.layers, ropes)))
-        for index, (layer, rope) in progress(layers, "quantize", show_progress, unit="layer"):
-            for name, linear in _call_order(layer, lambda: layer(hidden[0], rope, meta)):
-                stats = LayerStats(linear.in_features)
-                hook = linear.register_forward_hook(lambda mod, args, out: stats.add(args[0], keep_hessian=True))
-                try:
-                    for h in hidden:
-                        layer(h, rope, meta)
-                finally:
-                    hook.remove()
-                linear.weight.copy_(quantize(f"model.layers.{index}.{name}", linear, stats))
-            hidden = [layer(h, rope, meta) for h in hidden]
-
-
-def _call_order(layer: nn.Module, run) -> list[tuple[str, nn.Linear]]:
-    """The layer's linears in the order one forward pass (`run()`) calls them."""
-    order = []
-    linears = [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    hooks = [m.register_forward_pre_hook(lambda mod, args, item=(name, m): order.append(item)) for name, m in linears]
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return list(dict.fromkeys(order))
 
 
 def calibration_windows(tokenizer, text: str, num_tokens: int, window: int) -> list[list[int]]:

@@ -21,6 +21,21 @@ INT4_EXACT = {T.Q4_0, T.Q4_1, T.Q4_K}
 GROUP = 32
 
 
+class GGUFBlocks(QuantMethod):
+    """`quantization=gguf`: each layer in the format of its blocks in the file (`plan_layers`, asked by the
+    loader); a layer the plan does not cover (none in practice) falls back to int4 in groups of 32."""
+
+    name = "gguf"
+
+    @classmethod
+    def from_options(cls, group_size: int = 32, symmetric: bool = False) -> QuantMethod:
+        return Int4WeightOnly(GROUP)
+
+    @staticmethod
+    def plan_layers(tensor_types: dict[str, int], fused_target) -> dict[str, QuantMethod]:
+        return plan_layers(tensor_types, fused_target)
+
+
 def plan_layers(tensor_types: dict[str, int], fused_target) -> dict[str, QuantMethod]:
     """Module name -> method for every decoder linear, from the GGUF types of its HF-named shards."""
     shard_types: dict[str, set] = {}

@@ -1,5 +1,10 @@
-"""KV-cache quantization: 8-bit pages hold twice the tokens of 16-bit ones in the same memory.
+"""KV-cache dtypes as codecs: 8-bit pages hold twice the tokens of 16-bit ones in the same memory.
 
+`KV_CACHE_DTYPES` maps each kv_cache_dtype to its codec class (the `KVCodec` interface of
+layers/attention.py); the engine allocates pages in the codec's storage dtype and hands the codec to
+each layer's `PagedKVCache`, which quantizes on write and dequantizes on gather.
+
+- auto: the model dtype, stored as computed (`AutoKV`, defined beside `PagedKVCache` as its default).
 - int8: symmetric, one scale per token and KV head (the scale is 1/head_dim of the page's bytes, kept
   in the activation dtype); quantized when written, dequantized when a backend gathers the blocks.
   Keys are first divided by fixed per-channel scales (`key_channel_scales`, from the weights): a few
@@ -14,25 +19,59 @@ from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+from effinfer.layers.attention import AutoKV, KVCodec
 
 
-def has_scales(kind: str) -> bool:
-    return kind == "int8"
+class Int8KV:
+    """int8 values with one scale per token and KV head; keys divided by per-channel scales first."""
 
+    name = "int8"
+    has_scales = True
+    scales_keys = True
+    """Keys are divided by per-channel scales (`key_scales`, from the weights) before they are quantized."""
 
-def storage_dtype(kind: str, model_dtype: torch.dtype) -> torch.dtype:
-    return {"auto": model_dtype, "int8": torch.int8, "fp8": torch.uint8}[kind]
+    def key_scales(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """[num_kv_heads, head_dim] expected |k| per channel (`DecoderLayer.key_magnitude`) -> key divisors."""
+        return key_channel_scales(magnitude)
 
+    def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.int8
 
-def quantize(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [..., head_dim] -> (stored values, per-vector scales or None)."""
-    if kind == "int8":
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [..., head_dim] -> values [..., head_dim], scales [...]
         scale = x.abs().amax(-1).clamp(min=1e-6).float() / 127
         return torch.round(x.float() / scale[..., None]).clamp(-127, 127).to(torch.int8), scale.to(x.dtype)
-    if kind == "fp8":
+
+    def dequantize(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return values.to(dtype) * scales[..., None].to(dtype)
+
+
+class Fp8KV:
+    """float8 e4m3 values (clamped to +-448), no scales, kept as uint8 bytes."""
+
+    name = "fp8"
+    has_scales = False
+    scales_keys = False
+
+    def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.uint8
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8), None
-    return x, None
+
+    def dequantize(self, values: torch.Tensor, scales: None, dtype: torch.dtype) -> torch.Tensor:
+        return values.view(torch.float8_e4m3fn).to(dtype)
+
+
+KV_CACHE_DTYPES: dict[str, type[KVCodec]] = {"auto": AutoKV, "int8": Int8KV, "fp8": Fp8KV}
+"""kv_cache_dtype name -> its codec class."""
+
+
+def get_kv_dtype(name: str) -> KVCodec:
+    """The codec of kv_cache_dtype `name`."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; supported: {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name]()
 
 
 def key_channel_scales(magnitude: torch.Tensor) -> torch.Tensor:
@@ -42,11 +81,3 @@ def key_channel_scales(magnitude: torch.Tensor) -> torch.Tensor:
     pair = torch.maximum(magnitude[..., :half], magnitude[..., half:]).float().clamp(min=1e-6)
     scale = torch.cat((pair, pair), dim=-1)
     return scale / scale.mean(dim=-1, keepdim=True)
-
-
-def dequantize(values: torch.Tensor, scales: torch.Tensor | None, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    if kind == "int8":
-        return values.to(dtype) * scales[..., None].to(dtype)
-    if kind == "fp8":
-        return values.view(torch.float8_e4m3fn).to(dtype)
-    return values.to(dtype)

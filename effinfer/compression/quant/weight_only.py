@@ -104,6 +104,10 @@ class Int4WeightOnly(QuantMethod):
         self.kernel_block = int4_layout.block_columns(group_size)
         """Columns per activation block (and per stored scale) in effinfer's int4 kernel."""
 
+    @classmethod
+    def from_options(cls, group_size: int = 32, symmetric: bool = False) -> "Int4WeightOnly":
+        return cls(group_size, symmetric)
+
     def describe(self):
         return {"method": self.name, "group_size": self.group_size, "symmetric": self.symmetric}
 

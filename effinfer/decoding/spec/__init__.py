@@ -4,13 +4,15 @@ A `Proposer` returns draft token ids per request; the scheduler treats them as e
 step (within the token budget), the model computes logits at every draft position, and `verify`
 accepts a prefix of the drafts by rejection sampling against the target's distribution, so outputs
 keep exactly the distribution (and, greedy, the tokens) of plain decoding. Proposers are looked up by
-the name in the config (`speculative_method`).
+the name in the config (`speculative_method`); the facade builds one (`speculator_from_config`) and hands
+the engine a `Speculator` (speculator.py), which the engine calls before scheduling and after the forward.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PROPOSERS = {"ngram": "effinfer.decoding.spec.ngram:NgramProposer",
@@ -29,13 +31,28 @@ class DraftRequest:
     """Most draft tokens wanted."""
 
 
+@dataclass
+class DraftContext:
+    """What a proposer may use of the engine it drafts for; the facade builds it (effinfer/llm.py)."""
+
+    model: object
+    """The target model."""
+    tokenizer: object
+    vocab_size: int
+    """The target's vocabulary size."""
+    cache_dir: str | None
+    load_model: Callable[[str, str | None], object]
+    """(name, quantization or None) -> a `LoadedModel` on the target's device and dtype (a draft model)."""
+    side_model: Callable[..., object]
+    """(model, memory_gb, max_len=None) -> a `SideModel`: that model with its own KV pool, keyed by request id."""
+
+
 class Proposer(ABC):
     name: str = ""
 
     @classmethod
-    def from_config(cls, spec_config, engine) -> "Proposer":
-        """Build from `SpecConfig` and the engine it drafts for (its tokenizer, model, and a way to give a
-        draft model its own KV cache): the engine's only way in."""
+    def from_config(cls, spec_config, context: DraftContext) -> "Proposer":
+        """Build from `SpecConfig` and what it may use of the engine it drafts for (`DraftContext`)."""
         return cls(min_n=spec_config.ngram_min, max_n=spec_config.ngram_max)
 
     def propose_batch(self, batch: list[DraftRequest]) -> list[list[int]]:
@@ -65,5 +82,9 @@ def get_proposer(name: str, **options) -> Proposer:
     return proposer_class(name)(**options)
 
 
-def proposer_from_config(spec_config, engine) -> Proposer:
-    return proposer_class(spec_config.speculative_method).from_config(spec_config, engine)
+def speculator_from_config(spec_config, context: DraftContext):
+    """The `Speculator` (proposer, draft length, batch limit) that `SpecConfig` asks for."""
+    from effinfer.decoding.spec.speculator import Speculator
+
+    proposer = proposer_class(spec_config.speculative_method).from_config(spec_config, context)
+    return Speculator(proposer, spec_config.num_speculative_tokens, spec_config.speculative_max_batch)

@@ -28,14 +28,14 @@ class DraftModelProposer(Proposer):
         """The target's: a draft with a larger (padded) vocabulary may not propose ids past it."""
 
     @classmethod
-    def from_config(cls, spec_config, engine) -> "DraftModelProposer":
+    def from_config(cls, spec_config, context) -> "DraftModelProposer":
         from effinfer.models import load_tokenizer
 
         name = spec_config.speculative_model
-        check_same_tokenizer(load_tokenizer(name, engine.config.model.cache_dir), engine.tokenizer, name)
-        loaded = engine.load_side_model(name, spec_config.speculative_model_quantization)
-        return cls(engine.side_model(loaded.model, spec_config.speculative_draft_memory_gb,
-                                     loaded.config.max_position_embeddings), engine.loaded.config.vocab_size)
+        check_same_tokenizer(load_tokenizer(name, context.cache_dir), context.tokenizer, name)
+        loaded = context.load_model(name, spec_config.speculative_model_quantization)
+        return cls(context.side_model(loaded.model, spec_config.speculative_draft_memory_gb,
+                                      loaded.config.max_position_embeddings), context.vocab_size)
 
     def propose_batch(self, batch: list[DraftRequest]) -> list[list[int]]:
         drafts: dict[str, list[int]] = {r.request_id: [] for r in batch}
@@ -61,16 +61,17 @@ class SelfDraftProposer(DraftModelProposer):
     name = "self"
 
     @classmethod
-    def from_config(cls, spec_config, engine) -> "SelfDraftProposer":
-        num_layers = len(engine.model.model.layers)
+    def from_config(cls, spec_config, context) -> "SelfDraftProposer":
+        num_layers = len(context.model.model.layers)
         keep = parse_layers(spec_config.speculative_draft_layers, num_layers) or default_draft_layers(num_layers)
-        subset = LayerSubset(engine.model, keep)
-        return cls(engine.side_model(subset, spec_config.speculative_draft_memory_gb), engine.loaded.config.vocab_size)
+        subset = LayerSubset(context.model, keep)
+        return cls(context.side_model(subset, spec_config.speculative_draft_memory_gb), context.vocab_size)
 
 
 class LayerSubset(nn.Module):
-    """The target's network with only the `keep` decoder layers, sharing every weight (no copy). Its
-    attention modules are the target's own; the side model binds its own pages around each call."""
+    """The target's network with only the `keep` decoder layers (its own decoder loop, given `layer_ids`),
+    sharing every weight (no copy). Its attention modules are the target's own; the side model binds its
+    own pages around each call."""
 
     def __init__(self, target: nn.Module, keep: list[int]):
         super().__init__()
@@ -79,12 +80,7 @@ class LayerSubset(nn.Module):
         self._target = [target]   # in a list: not a registered submodule (its other layers are not ours)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
-        target = self._target[0]
-        hidden = target.embed(input_ids)
-        ropes = target.rope_for_layer(positions, hidden.dtype)   # per layer of the full model (Gemma 3 differs)
-        for index, layer in zip(self.keep, self.layers):
-            hidden = layer(hidden, ropes[index], meta)
-        return target.model.norm(hidden)
+        return self._target[0].forward(input_ids, positions, meta, layer_ids=self.keep)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._target[0].compute_logits(hidden)

@@ -45,7 +45,7 @@ class LookaheadProposer(Proposer):
         self.states: dict[str, _State] = {}
 
     @classmethod
-    def from_config(cls, spec_config, engine) -> "LookaheadProposer":
+    def from_config(cls, spec_config, context) -> "LookaheadProposer":
         return cls(n=spec_config.ngram_max)
 
     def propose_batch(self, batch: list[DraftRequest]) -> list[list[int]]:

@@ -27,11 +27,11 @@ class RetrievalProposer(Proposer):
         self.tables = {n: self._index(n) for n in range(min_n, max_n + 1) if n < len(self.corpus)}
 
     @classmethod
-    def from_config(cls, spec_config, engine) -> "RetrievalProposer":
+    def from_config(cls, spec_config, context) -> "RetrievalProposer":
         from pathlib import Path
 
         text = Path(spec_config.speculative_corpus).read_text(encoding="utf-8")
-        return cls(engine.tokenizer.encode(text, add_special_tokens=False), spec_config.ngram_min, spec_config.ngram_max)
+        return cls(context.tokenizer.encode(text, add_special_tokens=False), spec_config.ngram_min, spec_config.ngram_max)
 
     def _index(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         hashes = _rolling_hashes(self.corpus, n)

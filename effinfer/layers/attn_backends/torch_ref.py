@@ -1,13 +1,16 @@
 """Reference paged attention: gather each sequence's K/V from its slots, then PyTorch SDPA.
 
 The oracle for any faster backend. One SDPA call per sequence; with a sliding window only the keys
-that some query of this step can see are gathered.
+that some query of this step can see are gathered. It has no traced formulation of its own: compiled
+decode steps take the shared one of traced_decode.py (as torch_sdpa does), whichever backend is chosen.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from effinfer.layers.attn_backends.traced_decode import decode_attention_traced  # noqa: F401 (backend API)
 
 
 def paged_attention(q: torch.Tensor, kv_cache, meta, scale: float, sliding_window: int | None) -> torch.Tensor:

@@ -5,8 +5,9 @@ ops per sequence per layer. Here their K/V blocks are gathered by block id (whol
 for K and V together) into a padded `[num_kv_heads, num_decodes, max_blocks * block_size]` batch with
 the padding masked, the query heads that share a KV head become rows of one matrix, and two batched
 matmuls with a softmax between them do the attention. Sequences of very different lengths go in
-separate length buckets, so a few long contexts do not make every short one pad to their length. Multi-token queries (prefill chunks) take the reference path.
-Checked against `torch_ref` by the tests.
+separate length buckets, so a few long contexts do not make every short one pad to their length.
+Multi-token queries (prefill chunks) take the reference path; compiled decode steps take the broadcast
+formulation of traced_decode.py. Checked against `torch_ref` by the tests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from effinfer.layers.attn_backends import torch_ref
+from effinfer.layers.attn_backends.traced_decode import decode_mask, padded_block_tables
+from effinfer.layers.attn_backends.traced_decode import decode_attention_traced  # noqa: F401 (backend API)
 
 
 def paged_attention(q: torch.Tensor, kv_cache, meta, scale: float, sliding_window: int | None) -> torch.Tensor:
@@ -45,23 +48,6 @@ def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale    # [num_kv_heads, num_seqs, group, max_len]
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1).to(q.dtype)
     return torch.matmul(probs, v).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
-
-
-def attend_decodes_traced(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
-    """`_attend_decodes` written as broadcast products and sums, for `torch.compile`: the block gather,
-    the dequantization and both reductions fuse into a few loops, where two tiny batched matmuls cost
-    ~10-20 us each on CPU. Eagerly it would materialize [.., context, head_dim] products: traced use only."""
-    num_seqs, num_heads, head_dim = q.shape
-    _, num_kv_heads, _, block_size, _ = kv_cache.shape
-    max_len = block_tables.shape[1] * block_size
-    dtype = q.dtype
-    kv = kv_cache.gather_blocks(block_tables.flatten(), torch.float32)
-    k, v = kv.view(2, num_kv_heads, num_seqs, 1, max_len, head_dim)
-    q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, 1, head_dim).transpose(0, 1).float()
-    scores = (q * k).sum(-1) * scale                                   # [num_kv_heads, num_seqs, group, max_len]
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    out = (probs[..., None] * v).sum(-2)                               # [num_kv_heads, num_seqs, group, head_dim]
-    return out.to(dtype).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
 
 def _decode_plan(meta, window: int | None, block_size: int, device):
@@ -105,22 +91,3 @@ def _bucket(meta, seqs: list[int], window, block_size: int, device):
     tables = padded_block_tables([meta.block_tables[i] for i in seqs], device)
     rows = torch.tensor([meta.query_start_loc[i] for i in seqs], device=device)
     return rows, tables, decode_mask(lens, tables.shape[1], block_size, window)
-
-
-def padded_block_tables(tables: list[torch.Tensor], device, min_blocks: int = 1) -> torch.Tensor:
-    """[num_seqs, max_blocks] block ids, short tables padded with block 0 (masked out by `decode_mask`).
-    `min_blocks`: a compiled graph specializes on a width of 1, so its callers pad to 2."""
-    width = max(min_blocks, max(len(t) for t in tables))
-    padded = torch.zeros(len(tables), width, dtype=torch.long, device=device)
-    for row, table in enumerate(tables):
-        padded[row, :len(table)] = table
-    return padded
-
-
-def decode_mask(lens: torch.Tensor, max_blocks: int, block_size: int, window: int | None) -> torch.Tensor:
-    """[1, num_seqs, 1, max_blocks * block_size] which gathered positions each decode may attend to."""
-    positions = torch.arange(max_blocks * block_size, device=lens.device)[None, :]
-    mask = positions < lens[:, None]
-    if window is not None:
-        mask &= positions > lens[:, None] - 1 - window
-    return mask[None, :, None, :]

@@ -1,47 +1,37 @@
-"""`effinfer quantize`: calibrated checkpoints (GPTQ and AWQ 4-bit, SmoothQuant W8A8), saved to disk
-and loaded back.
+"""`effinfer quantize` and `effinfer prune`: calibrated checkpoints (GPTQ and AWQ 4-bit, SmoothQuant W8A8)
+and pruned ones, made by driving an engine on calibration text and saved to a folder that loads as a model.
 
-A checkpoint is a folder: `effinfer_quant.json` (method, bits, group size, the base model it was made
-from, calibration settings) and `model.safetensors` holding, per HF weight name, the 4-bit values
-(`<name>.qvalues`, one per byte), `<name>.scale` and `<name>.minimum` per group, plus any float
-tensor the method changed (AWQ's and SmoothQuant's norms; SmoothQuant's smoothed weights, which the
-W8A8 layers quantize per channel at load). Loading reads the base model's other tensors, its config
-and tokenizer, and feeds the 4-bit values to the int4 layers unchanged (no rounding on the way).
+The folder's format and its reader are in `effinfer/loader/checkpoint.py`; the math (GPTQ, AWQ, group
+search, SmoothQuant scales) in `effinfer/compression/quant/`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from effinfer.compression.quant.awq import awq_quantize
+from effinfer.compression.quant.calibrate import LayerStats, calibration_windows, collect_stats, decoder_linears
 from effinfer.compression.quant.gptq import GPTQOptions, gptq_quantize, reconstruction_error
 from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly
+from effinfer.engine.offline import prepared_prompt
+from effinfer.llm import LLM
+from effinfer.loader.checkpoint import CONFIG_FILE, LOAD_AS
 from effinfer.utils import progress
 
-CONFIG_FILE = "effinfer_quant.json"
-METHODS = ("gptq", "awq", "smoothquant")
-LOAD_AS = {"gptq": "int4", "awq": "int4", "smoothquant": "w8a8"}
-
-
-def is_quantized_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
-def read_config(path: Path) -> dict:
-    return json.loads((path / CONFIG_FILE).read_text())
+METHODS = tuple(LOAD_AS)
 
 
 def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str, num_tokens: int = 8192,
                         window: int = 512, group_size: int = 32, gptq: GPTQOptions = GPTQOptions(),
                         cache_dir: str | None = None, show_progress: bool = True) -> dict:
     """Calibrate `model` on `text` and save the checkpoint to `out_dir` (GPTQ's settings in `gptq`)."""
-    from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears
-    from effinfer.llm import LLM
 
     if method not in METHODS:
         raise ValueError(f"unknown calibrated method {method!r}; choose from {', '.join(METHODS)}")
@@ -55,7 +45,8 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
     if method == "gptq" and gptq.sequential:
         tensors, errors = _gptq_layer_by_layer(llm, windows, group_size, gptq, show_progress)
         return _finish(out_dir, tensors, config, errors, start)
-    stats = collect_stats(llm, windows, keep_hessian=method == "gptq", show_progress=show_progress)
+    stats = collect_stats(llm.engine.model, windows, llm.score, keep_hessian=method == "gptq",
+                          show_progress=show_progress)
     net = llm.engine.model
     linears = decoder_linears(net)
     tensors: dict[str, torch.Tensor] = {}
@@ -89,8 +80,6 @@ def _finish(out_dir, tensors: dict, config: dict, errors: dict, start: float) ->
 def _gptq_layer_by_layer(llm, windows, group_size: int, gptq: GPTQOptions, show_progress: bool):
     """GPTQ in sequential order; returns the checkpoint tensors and the summed output errors (GPTQ and
     round-to-nearest, each layer scored on the inputs it gets in the quantized model)."""
-    from effinfer.compression.quant.calibrate import quantize_layer_by_layer
-
     net, rtn = llm.engine.model, Int4WeightOnly(group_size)
     tensors: dict[str, torch.Tensor] = {}
     errors = {"rtn": 0.0, "gptq": 0.0}
@@ -105,6 +94,53 @@ def _gptq_layer_by_layer(llm, windows, group_size: int, gptq: GPTQOptions, show_
 
     quantize_layer_by_layer(llm, windows, quantize, show_progress)
     return tensors, errors
+
+
+QuantizeLinear = Callable[[str, nn.Linear, LayerStats], torch.Tensor]
+
+
+@torch.no_grad()
+def quantize_layer_by_layer(llm, windows: list[list[int]], quantize: QuantizeLinear,
+                            show_progress: bool = True) -> None:
+    """Quantize every decoder linear of `llm` (an unquantized engine) in GPTQ's sequential order.
+
+    Layers in order, and inside a layer its linears in the order it calls them (q/k/v, o, gate/up,
+    down): each linear's statistics (Hessian and sample rows) are gathered on inputs that passed through
+    every linear quantized before it, then `quantize(name, linear, stats)` returns the quantized
+    weight (as float values), which replaces it. Each window's hidden state is kept between layers, so the cost
+    is about (linears per layer + 1) passes of the model, not one pass per layer."""
+    if len({len(ids) for ids in windows}) != 1:
+        raise ValueError("layer-by-layer calibration needs windows of one length")
+    net = llm.engine.model
+    # every window runs on the same blocks in turn: one set of positions, metadata and rotary tables
+    with prepared_prompt(llm.engine, windows[0]) as (input_ids, positions, meta):
+        hidden = [net.embed(torch.tensor(ids, dtype=torch.long, device=input_ids.device)) for ids in windows]
+        ropes = net.rope_for_layer(positions, hidden[0].dtype)
+        layers = list(enumerate(zip(net.model.layers, ropes)))
+        for index, (layer, rope) in progress(layers, "quantize", show_progress, unit="layer"):
+            for name, linear in _call_order(layer, lambda: layer(hidden[0], rope, meta)):
+                stats = LayerStats(linear.in_features)
+                hook = linear.register_forward_hook(lambda mod, args, out: stats.add(args[0], keep_hessian=True))
+                try:
+                    for h in hidden:
+                        layer(h, rope, meta)
+                finally:
+                    hook.remove()
+                linear.weight.copy_(quantize(f"model.layers.{index}.{name}", linear, stats))
+            hidden = [layer(h, rope, meta) for h in hidden]
+
+
+def _call_order(layer: nn.Module, run) -> list[tuple[str, nn.Linear]]:
+    """The layer's linears in the order one forward pass (`run()`) calls them."""
+    order = []
+    linears = [(name, m) for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, item=(name, m): order.append(item)) for name, m in linears]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
 
 
 def _save_smoothquant(llm, net, linears, stats, out_dir, windows, window, start, show_progress) -> dict:
@@ -212,27 +248,8 @@ def _shard_tensors(net, module_name: str, blocks: Int4Blocks) -> dict[str, torch
     return out
 
 
-def iter_checkpoint_weights(path: Path, base_weights, group_size: int):
-    """The base model's tensors with the checkpoint's 4-bit layers and changed tensors in their place."""
-    from safetensors import safe_open
-
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        for name, tensor in base_weights:
-            base = name.removesuffix(".weight")
-            if f"{base}.qvalues" in keys:
-                yield name, Int4Blocks(f.get_tensor(f"{base}.qvalues"), f.get_tensor(f"{base}.scale"),
-                                       f.get_tensor(f"{base}.minimum"), group_size)
-            elif name in keys:
-                yield name, f.get_tensor(name)
-            else:
-                yield name, tensor
-
-
 def save_pruned(llm, out_dir: str | Path, report: dict) -> dict:
     """A pruned model (unstructured methods: same shapes) saved as a checkpoint of its changed linears."""
-    from effinfer.compression.quant.calibrate import decoder_linears
-
     net = llm.engine.model
     tensors = {}
     for name, linear in decoder_linears(net).items():

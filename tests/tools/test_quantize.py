@@ -8,11 +8,12 @@ import torch
 
 from effinfer import LLM, SamplingParams
 from effinfer.compression.quant.awq import search_scale
-from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears, quantize_layer_by_layer
+from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears
 from effinfer.compression.quant.gptq import GPTQOptions, gptq_quantize, reconstruction_error
 from effinfer.compression.quant.group_search import group_params, mixed_params, quantize_groups
 from effinfer.compression.quant.weight_only import Int4Blocks, Int4WeightOnly, min_max_params
 from effinfer.layers.linear import QuantLinear
+from effinfer.tools.quantize import quantize_calibrated, quantize_layer_by_layer
 from tiny_models import VOCAB, save_tiny_folder
 
 TEXT = " ".join(
@@ -26,7 +27,7 @@ GROUP = 64      # SmolLM2's file is Q4_1 (groups of 32), so 32-wide round-to-nea
 def calibrated(smollm2_path):
     llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
     windows = calibration_windows(llm.tokenizer, TEXT, 1024, 256)
-    return llm, collect_stats(llm, windows, keep_hessian=True, show_progress=False)
+    return llm, collect_stats(llm.engine.model, windows, llm.score, keep_hessian=True, show_progress=False)
 
 
 @pytest.mark.parametrize("layer", ["model.layers.2.self_attn.qkv_proj", "model.layers.20.mlp.down_proj"])
@@ -92,7 +93,7 @@ def test_layer_by_layer_statistics_come_through_the_quantized_layers(tmp_path, f
     save_tiny_folder(family, tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.02)
     windows = [[(7 * i + 13 * j) % VOCAB for j in range(40)] for i in range(3)]
-    before = collect_stats(llm, windows, keep_hessian=True, show_progress=False)
+    before = collect_stats(llm.engine.model, windows, llm.score, keep_hessian=True, show_progress=False)
     walked = {}
 
     def round_to_nearest(name, linear, stats):
@@ -102,7 +103,7 @@ def test_layer_by_layer_statistics_come_through_the_quantized_layers(tmp_path, f
     free_blocks = llm.engine.block_manager.num_free_blocks
     quantize_layer_by_layer(llm, windows, round_to_nearest, show_progress=False)
     assert llm.engine.block_manager.num_free_blocks == free_blocks        # the window's blocks went back
-    after = collect_stats(llm, windows, keep_hessian=True, show_progress=False)
+    after = collect_stats(llm.engine.model, windows, llm.score, keep_hessian=True, show_progress=False)
     assert list(walked) == [f"model.layers.{i}.{part}" for i in range(len(llm.engine.model.model.layers))
                             for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
     for name, hessian in walked.items():
@@ -133,8 +134,6 @@ def test_awq_scales_beat_round_to_nearest_on_layer_outputs(calibrated):
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_checkpoint_saves_and_loads_back(smollm2_path, tmp_path, method):
-    from effinfer.compression.quant.calibrated import quantize_calibrated
-
     # act-order: static groups, one group search per layer (without it, one per group: 3x the time here)
     report = quantize_calibrated(str(smollm2_path), method, tmp_path / method, TEXT, num_tokens=512, window=256,
                                  group_size=GROUP, gptq=GPTQOptions(act_order=True), show_progress=False)
@@ -162,7 +161,6 @@ def test_checkpoint_saves_and_loads_back(smollm2_path, tmp_path, method):
 
 def test_smoothquant_checkpoint_runs_w8a8(smollm2_path, tmp_path):
     from effinfer.bench import quality
-    from effinfer.compression.quant.calibrated import quantize_calibrated
     from effinfer.compression.quant.w8a8 import W8A8
 
     quantize_calibrated(str(smollm2_path), "smoothquant", tmp_path / "sq", TEXT, num_tokens=512, window=256,

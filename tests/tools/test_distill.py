@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from effinfer import LLM, SamplingParams
-from effinfer.compression.distill import DistillConfig, distill, student_layers
+from effinfer.tools.distill import DistillConfig, distill, student_layers
 from effinfer.loader.arch_config import ArchConfig, to_hf_config
 from tests.tiny_models import save_tiny_folder
 

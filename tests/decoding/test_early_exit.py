@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from effinfer import LLM, SamplingParams
-from effinfer.compression.distill import ExitHeadsConfig, distill_exit_heads
+from effinfer.tools.distill import ExitHeadsConfig, distill_exit_heads
 from effinfer.decoding.early_exit import ExitHeads, parse_exit_layers
 from effinfer.layers.rotary import apply_rotary
 from effinfer.serving.metrics import ServerMetrics

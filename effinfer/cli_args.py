@@ -1,0 +1,64 @@
+"""Argument helpers shared by `effinfer` and `effinfer bench`: engine flags derived from the config
+dataclasses' field names (`max_num_seqs` -> `--max-num-seqs`), with `choices=` read from the registries,
+and sampling flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+from effinfer.config import SUB_CONFIGS, EngineConfig, all_option_names, field_docs, option_choices
+from effinfer.sampling_params import SamplingParams
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128, temperature: float = 0.0) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, named after it (`max_num_seqs` -> `--max-num-seqs`); a field chosen from a
+    registry (quantization, prune, speculative_method, attention_backend, kv_cache_dtype) offers its names."""
+    choices = option_choices()
+    for group_name, cls in {**SUB_CONFIGS, "engine": EngineConfig}.items():
+        g = p.add_argument_group(f"engine: {group_name}")
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in SUB_CONFIGS and cls is EngineConfig:
+                continue
+            flag, kind, doc = "--" + f.name.replace("_", "-"), arg_type(hints[f.name]), docs.get(f.name)
+            if kind is bool:
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
+            else:
+                g.add_argument(flag, type=kind, default=f.default, dest=f.name, help=doc, choices=choices.get(f.name))
+
+
+def arg_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k in all_option_names()}
+
+
+def make_llm(args: argparse.Namespace):
+    from effinfer.llm import LLM
+
+    EngineConfig.from_kwargs(**engine_kwargs(args))  # validate flags before the model loads
+    return LLM(**engine_kwargs(args))
+
+

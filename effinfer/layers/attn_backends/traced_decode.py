@@ -1,0 +1,53 @@
+"""The attention of a compiled decode step (engine/compiled_decode.py), shared by the backends that have
+no traced formulation of their own: all decodes of the step attended at once over their padded block
+tables, written as broadcast products and sums so that `torch.compile` fuses the block gather, the
+dequantization and both reductions into a few loops. `padded_block_tables` makes the step's `DecodeBatch`
+tables (the model runner calls it)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def decode_attention_traced(q: torch.Tensor, kv_cache, decode, scale: float,
+                            sliding_window: int | None) -> torch.Tensor:
+    # q [num_seqs, num_heads, head_dim]; decode: the step's DecodeBatch, row i is sequence i
+    tables = decode.block_tables
+    mask = decode_mask(decode.seq_lens, tables.shape[1], kv_cache.shape[3], sliding_window)
+    return attend_decodes_traced(q, kv_cache, tables, mask, scale)
+
+
+def attend_decodes_traced(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
+    """`torch_sdpa._attend_decodes` written as broadcast products and sums, for `torch.compile`: the block
+    gather, the dequantization and both reductions fuse into a few loops, where two tiny batched matmuls cost
+    ~10-20 us each on CPU. Eagerly it would materialize [.., context, head_dim] products: traced use only."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_kv_heads, _, block_size, _ = kv_cache.shape
+    max_len = block_tables.shape[1] * block_size
+    dtype = q.dtype
+    kv = kv_cache.gather_blocks(block_tables.flatten(), torch.float32)
+    k, v = kv.view(2, num_kv_heads, num_seqs, 1, max_len, head_dim)
+    q = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, 1, head_dim).transpose(0, 1).float()
+    scores = (q * k).sum(-1) * scale                                   # [num_kv_heads, num_seqs, group, max_len]
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    out = (probs[..., None] * v).sum(-2)                               # [num_kv_heads, num_seqs, group, head_dim]
+    return out.to(dtype).transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+
+
+def decode_mask(lens: torch.Tensor, max_blocks: int, block_size: int, window: int | None) -> torch.Tensor:
+    """[1, num_seqs, 1, max_blocks * block_size] which gathered positions each decode may attend to."""
+    positions = torch.arange(max_blocks * block_size, device=lens.device)[None, :]
+    mask = positions < lens[:, None]
+    if window is not None:
+        mask &= positions > lens[:, None] - 1 - window
+    return mask[None, :, None, :]
+
+
+def padded_block_tables(tables: list[torch.Tensor], device, min_blocks: int = 1) -> torch.Tensor:
+    """[num_seqs, max_blocks] block ids, short tables padded with block 0 (masked out by `decode_mask`).
+    `min_blocks`: a compiled graph specializes on a width of 1, so its callers pad to 2."""
+    width = max(min_blocks, max(len(t) for t in tables))
+    padded = torch.zeros(len(tables), width, dtype=torch.long, device=device)
+    for row, table in enumerate(tables):
+        padded[row, :len(table)] = table
+    return padded
