@@ -31,9 +31,9 @@ def main() -> int:
     parser.add_argument("commit_b")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each commit, alternating")
     parser.add_argument("--result-file", required=True)
-    parser.add_argument("compare_args", nargs=argparse.REMAINDER, help="after --: arguments of `effinfer bench compare`")
-    args = parser.parse_args()
-    compare_args = [a for a in args.compare_args if a != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, compare_args = parser.parse_args(argv[:split]), argv[split + 1:]   # after --: `bench compare` arguments
     commits = [_resolve(args.commit_a), _resolve(args.commit_b)]
     runs: dict[str, list[dict]] = {c: [] for c in commits}
     with tempfile.TemporaryDirectory() as tmp:
