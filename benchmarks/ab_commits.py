@@ -69,7 +69,7 @@ def _worktree(commit: str, path: Path) -> Path:
 def _run(tree: Path, compare_args: list[str], out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     code = "import effinfer, sys; assert effinfer.__file__.startswith(sys.argv[1]), effinfer.__file__"
-    subprocess.run([sys.executable, "-c", code, str(tree)], env=env, check=True)
+    subprocess.run([sys.executable, "-c", code, str(tree)], env=env, cwd=tree, check=True)
     subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "compare", *compare_args, "--result-file",
                     str(out)], env=env, cwd=tree, check=True)
     return json.loads(out.read_text())
