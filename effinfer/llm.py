@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from effinfer.compression.prune import Calibration, prune_model
+from effinfer.compression.prune import Calibration, get_prune_method, prune_model
 from effinfer.compression.quant.calibrate import calibration_windows
 from effinfer.compression.quant.kv_quant import get_kv_dtype
 from effinfer.config import EngineConfig, QuantConfig
@@ -138,7 +138,7 @@ def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:
     (pruning can remove layers, so the real engine's cache is sized afterwards)."""
     pc = config.prune
     calibration = None
-    if pc.prune_calibration_text:
+    if get_prune_method(pc.prune).needs_calibration:
         scratch = EngineConfig(model=config.model, show_progress=False)
         scratch.cache.kv_cache_memory_gb = 0.1
         text = Path(pc.prune_calibration_text).read_text(encoding="utf-8")
@@ -171,7 +171,8 @@ def _compiled_step(config: EngineConfig, model: nn.Module, device: torch.device)
     if not config.model.compile:
         return None
     compiled = compiled_decode.compile_decode(model)
-    compiled_decode.warm_up(compiled, config.cache.block_size, config.scheduler.max_num_seqs, device, config.show_progress)
+    compiled_decode.warm_up(compiled, config.cache.block_size, config.scheduler.max_num_seqs, device,
+                            config.show_progress)
     return compiled
 
 
