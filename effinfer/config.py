@@ -12,17 +12,19 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from effinfer.compression.prune import PRUNE_METHODS
-from effinfer.compression.quant import CPU_KERNELS, QUANT_METHODS, QuantSpec
-from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES
-from effinfer.decoding.spec import PROPOSERS
-from effinfer.layers.attn_backends import ATTENTION_BACKENDS
 from effinfer.loader.catalog import DEFAULT_MODEL
 from effinfer.utils import DTYPES
 
 
 def option_choices() -> dict[str, list[str]]:
-    """Config fields whose value names a registered plug-in -> the names registered ("none": the field is off)."""
+    """Config fields whose value names a registered plug-in -> the names registered ("none": the field is off).
+    The tables are imported here, not with this module: an engine that imports the config loads no technique."""
+    from effinfer.compression.prune import PRUNE_METHODS
+    from effinfer.compression.quant import CPU_KERNELS, QUANT_METHODS
+    from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES
+    from effinfer.decoding.spec import PROPOSERS
+    from effinfer.layers.attn_backends import ATTENTION_BACKENDS
+
     return {"attention_backend": list(ATTENTION_BACKENDS), "kv_cache_dtype": list(KV_CACHE_DTYPES),
             "quantization": [*QUANT_METHODS, "none"], "speculative_model_quantization": [*QUANT_METHODS, "none"],
             "prune": [*PRUNE_METHODS, "none"], "speculative_method": [*PROPOSERS, "none"], "cpu_kernel": list(CPU_KERNELS)}
@@ -127,6 +129,8 @@ class QuantConfig:
         check_choice("cpu_kernel", self.cpu_kernel)
 
     def spec(self):
+        from effinfer.compression.quant import QuantSpec
+
         if self.quantization is None:
             return None
         return QuantSpec(**dataclasses.asdict(self))
@@ -149,7 +153,7 @@ class PruneConfig:
         check_choice("prune", self.prune)
         if not 0 < self.sparsity < 1:
             raise ValueError(f"sparsity={self.sparsity} must be between 0 and 1")
-        if self.prune is not None and PRUNE_METHODS[self.prune].needs_calibration and not self.prune_calibration_text:
+        if self.prune is not None and _needs_calibration(self.prune) and not self.prune_calibration_text:
             raise ValueError(f"prune={self.prune} needs prune_calibration_text (a text file to calibrate on)")
 
 
@@ -189,10 +193,9 @@ class SpecConfig:
             raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens} must be between 1 and 16")
         if self.speculative_max_batch < 1:
             raise ValueError(f"speculative_max_batch={self.speculative_max_batch} must be at least 1")
-        if self.speculative_method == "retrieval" and not self.speculative_corpus:
-            raise ValueError("speculative_method=retrieval needs speculative_corpus (a text file to draft from)")
-        if self.speculative_method == "draft_model" and not self.speculative_model:
-            raise ValueError("speculative_method=draft_model needs speculative_model (the draft model to load)")
+        for option, what in _required_options(self.speculative_method).items():
+            if not getattr(self, option):
+                raise ValueError(f"speculative_method={self.speculative_method} needs {option} ({what})")
         if self.speculative_model_quantization:
             try:
                 QuantConfig(quantization=self.speculative_model_quantization)
@@ -202,6 +205,18 @@ class SpecConfig:
             raise ValueError(f"speculative_draft_memory_gb={self.speculative_draft_memory_gb} must be positive")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+
+
+def _needs_calibration(prune: str) -> bool:
+    from effinfer.compression.prune import PRUNE_METHODS
+
+    return PRUNE_METHODS[prune].needs_calibration
+
+
+def _required_options(speculative_method: str | None) -> dict[str, str]:
+    from effinfer.decoding.spec import proposer_class
+
+    return proposer_class(speculative_method).required_options if speculative_method else {}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 from effinfer.compression.prune import Calibration, get_prune_method, prune_model
 from effinfer.compression.quant.calibrate import calibration_windows
 from effinfer.compression.quant.kv_quant import get_kv_dtype
-from effinfer.config import EngineConfig, QuantConfig
+from effinfer.config import CacheConfig, EngineConfig, QuantConfig
 from effinfer.decoding.early_exit import EarlyExit, ExitHeads
 from effinfer.decoding.spec import DraftContext, speculator_from_config
 from effinfer.engine.block_manager import BlockManager
@@ -113,7 +113,6 @@ def _is_single_prompt(prompts) -> bool:
 def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
     """Load the model (unless `loaded` is given), prune it, size and allocate its KV cache, build the plug-ins
     the config names, and hand them all to an `LLMEngine`."""
-    torch.manual_seed(config.global_seed)
     mc, cc = config.model, config.cache
     if mc.num_threads:
         torch.set_num_threads(mc.num_threads)
@@ -130,6 +129,7 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLM
     speculator = None
     if config.spec.speculative_method:
         speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
+    torch.manual_seed(config.global_seed)   # requests without a seed draw from here, whatever building did
     return LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator)
 
 
@@ -139,8 +139,7 @@ def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:
     pc = config.prune
     calibration = None
     if get_prune_method(pc.prune).needs_calibration:
-        scratch = EngineConfig(model=config.model, show_progress=False)
-        scratch.cache.kv_cache_memory_gb = 0.1
+        scratch = EngineConfig(model=config.model, cache=CacheConfig(kv_cache_memory_gb=0.1), show_progress=False)
         text = Path(pc.prune_calibration_text).read_text(encoding="utf-8")
         windows = calibration_windows(loaded.tokenizer, text, pc.prune_calibration_tokens, 256)
         calibration = Calibration(windows, partial(score, build_engine(scratch, loaded)), config.show_progress)

@@ -47,16 +47,18 @@ class Sampler:
         return SamplerOutput(token_ids.tolist(), gather_logprobs(raw_logprobs, token_ids, rows))
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """One token per row from `final_probs` (the exponential race: argmax(probs / q), q ~ Exp(1) drawn from
-        each row's generator; a greedy row's one-hot distribution makes that its argmax)."""
+        """One token per row: the argmax for greedy rows, else a draw from `final_probs` (the exponential race:
+        argmax(probs / q), q ~ Exp(1) drawn from each row's generator, greedy rows included)."""
         logits = _penalized(logits, rows)
+        greedy = logits.argmax(dim=-1)
         if all(r.params.is_greedy for r in rows):
-            return logits.argmax(dim=-1)
+            return greedy
         probs = _distribution(logits, rows)
         noise = torch.empty_like(probs)
         for i, row in enumerate(rows):
             noise[i].exponential_(generator=row.generator)
-        return (probs / noise).argmax(dim=-1)
+        is_greedy = torch.tensor([r.params.is_greedy for r in rows], device=logits.device)
+        return torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
 
 
 def final_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -71,12 +73,15 @@ def _penalized(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def _distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    probs = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
-    sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-    if sampled:
-        sub = [rows[i] for i in sampled]
-        temps = torch.tensor([r.params.temperature for r in sub], device=logits.device)
-        probs[sampled] = torch.softmax(apply_top_k_top_p_min_p(logits[sampled] / temps[:, None], sub), dim=-1)
+    """Penalised logits -> each row's distribution: temperature, top-k/top-p/min-p, softmax; one-hot argmax for
+    greedy rows."""
+    greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
+    if len(greedy) == len(rows):
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
+    temps = torch.tensor([r.params.temperature or 1.0 for r in rows], device=logits.device)
+    probs = torch.softmax(apply_top_k_top_p_min_p(logits / temps[:, None], rows), dim=-1)
+    if greedy:
+        probs[greedy] = torch.nn.functional.one_hot(logits[greedy].argmax(dim=-1), logits.shape[-1]).to(probs.dtype)
     return probs
 
 

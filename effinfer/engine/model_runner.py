@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from effinfer.engine.compiled_decode import MAX_BATCH as COMPILED_MAX_BATCH
-from effinfer.layers.attention import AttentionMetadata, DecodeBatch
-from effinfer.layers.attn_backends.traced_decode import padded_block_tables
+from effinfer.layers.attention import AttentionMetadata, DecodeBatch, padded_block_tables
 
 
 @dataclass

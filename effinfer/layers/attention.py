@@ -54,6 +54,16 @@ class AttentionMetadata:
         return self.mask_cache[key]
 
 
+def padded_block_tables(tables: list[torch.Tensor], device, min_blocks: int = 1) -> torch.Tensor:
+    """[num_seqs, max_blocks] block ids, short tables padded with block 0 (masked out by `decode_mask`).
+    `min_blocks`: a compiled graph specializes on a width of 1, so its callers pad to 2."""
+    width = max(min_blocks, max(len(t) for t in tables))
+    padded = torch.zeros(len(tables), width, dtype=torch.long, device=device)
+    for row, table in enumerate(tables):
+        padded[row, :len(table)] = table
+    return padded
+
+
 @dataclass
 class DecodeBatch:
     """A pure decode step as tensors: one new token per sequence, row i of the step is sequence i."""
@@ -181,9 +191,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.kv_cache: PagedKVCache | None = None
-        """This layer's pages, bound by the engine."""
+        """This layer's pages, bound by `engine.kv_cache.allocate_kv_cache`."""
         self.backend: Backend = get_backend("torch_ref")
-        """The attention backend (attn_backends); the engine binds the configured one."""
+        """The attention backend (attn_backends); `allocate_kv_cache` binds the configured one."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q [num_tokens, num_heads, head_dim]; k, v [num_tokens, num_kv_heads, head_dim]

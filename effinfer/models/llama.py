@@ -155,8 +155,9 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed(input_ids)
         ropes = self.rope_for_layer(positions, hidden.dtype)   # one per layer of the full model
         layers = self.model.layers
-        for index in range(len(layers)) if layer_ids is None else layer_ids:
-            hidden = layers[index](hidden, ropes[index], meta)
+        chosen = list(enumerate(layers)) if layer_ids is None else [(index, layers[index]) for index in layer_ids]
+        for index, layer in chosen:
+            hidden = layer(hidden, ropes[index], meta)
             if after_layer is not None and after_layer(index, hidden, ropes):
                 break
         return self.model.norm(hidden)

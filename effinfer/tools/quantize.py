@@ -32,7 +32,6 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
                         window: int = 512, group_size: int = 32, gptq: GPTQOptions = GPTQOptions(),
                         cache_dir: str | None = None, show_progress: bool = True) -> dict:
     """Calibrate `model` on `text` and save the checkpoint to `out_dir` (GPTQ's settings in `gptq`)."""
-
     if method not in METHODS:
         raise ValueError(f"unknown calibrated method {method!r}; choose from {', '.join(METHODS)}")
     start = time.perf_counter()

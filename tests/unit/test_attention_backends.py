@@ -92,7 +92,7 @@ def test_bucketed_mixed_lengths_equal_reference(backend):
 def test_traced_decode_attention_equals_reference(backend, kv_cache_dtype, window):
     """The attention of a compiled decode step (`decode_attention_traced`), run eagerly on tables padded
     the way the runner pads them, on the pages of every KV-cache dtype (with key scales where it has them)."""
-    from effinfer.layers.attn_backends.traced_decode import padded_block_tables
+    from effinfer.layers.attention import padded_block_tables
 
     gen = torch.Generator().manual_seed(3)
     seq_lens = [9, 3, 17, 1]

@@ -18,7 +18,7 @@ TIERS = [
     ["effinfer.compression"],      # run-time quantization / pruning plug-ins and their math
     ["effinfer.loader"],
     ["effinfer.models"],
-    ["effinfer.decoding", "effinfer.data"],
+    ["effinfer.decoding"],
     ["effinfer.outputs", "effinfer.config"],
     ["effinfer.engine"],
     # tier 2: the facade
@@ -71,7 +71,8 @@ def test_every_import_runs_down_the_tiers():
 
 
 def test_package_graph_has_no_loop():
-    """Between top-level packages (engine, models, ...), including imports inside functions."""
+    """Between top-level packages (engine, models, ...), including imports inside functions: a depth-first walk
+    finds any cycle, of two packages or more."""
     def package(name: str) -> str:
         return ".".join(name.split(".")[:2])
 
@@ -80,8 +81,38 @@ def test_package_graph_has_no_loop():
         for name in names:
             if name != "effinfer" and package(name) != package(module) and module != "effinfer":
                 edges.setdefault(package(module), set()).add(package(name))
-    loops = [f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and a in edges.get(b, set())]
+    loops, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                loops.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for start in sorted(edges):
+        if start not in state:
+            visit(start, [start])
     assert not loops, loops
+
+
+def test_registry_entries_run_down_the_tiers():
+    """The registries import their entries by name (`importlib`): each entry's module sits no higher than
+    the registry that names it."""
+    from effinfer.compression.quant import QUANT_METHODS
+    from effinfer.decoding.spec import PROPOSERS
+    from effinfer.layers.attn_backends import ATTENTION_BACKENDS
+    from effinfer.models.registry import _MODELS
+
+    tables = {"effinfer.compression.quant": [v.partition(":")[0] for v in QUANT_METHODS.values()],
+              "effinfer.decoding.spec": [v.partition(":")[0] for v in PROPOSERS.values()],
+              "effinfer.layers.attn_backends": [v.module for v in ATTENTION_BACKENDS.values()],
+              "effinfer.models.registry": [module for module, _ in _MODELS.values()]}
+    bad = [f"{registry} names {entry}" for registry, entries in tables.items() for entry in entries
+           if rank(entry) > rank(registry)]
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("module, name, ok", [

@@ -49,6 +49,8 @@ class DraftContext:
 
 class Proposer(ABC):
     name: str = ""
+    required_options: dict[str, str] = {}
+    """`SpecConfig` fields this proposer cannot run without -> what to give (checked before any model loads)."""
 
     @classmethod
     def from_config(cls, spec_config, context: DraftContext) -> "Proposer":

@@ -20,6 +20,7 @@ TOKENIZER_PROBE = "def main():\n    print('Hello, world!')  # café, 東京, 123
 
 class DraftModelProposer(Proposer):
     name = "draft_model"
+    required_options = {"speculative_model": "the draft model to load"}
 
     def __init__(self, side_model, vocab_size: int):
         self.side = side_model
@@ -59,6 +60,7 @@ class DraftModelProposer(Proposer):
 
 class SelfDraftProposer(DraftModelProposer):
     name = "self"
+    required_options = {}
 
     @classmethod
     def from_config(cls, spec_config, context) -> "SelfDraftProposer":
@@ -69,9 +71,9 @@ class SelfDraftProposer(DraftModelProposer):
 
 
 class LayerSubset(nn.Module):
-    """The target's network with only the `keep` decoder layers (its own decoder loop, given `layer_ids`),
-    sharing every weight (no copy). Its attention modules are the target's own; the side model binds its
-    own pages around each call."""
+    """The target's network with only the `keep` decoder layers (the target's decoder loop, given `layer_ids`),
+    sharing every weight (no copy). Its attention modules are the target's own; the side model's runner hands
+    them its own pages in each step's metadata (`AttentionMetadata.kv_bindings`)."""
 
     def __init__(self, target: nn.Module, keep: list[int]):
         super().__init__()

@@ -18,6 +18,7 @@ _BASE = np.int64(1_000_003)
 
 class RetrievalProposer(Proposer):
     name = "retrieval"
+    required_options = {"speculative_corpus": "a text file to draft from"}
 
     def __init__(self, corpus_ids: list[int], min_n: int = 2, max_n: int = 4):
         if not corpus_ids:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from effinfer.layers.attention import padded_block_tables
 from effinfer.layers.attn_backends import torch_ref
-from effinfer.layers.attn_backends.traced_decode import decode_mask, padded_block_tables
+from effinfer.layers.attn_backends.traced_decode import decode_mask
 from effinfer.layers.attn_backends.traced_decode import decode_attention_traced  # noqa: F401 (backend API)
 
 

@@ -1,8 +1,7 @@
 """The attention of a compiled decode step (engine/compiled_decode.py), shared by the backends that have
 no traced formulation of their own: all decodes of the step attended at once over their padded block
 tables, written as broadcast products and sums so that `torch.compile` fuses the block gather, the
-dequantization and both reductions into a few loops. `padded_block_tables` makes the step's `DecodeBatch`
-tables (the model runner calls it)."""
+dequantization and both reductions into a few loops."""
 
 from __future__ import annotations
 
@@ -41,13 +40,3 @@ def decode_mask(lens: torch.Tensor, max_blocks: int, block_size: int, window: in
     if window is not None:
         mask &= positions > lens[:, None] - 1 - window
     return mask[None, :, None, :]
-
-
-def padded_block_tables(tables: list[torch.Tensor], device, min_blocks: int = 1) -> torch.Tensor:
-    """[num_seqs, max_blocks] block ids, short tables padded with block 0 (masked out by `decode_mask`).
-    `min_blocks`: a compiled graph specializes on a width of 1, so its callers pad to 2."""
-    width = max(min_blocks, max(len(t) for t in tables))
-    padded = torch.zeros(len(tables), width, dtype=torch.long, device=device)
-    for row, table in enumerate(tables):
-        padded[row, :len(table)] = table
-    return padded
