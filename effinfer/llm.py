@@ -24,6 +24,7 @@ from effinfer.engine.llm_engine import LLMEngine, Prompt
 from effinfer.engine.model_runner import ModelRunner
 from effinfer.engine.offline import score
 from effinfer.engine.side_model import SideModel
+from effinfer.layers.attention import AutoKV, KVCodec
 from effinfer.layers.attn_backends import get_backend
 from effinfer.loader.catalog import DEFAULT_MODEL
 from effinfer.models import LoadedModel, load_model
@@ -150,8 +151,13 @@ def _num_blocks(config: EngineConfig, model: nn.Module, dtype: torch.dtype) -> i
     cc = config.cache
     if cc.num_blocks:
         return cc.num_blocks
-    per_block = bytes_per_block(model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype))
-    return max(1, int(cc.kv_cache_memory_gb * 2**30) // per_block)
+    return _blocks_in(cc.kv_cache_memory_gb, model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype))
+
+
+def _blocks_in(memory_gb: float, model: nn.Module, block_size: int, dtype: torch.dtype,
+               codec: KVCodec = AutoKV()) -> int:
+    """How many KV blocks of `model` (all its layers, in `codec`'s storage) fit in `memory_gb`."""
+    return max(1, int(memory_gb * 2**30) // bytes_per_block(model, block_size, dtype, codec))
 
 
 def _max_model_len(config: EngineConfig, loaded: LoadedModel, num_blocks: int) -> int:
@@ -191,8 +197,7 @@ def _draft_context(config: EngineConfig, loaded: LoadedModel, device: torch.devi
 
     def side_model(model: nn.Module, memory_gb: float, max_len: int | None = None) -> SideModel:
         """`model` with its own KV pool of `memory_gb` (not taken from the engine's), keyed by request id."""
-        num_blocks = max(1, int(memory_gb * 2**30) // bytes_per_block(model, block_size, dtype))
-        return SideModel(model, num_blocks, block_size, dtype, device, get_backend(mc.attention_backend),
-                         min(max_len or max_model_len, max_model_len))
+        return SideModel(model, _blocks_in(memory_gb, model, block_size, dtype), block_size, dtype, device,
+                         get_backend(mc.attention_backend), min(max_len or max_model_len, max_model_len))
 
     return DraftContext(loaded.model, loaded.tokenizer, loaded.config.vocab_size, mc.cache_dir, load_draft, side_model)
