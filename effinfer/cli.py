@@ -12,10 +12,11 @@ import sys
 import time
 import typing
 
-from effinfer.cli_args import add_engine_args, arg_type, add_sampling_args, make_llm, sampling_params_from
+from effinfer.cli_args import (add_engine_args, add_sampling_args, arg_type, engine_kwargs, make_llm,
+                               sampling_params_from)
 from effinfer.compression.prune import PRUNE_METHODS
 from effinfer.compression.quant.group_search import GROUP_FITS
-from effinfer.config import field_docs
+from effinfer.config import EngineConfig, field_docs
 from effinfer.loader import catalog
 from effinfer.loader.checkpoint import LOAD_AS
 
@@ -132,6 +133,11 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         if f.name == "api_keys":
             g.add_argument("--api-key", action="append", dest="api_keys", default=[],
                            help="accepted bearer token (repeat for several); none means no authentication")
+        elif hints[f.name] is bool:
+            g.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
+                           dest=f.name, help=docs.get(f.name))
+        elif f.name == "on_engine_failure":
+            g.add_argument("--on-engine-failure", choices=["restart", "exit"], default=f.default, help=docs.get(f.name))
         else:
             g.add_argument("--" + f.name.replace("_", "-"), type=arg_type(hints[f.name]), default=f.default,
                            dest=f.name, help=docs.get(f.name))
@@ -238,22 +244,43 @@ def report_speed(num_prompt: int, num_output: int, ttft: float, decode_time: flo
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from effinfer.serving.api_server import ServerConfig, build_app
 
     server_config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
-    llm = make_llm(args)
-    app = build_app(llm.engine, server_config)
-    name = app.state.server.model_name
+    if not server_config.engine_process:
+        app = build_app(make_llm(args).engine, server_config)
+        return _serve(app, server_config)
+    from effinfer.models import load_tokenizer
+    from effinfer.serving.engine_core import ProcessEngine
+
+    config = EngineConfig.from_kwargs(**engine_kwargs(args))
+    engine = ProcessEngine(config, stall_timeout=server_config.engine_stall_timeout,
+                           on_failure=server_config.on_engine_failure)
+    try:
+        engine.spawn()   # the core process loads the model while this one loads the tokenizer
+        tokenizer = load_tokenizer(config.model.model, config.model.cache_dir)
+        engine.wait_ready()
+        return _serve(build_app(engine, server_config, tokenizer), server_config)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.stop()
+
+
+def _serve(app, server_config) -> int:
+    from effinfer.serving.api_server import DrainingServer
+
+    name, info = app.state.server.model_name, app.state.server.async_engine.info
     base = f"http://{server_config.host}:{server_config.port}"
     auth = ' -H "Authorization: Bearer $KEY"' if server_config.api_keys else ""
+    if info.summary:
+        print(f"engine: {info.summary}", flush=True)
     print(f"\neffinfer serving {name!r} at {base}  (chat page: {base}/ , metrics: {base}/metrics)\n"
           f"try:\n  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
           f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n",
           flush=True)
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level="info", timeout_graceful_shutdown=5)
-    return 0
+    return DrainingServer(app, server_config).run()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -45,6 +45,24 @@ class RequestOutput:
 
 
 @dataclass
+class EngineStats:
+    """The engine's counters after a step: what the server's metrics and health read, in either process."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    """Fraction of KV blocks in use (0-1)."""
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_queried_tokens: int = 0
+    num_preemptions: int = 0
+    spec: dict[str, int] = field(default_factory=lambda: {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0})
+    exit_candidates: int = 0
+    exits_by_layer: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
 class GenerationResult:
     """The `n` samples of one prompt from `LLM.generate`."""
 

@@ -14,7 +14,7 @@ from effinfer.engine.output_processor import OutputProcessor
 from effinfer.engine.request import FinishReason, Request
 from effinfer.engine.scheduler import Scheduler, SchedulerOutput
 from effinfer.models import LoadedModel
-from effinfer.outputs import RequestOutput
+from effinfer.outputs import EngineStats, RequestOutput
 from effinfer.sampling_params import SamplingParams
 from effinfer.utils import parse_dtype
 
@@ -47,18 +47,16 @@ class LLMEngine:
         """Speculative decoding counters: drafts proposed, drafts accepted, request-steps that verified."""
         return self.speculator.stats if self.speculator else {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0}
 
+    def stats(self) -> EngineStats:
+        blocks, exits = self.block_manager, self.early_exit.stats if self.early_exit is not None else None
+        return EngineStats(
+            len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage, blocks.num_free_blocks,
+            blocks.num_blocks, blocks.num_hit_tokens, blocks.num_queried_tokens, self.scheduler.num_preemptions,
+            dict(self.spec_stats), exits["candidates"] if exits else 0, dict(exits["by_layer"]) if exits else {})
+
     # ---- requests in ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            return self.tokenizer.encode_chat(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.loaded.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.loaded.config.vocab_size})")
-            return list(prompt)
-        raise TypeError("a prompt is a non-empty string, list of token ids, or list of chat messages")
+        return encode_prompt(self.tokenizer, self.loaded.config.vocab_size, prompt)
 
     def check_prompt_length(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -165,6 +163,20 @@ class LLMEngine:
                 if self.speculator is not None:
                     self.speculator.release(request.request_id)
         return outputs
+
+
+def encode_prompt(tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
+    """A string, chat messages or token ids -> token ids (ids checked against the vocabulary)."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return tokenizer.encode_chat(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        return list(prompt)
+    raise TypeError("a prompt is a non-empty string, list of token ids, or list of chat messages")
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -1,10 +1,13 @@
-"""The OpenAI-compatible HTTP server (FastAPI) on one background engine loop.
+"""The OpenAI-compatible HTTP server (FastAPI) in front of an engine client (`serving.async_engine`).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (streaming and not), GET /v1/models,
 GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET / (a small chat page).
 Every bad input gets an OpenAI error object with a 4xx status; internal errors a 500 without a
 traceback. Limits on body size, prompt length, max_tokens, n and requests in flight keep one client
-from taking the server down.
+from taking the server down. `/health` is the engine's liveness: 503 while it is dead, restarting,
+stalled or the server drains. On SIGTERM (`serve`) the server stops admitting, lets the requests in
+flight finish for `drain_timeout` seconds, then ends the rest with an error (streams: an error event and
+`[DONE]`).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from effinfer.engine.llm_engine import LLMEngine
+from effinfer.engine.llm_engine import encode_prompt
 from effinfer.outputs import RequestOutput
 from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams
-from effinfer.serving.async_engine import AsyncEngine, EngineDeadError
+from effinfer.serving.async_engine import EngineClient, EngineDeadError, EngineRequestError, ThreadEngine
 from effinfer.serving.metrics import ServerMetrics
 from effinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError,
                                        SamplingRequest, TokenizeRequest, new_id, now)
@@ -48,18 +51,33 @@ class ServerConfig:
     max_n: int = 16
     max_requests_in_flight: int = 256
     """More concurrent sequences than this get 503 with Retry-After."""
+    engine_process: bool = True
+    """Run the engine core in its own process (serve); off: on a thread of the HTTP process."""
+    on_engine_failure: str = "restart"
+    """When the engine process dies: restart it, or exit (non-zero) so a supervisor restarts the server."""
+    engine_stall_timeout: float = 60.0
+    """Seconds without progress from a busy engine before /health says 503 and the requests in flight are logged."""
+    drain_timeout: float = 30.0
+    """On SIGTERM: seconds the requests in flight get to finish before they end with an error."""
+
+    def __post_init__(self) -> None:
+        if self.on_engine_failure not in ("restart", "exit"):
+            raise ValueError(f"on_engine_failure={self.on_engine_failure!r} is not supported; choose restart or exit")
+        for name in ("engine_stall_timeout", "drain_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
 
 
 class OpenAIServer:
-    def __init__(self, engine: LLMEngine, config: ServerConfig):
-        self.engine, self.config = engine, config
-        self.model_name = config.served_model_name or engine.config.model.model
-        self.metrics = ServerMetrics(self.model_name, engine.config.spec.speculative_method,
-                                     engine.early_exit.heads.layers if engine.early_exit is not None else ())
-        self.async_engine = AsyncEngine(engine, self.metrics.on_step)
-        self.tokenizer = engine.tokenizer
+    def __init__(self, engine: EngineClient, tokenizer, config: ServerConfig):
+        self.async_engine, self.tokenizer, self.config = engine, tokenizer, config
+        info = engine.info
+        self.model_name = config.served_model_name or info.model
+        self.metrics = ServerMetrics(self.model_name, info.spec_method, info.exit_layers)
+        engine.on_step = self.metrics.on_step
         self.logprobs = LogprobFormatter(self.tokenizer)
-        self.max_model_len = engine.max_model_len
+        self.max_model_len, self.vocab_size = info.max_model_len, info.vocab_size
+        self.draining = False
 
     # ---- validation ----------------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -76,9 +94,11 @@ class OpenAIServer:
 
     def encode(self, prompt) -> list[int]:
         try:
-            ids = self.engine.encode_prompt(prompt)
+            ids = encode_prompt(self.tokenizer, self.vocab_size, prompt)
         except (ValueError, TypeError) as exc:
             raise OpenAIError(str(exc), param="prompt") from exc
+        if not ids:
+            raise OpenAIError("the prompt is empty (it encodes to no tokens)", param="prompt")
         return ids
 
     def check_lengths(self, num_prompt: int, max_tokens: int | None) -> int:
@@ -112,6 +132,8 @@ class OpenAIServer:
         return [params.for_sample(k) for k in range(req.n)]
 
     def check_capacity(self, num_sequences: int) -> None:
+        if self.draining:
+            raise OpenAIError("the server is shutting down", 503, "server_error", code="server_shutting_down")
         if self.async_engine.num_in_flight + num_sequences > self.config.max_requests_in_flight:
             raise OpenAIError("the server is at capacity; retry shortly", 503, "server_overloaded",
                               code="server_overloaded", headers={"Retry-After": "1"})
@@ -124,6 +146,24 @@ class OpenAIServer:
         streams = [self.async_engine.generate(ids, params, f"{rid}-{i}") for i, ids in enumerate(prompts)]
         async for prompt_index, (k, out) in merge(streams):
             yield prompt_index * n + k, out
+
+    def health(self) -> str | None:
+        return "the server is shutting down" if self.draining else self.async_engine.health()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; give the requests in flight `timeout` seconds, then end the rest with an error."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.async_engine.num_in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.async_engine.num_in_flight:
+            log.warning("drain timeout: ending %d requests still in flight", self.async_engine.num_in_flight)
+            self.async_engine.fail_all(EngineDeadError("the server is shutting down; the request did not finish "
+                                                       f"within the drain timeout ({timeout:g} s)"))
+            for _ in range(100):   # let the handlers write their error events and [DONE]
+                if not self.async_engine.num_in_flight:
+                    break
+                await asyncio.sleep(0.01)
 
     async def collect(self, request: Request, stream: AsyncIterator) -> dict[int, RequestOutput]:
         """Final outputs by choice index; abandons (and so aborts) the work if the client disconnects."""
@@ -300,6 +340,9 @@ def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
             yield sse(exc.body())
         except EngineDeadError as exc:
             yield sse(OpenAIError(str(exc), 503, "server_error").body())
+        except EngineRequestError as exc:
+            yield sse(OpenAIError(str(exc), exc.status, "server_error" if exc.status >= 500 else
+                                  "invalid_request_error").body())
         except Exception:  # headers are sent: report in-band, keep the traceback in the server log
             log.exception("error while streaming")
             yield sse(OpenAIError("internal server error", 500, "internal_error").body())
@@ -310,12 +353,18 @@ def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
 
 
 # ---- the app ---------------------------------------------------------------------------------------
-def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
-    server = OpenAIServer(engine, config or ServerConfig())
+def build_app(engine, config: ServerConfig | None = None, tokenizer=None) -> FastAPI:
+    """`engine`: an `LLMEngine` (run on a thread of this process) or a started `EngineClient` (with the
+    tokenizer of its model)."""
+    config = config or ServerConfig()
+    if not isinstance(engine, EngineClient):
+        engine, tokenizer = ThreadEngine(engine, stall_timeout=config.engine_stall_timeout), engine.tokenizer
+    server = OpenAIServer(engine, tokenizer, config)
 
     @asynccontextmanager
     async def lifespan(app):
-        server.async_engine.start()
+        app.state.loop = asyncio.get_running_loop()
+        await server.async_engine.start_async()
         yield
         server.async_engine.stop()
 
@@ -342,8 +391,9 @@ def build_app(engine: LLMEngine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not server.async_engine.is_alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        problem = server.health()
+        if problem is not None:
+            return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -396,6 +446,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def engine_dead(_, exc: EngineDeadError):
         return JSONResponse(OpenAIError(str(exc), 503, "server_error").body(), status_code=503)
 
+    @app.exception_handler(EngineRequestError)
+    async def engine_request_error(_, exc: EngineRequestError):
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        return JSONResponse(OpenAIError(str(exc), exc.status, kind).body(), status_code=exc.status)
+
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):
         log.exception("internal error")
@@ -430,3 +485,52 @@ class BodyLimitMiddleware:
 
     def _error(self) -> OpenAIError:
         return OpenAIError(f"request body exceeds {self.max_bytes} bytes", 413)
+
+
+class DrainingServer:
+    """uvicorn's server with a graceful stop: the first SIGTERM/SIGINT drains (`OpenAIServer.drain`), then
+    uvicorn shuts down; a second signal stops at once. `exit_code` is 1 when the engine failed for good."""
+
+    def __init__(self, app: FastAPI, config: ServerConfig, log_level: str = "info"):
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                outer.request_stop(sig, frame)
+
+        self.app, self.config = app, config
+        self.uvicorn = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                              timeout_graceful_shutdown=5))
+        self.exit_code = 0
+        self._draining = False
+        self._base_exit = uvicorn.Server.handle_exit
+        engine = app.state.server.async_engine
+        if hasattr(engine, "on_fatal"):
+            engine.on_fatal = self.fail
+
+    def run(self) -> int:
+        self.uvicorn.run()
+        return self.exit_code
+
+    def request_stop(self, sig=None, frame=None) -> None:
+        """Safe from a signal handler or another thread."""
+        loop = getattr(self.app.state, "loop", None)
+        if self._draining or loop is None or loop.is_closed():
+            self._base_exit(self.uvicorn, sig, frame)
+            return
+        self._draining = True
+        log.warning("stopping: draining the requests in flight (up to %g s)", self.config.drain_timeout)
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(sig)))
+
+    async def _drain_then_exit(self, sig) -> None:
+        await self.app.state.server.drain(self.config.drain_timeout)
+        self._base_exit(self.uvicorn, sig, None)
+
+    def fail(self) -> None:
+        """The engine is gone for good (on_engine_failure=exit): stop now, non-zero."""
+        log.error("the engine failed; stopping the server (on_engine_failure=exit)")
+        self.exit_code = 1
+        self.app.state.server.draining = True
+        self.uvicorn.should_exit = True

@@ -1,11 +1,13 @@
-"""One engine step loop on its own thread, feeding per-request asyncio queues.
+"""The server's view of an engine: requests in, per-request asyncio streams out, and the engine's health.
 
-The engine is not thread-safe and a step is blocking CPU work, so it lives on one thread: HTTP
-handlers put commands (add, abort) in an inbox and await their request's queue; the loop drains the
-inbox, runs `step()` while there is work (sleeps otherwise) and hands each output to its queue on the
-event loop with `call_soon_threadsafe`. A handler that stops listening (client disconnect) aborts its
-requests, which frees their KV blocks at the next turn of the loop. An exception in a step fails the
-requests of that step with a 500, and the loop goes on.
+`EngineClient` holds what both ways of running the engine share: a stream per request, aborts when a
+consumer stops listening (client disconnect), failing every stream with a clear error when the engine
+dies or the server stops, and liveness (the engine reports progress; no report for `stall_timeout`
+seconds turns `/health` to 503 and logs the requests in flight). Two subclasses run the engine:
+
+- `ThreadEngine`: the engine's step loop on a thread of this process (tests, `LLM`-built engines);
+- `serving.engine_core.ProcessEngine`: the engine in its own process over ZeroMQ (what `effinfer serve` runs),
+  so that a step never holds this process's GIL while HTTP, tokenization and streaming run.
 """
 
 from __future__ import annotations
@@ -15,64 +17,92 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from effinfer.engine.llm_engine import LLMEngine
-from effinfer.outputs import RequestOutput
+from effinfer.outputs import EngineStats, RequestOutput
 from effinfer.sampling_params import SamplingParams
 
 log = logging.getLogger("effinfer.serving")
 
+STEP_FAILED = "internal server error (an engine step failed; the server log has the details)"
+OnStep = Callable[[EngineStats, list[RequestOutput], float], None]
+
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine cannot run the request: it died, is restarting, or the server is shutting down (503)."""
+
+
+class EngineRequestError(RuntimeError):
+    """The engine refused or failed one request; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class EngineInfo:
+    """What the API side needs to know of the engine it talks to."""
+
+    model: str
+    max_model_len: int
+    vocab_size: int
+    spec_method: str | None = None
+    exit_layers: list[int] = field(default_factory=list)
+    summary: str = ""
+    """One line: what runs (weights, kernel, compiled or not) and why; printed at start-up."""
 
 
 @dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     index: int
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[LLMEngine, list[RequestOutput], float], None] | None = None):
-        self.engine = engine
-        self.on_step = on_step
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="effinfer-engine", daemon=True)
-        self.num_in_flight = 0
-        """Requests added and not yet finished (waiting + running), kept by the handlers' side."""
+class EngineClient:
+    """Requests and streams; subclasses say how a command reaches the engine (`_submit`)."""
 
+    def __init__(self, info: EngineInfo, on_step: OnStep | None = None, stall_timeout: float = 60.0):
+        self.info, self.on_step, self.stall_timeout = info, on_step, stall_timeout
+        self._streams: dict[str, _Stream] = {}
+        self.num_in_flight = 0
+        """Sequences added and not yet finished, kept by the handlers' side."""
+        self.last_progress = time.monotonic()
+        self.stats = EngineStats()
+        self._stall_logged = False
+
+    # ---- the subclass's part -------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        raise NotImplementedError
+
+    async def start_async(self) -> None:
+        """Called on the server's event loop once it runs."""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Abort everything in flight and end the loop."""
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
+        raise NotImplementedError
 
-    @property
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
+    def _submit(self, command: tuple) -> None:
+        """("add", rid, prompt_ids, params, priority) or ("abort", rid)."""
+        raise NotImplementedError
 
+    def dead_reason(self) -> str | None:
+        """Why the engine cannot take requests now, or None."""
+        raise NotImplementedError
+
+    # ---- requests ------------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: list[SamplingParams], request_id: str,
                        priority: int = 0) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run the n samples of one prompt; yields (sample index, output delta) until all finish."""
-        if not self.is_alive:
-            raise EngineDeadError("the engine loop is not running")
-        loop, out_queue = asyncio.get_running_loop(), asyncio.Queue()
+        reason = self.dead_reason()
+        if reason is not None:
+            raise EngineDeadError(reason)
+        out_queue: asyncio.Queue = asyncio.Queue()
         ids = [f"{request_id}-{k}" for k in range(len(params))]
         for k, (rid, p) in enumerate(zip(ids, params)):
-            self._streams[rid] = _Stream(loop, out_queue, k)
-            self._inbox.put(("add", rid, prompt_ids, p, priority))
+            self._streams[rid] = _Stream(out_queue, k)
+            self._submit(("add", rid, prompt_ids, p, priority))
         self.num_in_flight += len(ids)
-        self._wake.set()
         unfinished = set(ids)
         try:
             while unfinished:
@@ -84,25 +114,108 @@ class AsyncEngine:
                 yield index, item
         finally:
             for rid in unfinished:  # the consumer left early (disconnect, error): free the blocks now
-                self._inbox.put(("abort", rid))
+                if rid in self._streams:
+                    self._submit(("abort", rid))
             for rid in ids:
                 self._streams.pop(rid, None)
             self.num_in_flight -= len(ids)
-            self._wake.set()
 
-    # ---- engine thread -------------------------------------------------------------------------------
+    def deliver(self, rid: str, item: RequestOutput | BaseException) -> None:
+        """On the event loop: hand an output (or the error that ends the request) to its stream."""
+        stream = self._streams.get(rid)
+        if stream is None:
+            return
+        if isinstance(item, BaseException):
+            self._streams.pop(rid)   # ended: no abort needed when the consumer leaves
+        stream.queue.put_nowait((stream.index, item))
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every stream with `error` (engine died, server stopping): no handler waits forever."""
+        for rid in list(self._streams):
+            self.deliver(rid, error)
+
+    def report_progress(self, stats: EngineStats | None, outputs: list[RequestOutput], step_time: float) -> None:
+        self.last_progress = time.monotonic()
+        self._stall_logged = False
+        if stats is not None:
+            self.stats = stats
+            if self.on_step is not None:
+                self.on_step(stats, outputs, step_time)
+
+    # ---- health --------------------------------------------------------------------------------------
+    def health(self) -> str | None:
+        """None when the engine is alive and making progress; otherwise why not (and `/health` says 503)."""
+        reason = self.dead_reason()
+        if reason is not None:
+            return reason
+        silent = time.monotonic() - self.last_progress
+        if silent > self.stall_timeout:
+            if not self._stall_logged:
+                self._stall_logged = True
+                log.error("the engine has made no progress for %.0f s; requests in flight: %s", silent,
+                          ", ".join(sorted(self._streams)) or "none")
+            return f"the engine has made no progress for {silent:.0f} s"
+        return None
+
+
+class ThreadEngine(EngineClient):
+    """The engine's step loop on a thread of this process.
+
+    The engine is not thread-safe and a step is blocking CPU work, so it lives on one thread: handlers put
+    commands in an inbox; the loop drains it, runs `step()` while there is work (sleeps otherwise) and hands
+    each output to its stream on the event loop. An exception in a step fails the requests of that step with
+    a 500, and the loop goes on."""
+
+    def __init__(self, engine, on_step: OnStep | None = None, stall_timeout: float = 60.0):
+        super().__init__(engine_info(engine), on_step, stall_timeout)
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="effinfer-engine", daemon=True)
+
+    def start(self) -> None:
+        pass
+
+    async def start_async(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort everything in flight and end the loop."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def dead_reason(self) -> str | None:
+        if self._stopping:
+            return "the server is shutting down"
+        return None if self._thread.is_alive() else "the engine loop is not running"
+
+    def _submit(self, command: tuple) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
     def _run(self) -> None:
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_unfinished():
+                self._call(self.report_progress, None, [], 0.0)
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             self._step()
         self._abort_all()
 
+    def _call(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:   # the event loop has closed: nobody is listening any more
+            pass
+
     def _inbox_items(self):
-        """The commands queued so far, without waiting for more."""
         while True:
             try:
                 yield self._inbox.get_nowait()
@@ -114,38 +227,37 @@ class AsyncEngine:
             if command == "abort":
                 self.engine.abort(rid)
                 continue
+            prompt_ids, params, priority = args
             try:
-                prompt_ids, params, priority = args
                 self.engine.add_request(prompt_ids, params, rid, priority)
-            except Exception as exc:  # validated by the handler already; anything left is reported, not fatal
-                self._deliver(rid, exc)
+            except (ValueError, TypeError) as exc:   # validated by the handler already; what is left is the client's
+                self._call(self.deliver, rid, EngineRequestError(str(exc), 400))
 
     def _step(self) -> None:
         started = time.perf_counter()
         try:
             outputs = self.engine.step()
-        except Exception as exc:
+        except Exception:
             log.exception("engine step failed; failing the requests in it")
             for rid in list(self.engine.requests):
                 self.engine.abort(rid)
-                self._deliver(rid, exc)
+                self._call(self.deliver, rid, EngineRequestError(STEP_FAILED))
             return
         for out in outputs:
-            self._deliver(out.request_id, out)
-        if self.on_step is not None:
-            self.on_step(self.engine, outputs, time.perf_counter() - started)
-
-    def _deliver(self, rid: str, item) -> None:
-        stream = self._streams.get(rid)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, (stream.index, item))
+            self._call(self.deliver, out.request_id, out)
+        self._call(self.report_progress, self.engine.stats(), outputs, time.perf_counter() - started)
 
     def _abort_all(self) -> None:
-        """Shutdown: fail what is queued or running, so no handler waits forever."""
-        error = EngineDeadError("the server is shutting down")
-        for command, rid, *_ in self._inbox_items():
-            if command == "add":
-                self._deliver(rid, error)
+        """Shutdown: free what is queued or running; the streams end with an error."""
+        for _ in self._inbox_items():
+            pass
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
-            self._deliver(rid, error)
+        self._call(self.fail_all, EngineDeadError("the server is shutting down"))
+
+
+def engine_info(engine) -> EngineInfo:
+    early_exit = engine.early_exit
+    return EngineInfo(engine.config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,
+                      engine.config.spec.speculative_method, list(early_exit.heads.layers) if early_exit else [],
+                      getattr(engine, "summary", ""))

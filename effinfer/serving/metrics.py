@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from effinfer.outputs import RequestOutput
+from effinfer.outputs import EngineStats, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -64,23 +64,22 @@ class ServerMetrics:
         self._seen_spec = {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0}
         self._seen_exit = {"candidates": 0, "by_layer": {layer: 0 for layer in exit_layers}}
 
-    def on_step(self, engine, outputs: list[RequestOutput], step_time: float) -> None:
-        """Called on the engine thread after every step."""
-        scheduler, blocks = engine.scheduler, engine.block_manager
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
-        self.kv_usage.set(blocks.usage)
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput], step_time: float) -> None:
+        """Called after every engine step, with the engine's counters after it (`LLMEngine.stats()`)."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
         self.step_time.observe(step_time)
-        self.prefix_hits.inc(blocks.num_hit_tokens - self._seen_hits)
-        self.prefix_queries.inc(blocks.num_queried_tokens - self._seen_queries)
-        self.preemptions.inc(scheduler.num_preemptions - self._seen_preemptions)
-        self._seen_hits, self._seen_queries = blocks.num_hit_tokens, blocks.num_queried_tokens
-        self._seen_preemptions = scheduler.num_preemptions
-        if blocks.num_queried_tokens:
-            self.prefix_hit_rate.set(blocks.num_hit_tokens / blocks.num_queried_tokens)
-        self._observe_spec(engine.spec_stats)
-        if getattr(engine, "early_exit", None) is not None:
-            self._observe_exits(engine.early_exit.stats)
+        self.prefix_hits.inc(_growth(stats.prefix_hit_tokens, self._seen_hits))
+        self.prefix_queries.inc(_growth(stats.prefix_queried_tokens, self._seen_queries))
+        self.preemptions.inc(_growth(stats.num_preemptions, self._seen_preemptions))
+        self._seen_hits, self._seen_queries = stats.prefix_hit_tokens, stats.prefix_queried_tokens
+        self._seen_preemptions = stats.num_preemptions
+        if stats.prefix_queried_tokens:
+            self.prefix_hit_rate.set(stats.prefix_hit_tokens / stats.prefix_queried_tokens)
+        self._observe_spec(stats.spec)
+        if self.exit_tokens:
+            self._observe_exits(stats.exit_candidates, stats.exits_by_layer)
         for out in outputs:
             self.generation_tokens.inc(len(out.new_token_ids))
             if out.finished:
@@ -89,17 +88,17 @@ class ServerMetrics:
     def _observe_spec(self, stats: dict) -> None:
         for key, metric in (("draft_tokens", self.spec_drafts), ("accepted_tokens", self.spec_accepted),
                             ("verify_steps", self.spec_steps)):
-            metric.inc(stats[key] - self._seen_spec[key])
+            metric.inc(_growth(stats[key], self._seen_spec[key]))
         self._seen_spec = dict(stats)
         if stats["draft_tokens"]:
             self.spec_acceptance.set(stats["accepted_tokens"] / stats["draft_tokens"])
             self.spec_mean_accepted.set(stats["accepted_tokens"] / stats["verify_steps"])
 
-    def _observe_exits(self, stats: dict) -> None:
-        self.exit_candidates.inc(stats["candidates"] - self._seen_exit["candidates"])
+    def _observe_exits(self, candidates: int, by_layer: dict[int, int]) -> None:
+        self.exit_candidates.inc(_growth(candidates, self._seen_exit["candidates"]))
         for layer, metric in self.exit_tokens.items():
-            metric.inc(stats["by_layer"][layer] - self._seen_exit["by_layer"][layer])
-        self._seen_exit = {"candidates": stats["candidates"], "by_layer": dict(stats["by_layer"])}
+            metric.inc(_growth(by_layer[layer], self._seen_exit["by_layer"][layer]))
+        self._seen_exit = {"candidates": candidates, "by_layer": dict(by_layer)}
 
     def _observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -116,3 +115,8 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _growth(count: int, seen: int) -> int:
+    """What an engine counter grew by since last seen; a restarted engine counts from zero again."""
+    return count - seen if count >= seen else count

@@ -70,7 +70,7 @@ def test_exits_match_a_dense_reference(tiny, prompts, threshold, exit_layers):
     assert got == dense_reference(model, heads, prompts, GREEDY.max_tokens, threshold)
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks   # nothing leaked
     metrics = ServerMetrics("m", None, heads.layers)
-    metrics.on_step(llm.engine, [], 0.01)
+    metrics.on_step(llm.engine.stats(), [], 0.01)
     text = metrics.render().decode()
     assert f'effinfer:early_exit_tokens_total{{layer="1",model_name="m"}} {stats["by_layer"][1]:.1f}' in text
     assert f'effinfer:early_exit_candidate_tokens_total{{model_name="m"}} {stats["candidates"]:.1f}' in text

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 
 def test_server_metrics_report_acceptance():
-    from types import SimpleNamespace
-
+    from effinfer.outputs import EngineStats
     from effinfer.serving.metrics import ServerMetrics
 
     metrics = ServerMetrics("m", "ngram")
-    blocks = SimpleNamespace(usage=0.1, num_hit_tokens=0, num_queried_tokens=0)
-    engine = SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[], num_preemptions=0), block_manager=blocks,
-                             spec_stats={"draft_tokens": 10, "accepted_tokens": 6, "verify_steps": 4})
-    metrics.on_step(engine, [], 0.01)
-    engine.spec_stats = {"draft_tokens": 14, "accepted_tokens": 7, "verify_steps": 5}
-    metrics.on_step(engine, [], 0.01)
+    metrics.on_step(EngineStats(kv_cache_usage=0.1, spec={"draft_tokens": 10, "accepted_tokens": 6, "verify_steps": 4}),
+                    [], 0.01)
+    metrics.on_step(EngineStats(kv_cache_usage=0.1, spec={"draft_tokens": 14, "accepted_tokens": 7, "verify_steps": 5}),
+                    [], 0.01)
     text = metrics.render().decode()
     assert 'effinfer:spec_decode_num_draft_tokens_total{method="ngram",model_name="m"} 14.0' in text
     assert 'effinfer:spec_decode_num_accepted_tokens_total{method="ngram",model_name="m"} 7.0' in text

@@ -1,0 +1,203 @@
+"""The engine core in its own process: killed under 64 streams, every request completes or ends with an
+error (none hangs), /health turns 503 at once, the core restarts and serves with every block free; with
+on_engine_failure=exit the server stops non-zero. A stalled step loop turns /health 503; SIGTERM drains."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from helpers import free_port, make_engine
+
+LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+
+
+def core_config(model_path, **overrides):
+    from effinfer.config import EngineConfig
+
+    config = dict(model=str(model_path), dtype="float32", num_blocks=512, max_num_seqs=64, max_model_len=512,
+                  show_progress=False)
+    return EngineConfig.from_kwargs(**{**config, **overrides})
+
+
+class Served:
+    """A `DrainingServer` on a thread (signals are sent by calling `request_stop`, as a handler would)."""
+
+    def __init__(self, engine, tokenizer=None, **config):
+        from effinfer.serving.api_server import DrainingServer, ServerConfig, build_app
+
+        self.config = ServerConfig(port=free_port(), **config)
+        self.server = DrainingServer(build_app(engine, self.config, tokenizer), self.config, log_level="warning")
+        self.url = f"http://127.0.0.1:{self.config.port}"
+        self.exit_code = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        self.exit_code = self.server.run()
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.uvicorn.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.uvicorn.should_exit = True
+        self.thread.join(30)
+
+    def health(self) -> httpx.Response:
+        return httpx.get(self.url + "/health", timeout=10)
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[str, int]:
+    """('done', tokens) for a stream that ended with a finish reason, ('error', tokens) for one that ended with
+    an error event; either way it must end with [DONE]."""
+    tokens, outcome = 0, None
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            return "refused", 0
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    for line in lines[:-1]:
+        if '"error"' in line:
+            outcome = "error"
+        elif '"finish_reason": "length"' in line:
+            outcome = "done"
+        tokens += 1
+    return outcome, tokens
+
+
+async def many_streams(url: str, count: int, body: dict, after=None) -> list[tuple[str, int]]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120)) as client:
+        tasks = [asyncio.create_task(stream_one(client, url, body)) for _ in range(count)]
+        if after is not None:
+            await after()
+        return await asyncio.wait_for(asyncio.gather(*tasks), 180)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from effinfer.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2_path))
+
+
+def test_killing_the_engine_process_under_load_loses_nothing(smollm2_path, tokenizer):
+    from effinfer.serving.engine_core import ProcessEngine
+
+    engine = ProcessEngine(core_config(smollm2_path), on_failure="restart")
+    engine.start()
+    try:
+        with Served(engine, tokenizer) as served:
+            first_pid = engine.pid
+
+            async def kill_when_streaming():
+                while engine.stats.num_running < 32:   # most requests are decoding when the core dies
+                    await asyncio.sleep(0.05)
+                os.kill(first_pid, signal.SIGKILL)
+                deadline = time.monotonic() + 2
+                while served.health().status_code != 503:
+                    assert time.monotonic() < deadline, "/health did not turn 503 after the engine died"
+                    await asyncio.sleep(0.01)
+
+            results = asyncio.run(many_streams(served.url, 64, LONG_STREAM, kill_when_streaming))
+            assert {outcome for outcome, _ in results} <= {"done", "error"}
+            assert any(outcome == "error" for outcome, _ in results)
+            deadline = time.time() + 120
+            while served.health().status_code != 200:
+                assert time.time() < deadline, "the engine did not come back"
+                time.sleep(0.2)
+            assert engine.pid != first_pid and engine.num_restarts == 1
+            body = {**LONG_STREAM, "max_tokens": 16}
+            results = asyncio.run(many_streams(served.url, 64, body))
+            assert results == [("done", 16)] * 64
+            deadline = time.time() + 10   # the idle core's heartbeat reports its pool
+            while engine.stats.num_free_blocks != engine.stats.num_blocks or engine.stats.num_running:
+                assert time.time() < deadline, "blocks were not freed"
+                time.sleep(0.1)
+    finally:
+        engine.stop()
+
+
+def test_engine_failure_exit_stops_the_server_non_zero(smollm2_path, tokenizer):
+    from effinfer.serving.engine_core import ProcessEngine
+
+    engine = ProcessEngine(core_config(smollm2_path, num_blocks=64), on_failure="exit")
+    engine.start()
+    try:
+        served = Served(engine, tokenizer, on_engine_failure="exit")
+        with served:
+            os.kill(engine.pid, signal.SIGKILL)
+            served.thread.join(30)
+            assert not served.thread.is_alive() and served.exit_code == 1
+    finally:
+        engine.stop()
+
+
+def test_an_engine_that_cannot_start_says_why(tmp_path):
+    from effinfer.serving.engine_core import ProcessEngine
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    engine = ProcessEngine(core_config(broken))
+    with pytest.raises(RuntimeError, match="could not start"):
+        engine.start()
+    engine.stop()
+
+
+def test_a_stalled_engine_turns_health_503_and_logs_requests(smollm2_fp32, caplog):
+    engine = make_engine(smollm2_fp32, num_blocks=64)
+    release, step = threading.Event(), engine.step
+
+    def stuck_step():
+        release.wait(30)
+        return step()
+
+    engine.step = stuck_step
+    with Served(engine, engine_stall_timeout=0.5) as served:
+        assert served.health().status_code == 200
+        caplog.set_level(logging.ERROR, "effinfer.serving")
+        request = threading.Thread(target=httpx.post, args=(served.url + "/v1/completions",),
+                                   kwargs={"json": {"prompt": "hi", "max_tokens": 2}, "timeout": 60})
+        request.start()
+        time.sleep(1.5)
+        response = served.health()
+        assert response.status_code == 503 and "no progress" in response.json()["reason"]
+        assert any("no progress" in r.message and "cmpl-" in r.message for r in caplog.records)
+        release.set()
+        request.join(30)
+        time.sleep(0.2)
+        assert served.health().status_code == 200
+
+
+def test_sigterm_drains_then_ends_streams_with_an_error(smollm2_fp32):
+    engine = make_engine(smollm2_fp32, num_blocks=256)
+    with Served(engine, drain_timeout=5.0) as served:
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as client:
+                long = asyncio.create_task(stream_one(client, served.url, {**LONG_STREAM, "max_tokens": 3000}))
+                short = asyncio.create_task(client.post(served.url + "/v1/completions",
+                                                        json={"prompt": "hi", "max_tokens": 8, "ignore_eos": True}))
+                await asyncio.sleep(0.5)
+                served.server.request_stop(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                refused = await client.post(served.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+                health = await client.get(served.url + "/health")
+                return await long, await short, refused, health
+
+        (outcome, _), short, refused, health = asyncio.run(run())
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 8
+        assert refused.status_code == 503 and health.status_code == 503
+        assert outcome == "error"
+        served.thread.join(30)
+        assert not served.thread.is_alive()
+    assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
