@@ -26,7 +26,7 @@ def option_choices() -> dict[str, list[str]]:
     from effinfer.layers.attn_backends import ATTENTION_BACKENDS
 
     return {"attention_backend": list(ATTENTION_BACKENDS), "kv_cache_dtype": list(KV_CACHE_DTYPES),
-            "quantization": [*QUANT_METHODS, "none"], "speculative_model_quantization": [*QUANT_METHODS, "none"],
+            "quantization": ["auto", *QUANT_METHODS, "none"], "speculative_model_quantization": [*QUANT_METHODS, "none"],
             "prune": [*PRUNE_METHODS, "none"], "speculative_method": [*PROPOSERS, "none"], "cpu_kernel": list(CPU_KERNELS)}
 
 
@@ -108,8 +108,9 @@ class SchedulerConfig:
 
 @dataclass
 class QuantConfig:
-    quantization: str | None = None
-    """Weight format: int8 (per channel), int4 (per group), gguf (a GGUF file's own 4-bit blocks), or none."""
+    quantization: str | None = "auto"
+    """Weight format: auto (a GGUF file's own blocks where the CPU runs them fast, else none), int8 (per channel),
+    int4 (per group), w8a8, gguf (a GGUF file's own blocks), or none (the model dtype)."""
     group_size: int = 32
     """int4: input columns that share a scale (32, 64, 128; it must divide the layers' widths)."""
     symmetric: bool = False
@@ -255,6 +256,8 @@ class EngineConfig:
     """Progress bars while pulling and loading."""
 
     def __post_init__(self) -> None:
+        if self.prune.prune and self.quant.quantization == "auto":   # pruning works on float weights
+            self.quant.quantization = None
         if self.exit.early_exit_heads and self.spec.speculative_method:
             raise ValueError("early exit and speculative decoding do not combine: verification needs every layer's "
                              "logits (self-speculation is the lossless form of early exit)")

@@ -4,6 +4,8 @@ speculator) and hands the results to an `LLMEngine`, which runs them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from effinfer.compression.prune import Calibration, get_prune_method, prune_model
+from effinfer.compression.quant import AUTO
 from effinfer.compression.quant.calibrate import calibration_windows
 from effinfer.compression.quant.kv_quant import get_kv_dtype
 from effinfer.config import CacheConfig, EngineConfig, QuantConfig
@@ -119,6 +122,8 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLM
         torch.set_num_threads(mc.num_threads)
     device, dtype = torch.device(default_device() if mc.device == "auto" else mc.device), parse_dtype(mc.dtype)
     loaded = loaded or load_model(mc.model, dtype, str(device), mc.cache_dir, config.show_progress, config.quant.spec())
+    if config.quant.quantization == AUTO:   # the engine's config says what runs
+        config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, quantization=loaded.quantization))
     if config.prune.prune:
         loaded.prune_report = _prune(config, loaded)
     block_manager = BlockManager(_num_blocks(config, loaded.model, dtype), cc.block_size, cc.enable_prefix_caching)
@@ -131,7 +136,19 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLM
     if config.spec.speculative_method:
         speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
     torch.manual_seed(config.global_seed)   # requests without a seed draw from here, whatever building did
-    return LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator)
+    summary = _summary(config, loaded, block_manager.num_blocks, max_model_len, device, dtype)
+    return LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator, summary)
+
+
+def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, max_model_len: int,
+             device: torch.device, dtype: torch.dtype) -> str:
+    """One line of what runs and why, printed at start-up and kept in metrics and bench records."""
+    cc = config.cache
+    kv_mib = num_blocks * bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype)) / 2**20
+    weights = loaded.weights_note or ("weights " + (loaded.quantization or str(dtype).removeprefix("torch.")))
+    return (f"{weights}; decode steps {'compiled' if config.model.compile else 'eager (--compile: compiled)'}; "
+            f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB), "
+            f"max_model_len {max_model_len}; {torch.get_num_threads()} threads on {device}")
 
 
 def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:

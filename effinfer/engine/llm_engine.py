@@ -27,8 +27,10 @@ class LLMEngine:
     `propose` before scheduling and `verify` after the forward). `effinfer.llm.build_engine` makes them."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel, block_manager: BlockManager, runner: ModelRunner,
-                 max_model_len: int, speculator=None):
+                 max_model_len: int, speculator=None, summary: str = ""):
         self.config, self.loaded = config, loaded
+        self.summary = summary
+        """One line: what runs (weights, kernels, compiled or not, KV pool) and why."""
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device, self.dtype = runner.device, parse_dtype(config.model.dtype)
         self.block_manager, self.runner, self.max_model_len = block_manager, runner, max_model_len

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -9,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from effinfer.compression.quant import QuantSpec
+from effinfer.compression.quant import AUTO, QuantSpec, choose_automatically
 from effinfer.layers.rotary import RotaryEmbedding
 from effinfer.loader import catalog
 from effinfer.loader.checkpoint import is_quantized_checkpoint, iter_checkpoint_weights, read_config
@@ -29,6 +30,10 @@ class LoadedModel:
     """The open `GGUFFile` when the weights came from one (its raw quantized blocks stay reachable)."""
     prune_report: dict | None = None
     """What pruning at load removed from the model, if it was pruned."""
+    quantization: str | None = None
+    """The weight format it was built in (what `quantization=auto` chose)."""
+    weights_note: str = ""
+    """One line: the weights' format and why (start-up summary)."""
 
 
 def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: bool = True) -> Path:
@@ -51,8 +56,12 @@ def resolve_model_path(name: str, cache_dir: str | None = None, show_progress: b
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                cache_dir: str | None = None, show_progress: bool = True, quant: QuantSpec | None = None) -> LoadedModel:
     path = resolve_model_path(name, cache_dir, show_progress)
+    auto = quant is not None and quant.quantization == AUTO
+    if auto and is_quantized_checkpoint(path):
+        quant = None
     if is_quantized_checkpoint(path):   # GPTQ/AWQ from `effinfer quantize`: 4-bit layers over a base model
         checkpoint = read_config(path)
+        note = f"{checkpoint['quant_method']} checkpoint"
         if quant is not None:
             raise ValueError(f"{path} is already quantized ({checkpoint['quant_method']}); drop the quantization option")
         load_as = checkpoint.get("load_as", "int4")   # "none": a pruned float checkpoint
@@ -61,6 +70,11 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
         weights = iter_checkpoint_weights(path, source.iter_weights(show_progress), checkpoint["group_size"])
     else:
         source = _open_source(path, cache_dir)
+        note = ""
+        if auto:
+            chosen, why = choose_automatically(source.gguf.hf_tensor_types() if source.gguf else None, device)
+            quant = dataclasses.replace(quant, quantization=chosen) if chosen else None
+            note = f"quantization=auto chose {chosen or 'none'}: {why}"
         keep_blocks = quant is not None and quant.method_class().plan_layers is not None
         if keep_blocks:   # the method reads each layer's format from the file: plan per layer
             if source.gguf is None:
@@ -69,7 +83,10 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
             quant.layer_methods = quant.method_class().plan_layers(source.gguf.hf_tensor_types(), fused_target)
         weights = source.iter_weights(show_progress, keep_blocks)
     model = _build(source.config, weights, dtype, device, quant)
-    return LoadedModel(model, source.tokenizer(), source.config, path, source.gguf)
+    weights_note = f"weights {quant.quantization if quant else str(dtype).removeprefix('torch.')}" + \
+        (f" ({note})" if note else "")
+    return LoadedModel(model, source.tokenizer(), source.config, path, source.gguf,
+                       quantization=quant.quantization if quant else None, weights_note=weights_note)
 
 
 def load_tokenizer(name: str, cache_dir: str | None = None) -> Tokenizer:

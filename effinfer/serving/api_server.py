@@ -73,7 +73,7 @@ class OpenAIServer:
         self.async_engine, self.tokenizer, self.config = engine, tokenizer, config
         info = engine.info
         self.model_name = config.served_model_name or info.model
-        self.metrics = ServerMetrics(self.model_name, info.spec_method, info.exit_layers)
+        self.metrics = ServerMetrics(self.model_name, info.spec_method, info.exit_layers, info.settings)
         engine.on_step = self.metrics.on_step
         self.logprobs = LogprobFormatter(self.tokenizer)
         self.max_model_len, self.vocab_size = info.max_model_len, info.vocab_size

@@ -52,6 +52,8 @@ class EngineInfo:
     exit_layers: list[int] = field(default_factory=list)
     summary: str = ""
     """One line: what runs (weights, kernel, compiled or not) and why; printed at start-up."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """The resolved choices (quantization, compile, dtype, KV cache dtype): `effinfer:engine_info` in /metrics."""
 
 
 @dataclass
@@ -257,7 +259,10 @@ class ThreadEngine(EngineClient):
 
 
 def engine_info(engine) -> EngineInfo:
-    early_exit = engine.early_exit
-    return EngineInfo(engine.config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,
-                      engine.config.spec.speculative_method, list(early_exit.heads.layers) if early_exit else [],
-                      getattr(engine, "summary", ""))
+    early_exit, config = engine.early_exit, engine.config
+    settings = {"quantization": config.quant.quantization or "none", "compile": str(config.model.compile).lower(),
+                "dtype": config.model.dtype, "kv_cache_dtype": config.cache.kv_cache_dtype,
+                "speculative_method": config.spec.speculative_method or "none"}
+    return EngineInfo(config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,
+                      config.spec.speculative_method, list(early_exit.heads.layers) if early_exit else [],
+                      engine.summary, settings)

@@ -6,7 +6,7 @@ Each app has its own registry, so several servers (or tests) in one process do n
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from effinfer.outputs import EngineStats, RequestOutput
 
@@ -15,9 +15,11 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, spec_method: str | None = None, exit_layers: list[int] = ()):
+    def __init__(self, model_name: str, spec_method: str | None = None, exit_layers: list[int] = (),
+                 settings: dict[str, str] | None = None):
         """`spec_method`: the engine's proposer, a label of the speculative-decoding series; `exit_layers`:
-        the layers that have exit heads (early exit), one series each."""
+        the layers that have exit heads (early exit), one series each; `settings`: what the engine runs
+        (`effinfer:engine_info`)."""
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -31,6 +33,9 @@ class ServerMetrics:
         def histogram(name, doc, buckets):
             return Histogram(f"effinfer:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
 
+        engine_info = Info("effinfer:engine", "What the engine runs: the resolved configuration choices.", labels,
+                           registry=r)
+        engine_info.labels(model_name).info(dict(settings or {}))
         self.running = gauge("num_requests_running", "Requests in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")

@@ -82,8 +82,8 @@ def _teacher_and_windows(model: str, text: str, cfg, cache_dir: str | None, show
     from effinfer.llm import LLM
 
     torch.manual_seed(cfg.seed)
-    llm = LLM(model, dtype="bfloat16", cache_dir=cache_dir, kv_cache_memory_gb=0.25, show_progress=show_progress,
-              max_num_batched_tokens=max(2048, cfg.seq_len))
+    llm = LLM(model, dtype="bfloat16", quantization=None, cache_dir=cache_dir, kv_cache_memory_gb=0.25,
+              show_progress=show_progress, max_num_batched_tokens=max(2048, cfg.seq_len))
     windows = _windows(llm.tokenizer.encode(text), cfg.seq_len, cfg.batch_size + cfg.eval_windows)
     return llm, windows[:-cfg.eval_windows], windows[-cfg.eval_windows:]
 

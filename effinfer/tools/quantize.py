@@ -35,8 +35,8 @@ def quantize_calibrated(model: str, method: str, out_dir: str | Path, text: str,
     if method not in METHODS:
         raise ValueError(f"unknown calibrated method {method!r}; choose from {', '.join(METHODS)}")
     start = time.perf_counter()
-    llm = LLM(model, dtype="float32", cache_dir=cache_dir, show_progress=show_progress, kv_cache_memory_gb=0.25,
-              max_num_batched_tokens=max(512, window))
+    llm = LLM(model, dtype="float32", quantization=None, cache_dir=cache_dir, show_progress=show_progress,
+              kv_cache_memory_gb=0.25, max_num_batched_tokens=max(512, window))
     windows = calibration_windows(llm.tokenizer, text, num_tokens, window)
     config = {"quant_method": method, "load_as": LOAD_AS[method], "bits": 4, "group_size": group_size,
               "base_model": str(llm.engine.loaded.path), "calibration": {"windows": len(windows), "window": window},

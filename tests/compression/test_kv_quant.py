@@ -62,7 +62,7 @@ def test_backends_agree_on_8bit_pages(backend, kind):
 
 
 def test_int8_pages_hold_twice_the_tokens_and_decode_alike(smollm2_path):
-    common = dict(show_progress=False, kv_cache_memory_gb=0.05, dtype="bfloat16")
+    common = dict(show_progress=False, kv_cache_memory_gb=0.05, dtype="bfloat16", quantization="none")
     plain, int8 = LLM(str(smollm2_path), **common), LLM(str(smollm2_path), kv_cache_dtype="int8", **common)
     ratio = int8.engine.block_manager.num_blocks / plain.engine.block_manager.num_blocks
     assert 1.85 < ratio < 2.0          # 8-bit values plus one 16-bit scale per 64-value head vector

@@ -38,7 +38,7 @@ def _system(path, **kwargs):
 
 @pytest.fixture(scope="module")
 def bf16(smollm2_path, text_windows):
-    system = _system(smollm2_path)
+    system = _system(smollm2_path, quantization="none")
     return system, quality.perplexity(system, text_windows)["perplexity"]
 
 

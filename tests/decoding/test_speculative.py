@@ -63,14 +63,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def plain_outputs(smollm2_path):
-    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     return [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_greedy_tokens_equal_plain_decoding_batched(smollm2_path, plain_outputs, k):
-    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1,
               speculative_method="ngram", num_speculative_tokens=k, block_size=4)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     outs = [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)]
@@ -81,7 +81,7 @@ def test_greedy_tokens_equal_plain_decoding_batched(smollm2_path, plain_outputs,
 
 
 def test_stops_and_lengths_hold_with_drafts(smollm2_path):
-    common = dict(dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    common = dict(dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1)
     plain = LLM(str(smollm2_path), **common)
     spec = LLM(str(smollm2_path), speculative_method="ngram", num_speculative_tokens=5, **common)
     for params in (SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True),
@@ -96,7 +96,7 @@ def test_stops_and_lengths_hold_with_drafts(smollm2_path):
 
 
 def test_speculation_backs_off_for_large_batches(smollm2_path):
-    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1,
               speculative_method="ngram", speculative_max_batch=2)
     llm.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert llm.engine.spec_stats["draft_tokens"] == 0        # four decode at once: no drafts
@@ -105,7 +105,7 @@ def test_speculation_backs_off_for_large_batches(smollm2_path):
 
 
 def test_sampled_requests_run_with_drafts(smollm2_path):
-    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1,
               speculative_method="ngram")
     params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
     a = llm.generate(PROMPTS[:2], params, use_tqdm=False)
@@ -128,7 +128,7 @@ def test_retrieval_engine_is_lossless(smollm2_path, plain_outputs, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("apples, pears, plums, cherries. def add(a, b):\n    return a + b\n"
                       "The quick brown fox jumps over the lazy dog. " * 3)
-    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1,
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1,
               speculative_method="retrieval", speculative_corpus=str(corpus))
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     assert [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)] == plain_outputs
@@ -140,7 +140,7 @@ def test_retrieval_engine_is_lossless(smollm2_path, plain_outputs, tmp_path):
 @pytest.mark.parametrize("method", ["draft_model", "self", "lookahead"])
 def test_model_drafts_are_lossless_batched(smollm2_path, plain_outputs, method):
     extra = {"speculative_model": str(smollm2_path)} if method == "draft_model" else {}
-    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1, block_size=4,
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1, block_size=4,
               speculative_method=method, num_speculative_tokens=3, **extra)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     assert [r.token_ids for r in llm.generate(PROMPTS, params, use_tqdm=False)] == plain_outputs
@@ -162,7 +162,7 @@ def test_draft_model_needs_the_same_tokenizer(smollm2_path, tmp_path):
 
     save_tiny_folder("llama", tmp_path)
     with pytest.raises(ValueError, match="different tokenizer"):
-        LLM(str(smollm2_path), show_progress=False, kv_cache_memory_gb=0.1,
+        LLM(str(smollm2_path), quantization="none", show_progress=False, kv_cache_memory_gb=0.1,
             speculative_method="draft_model", speculative_model=str(tmp_path))
 
 

@@ -17,3 +17,12 @@ def test_server_metrics_report_acceptance():
     assert 'effinfer:spec_decode_num_accepted_tokens_total{method="ngram",model_name="m"} 7.0' in text
     assert 'effinfer:spec_decode_draft_acceptance_rate{method="ngram",model_name="m"} 0.5' in text
     assert 'effinfer:spec_decode_mean_accepted_length{method="ngram",model_name="m"} 1.4' in text
+
+
+def test_engine_info_names_what_runs(live):
+    """`effinfer:engine_info` carries the engine's resolved choices (what quantization=auto chose, compile, ...)."""
+    import httpx
+
+    text = httpx.get(live.base_url + "/metrics", timeout=30).text
+    line = next(line for line in text.splitlines() if line.startswith("effinfer:engine_info{"))
+    assert 'quantization="none"' in line and 'compile="false"' in line and line.endswith(" 1.0")

@@ -25,7 +25,7 @@ GROUP = 64      # SmolLM2's file is Q4_1 (groups of 32), so 32-wide round-to-nea
 
 @pytest.fixture(scope="module")
 def calibrated(smollm2_path):
-    llm = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1)
     windows = calibration_windows(llm.tokenizer, TEXT, 1024, 256)
     return llm, collect_stats(llm.engine.model, windows, llm.score, keep_hessian=True, show_progress=False)
 
@@ -167,6 +167,6 @@ def test_smoothquant_checkpoint_runs_w8a8(smollm2_path, tmp_path):
                         show_progress=False)
     sq = LLM(str(tmp_path / "sq"), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
     assert isinstance(sq.engine.model.model.layers[0].mlp.down_proj.method, W8A8)
-    base = LLM(str(smollm2_path), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
+    base = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.1)
     wins = quality.windows(base.tokenizer.encode(TEXT), 256, 256)      # 256-token chunks: the int8 GEMM path
     assert quality.perplexity(sq, wins)["perplexity"] < 1.1 * quality.perplexity(base, wins)["perplexity"]

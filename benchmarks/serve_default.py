@@ -1,0 +1,180 @@
+"""What a user meets with `effinfer serve` and no flags, against the alternatives, side by side in one run:
+start-up (process start to the first answered request, cold and warm), resident memory after the load,
+served single-stream speed (ShareGPT chat prompts from the development range, `effinfer bench serve`),
+and the same configuration's in-process decode (`effinfer bench latency` pp512/tg128). The peer a user would
+pick runs beside it with its own instruments on the same GGUF file: `llama-server` (`--parallel 1`, served
+through the same `effinfer bench serve`) and `llama-bench` (pp512/tg128), both built by
+`../shared/tools/build_llamacpp.sh` (`--llamacpp-bin`; left out of the record when absent).
+
+Each round starts every configuration's server afresh, in turn (A, B, C, A, B, C, ...), so drifts of a shared
+machine hit all alike; the record keeps every run and the median of each configuration. The tree must be
+clean (the record names the commit it measured).
+
+    python benchmarks/serve_default.py --rounds 2 --result-file benchmarks/results/serve_default.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+EFFINFER = [sys.executable, "-m", "effinfer.cli"]
+PEER = "llama.cpp llama-server / llama-bench (same file)"
+CONFIGS = {
+    "default": [],
+    "bf16 (--quantization none)": ["--quantization", "none"],
+    "default, engine on a thread (--no-engine-process)": ["--no-engine-process"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--num-prompts", type=int, default=8, help="ShareGPT prompts per served run, one at a time")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--result-file", required=True)
+    parser.add_argument("--llamacpp-bin", default=str(Path.home() / ".cache/llamacpp-tools/llamacpp-build/bin"),
+                        help="folder with llama-server and llama-bench")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (effinfer: PyTorch's default)")
+    parser.add_argument("--allow-dirty", action="store_true", help="measure an uncommitted tree (no record is kept)")
+    args = parser.parse_args()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    if dirty and not args.allow_dirty:
+        sys.exit("the tree has uncommitted changes: commit first (a record names the commit it measured)")
+    sys.path.insert(0, str(ROOT))
+    from effinfer.loader import catalog
+
+    model_file = catalog.pull(catalog.DEFAULT_MODEL, show_progress=False)
+    llamacpp = Path(args.llamacpp_bin)
+    servers = {name: [*EFFINFER, "serve", *flags] for name, flags in CONFIGS.items()}
+    if (llamacpp / "llama-server").is_file():
+        servers[PEER] = [str(llamacpp / "llama-server"), "-m", str(model_file), "-t", str(args.threads), "--parallel", "1"]
+    runs = {name: [] for name in servers}
+    for round_index in range(args.rounds):
+        for name, command in servers.items():
+            print(f"round {round_index + 1}/{args.rounds}: {name}", flush=True)
+            runs[name].append(serve_run(command, args.num_prompts, args.output_len))
+    in_process = {name: latency_run(flags) for name, flags in CONFIGS.items() if "--no-engine-process" not in flags}
+    if (llamacpp / "llama-bench").is_file():
+        in_process[PEER] = llama_bench(llamacpp / "llama-bench", model_file, args.threads)
+    summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if isinstance(rs[0][key], float)}
+               for name, rs in runs.items()}
+    record = {"benchmark": "serve_default", **environment(dirty), "command": " ".join(sys.argv),
+              "num_prompts": args.num_prompts, "output_len": args.output_len, "runs": runs,
+              "median": summary, "in_process_latency": in_process}
+    print_table(summary, in_process)
+    if dirty:
+        print("(uncommitted tree: no record written)")
+        return 0
+    Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.result_file).write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.result_file}")
+    return 0
+
+
+def serve_run(command: list[str], num_prompts: int, output_len: int) -> dict:
+    port = free_port()
+    started = time.monotonic()
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        first_answer = wait_first_answer(base, server, started)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Path(tmp) / "serve.json"
+            subprocess.run([*EFFINFER, "bench", "serve", "--base-url", base, "--workload", "sharegpt",
+                            "--num-prompts", str(num_prompts), "--output-len", str(output_len), "--max-concurrency", "1",
+                            "--result-file", str(result)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            served = json.loads(result.read_text())
+        rss = resident_mb(server.pid)
+        summary = engine_summary(Path(log.name).read_text())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        os.unlink(log.name)
+    return {"start_to_first_answer_s": first_answer, "output_tok_s": float(served["output_throughput"]),
+            "mean_ttft_ms": float(served["mean_ttft_ms"]), "mean_tpot_ms": float(served["mean_tpot_ms"]),
+            "resident_mb": rss, "engine": summary}
+
+
+def wait_first_answer(base: str, server: subprocess.Popen, started: float) -> float:
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited ({server.returncode}) before answering")
+        try:
+            if httpx.post(base + "/v1/chat/completions", json=body, timeout=60).status_code == 200:
+                return time.monotonic() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def resident_mb(pid: int) -> float:
+    """The server's resident memory: its own process and the engine core's, together."""
+    process = psutil.Process(pid)
+    members = [process, *[c for c in process.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]]
+    return sum(p.memory_info().rss for p in members) / 2**20
+
+
+def engine_summary(log: str) -> str:
+    return next((line.removeprefix("engine: ") for line in log.splitlines() if line.startswith("engine: ")), "")
+
+
+def latency_run(flags: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "latency.json"
+        subprocess.run([*EFFINFER, "bench", "latency", "--repetitions", "3", "--result-file", str(result), *flags],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        record = json.loads(result.read_text())
+    return {key: record[key] for key in ("pp512_tok_s", "tg128_tok_s")}
+
+
+def llama_bench(binary: Path, model_file: Path, threads: int) -> dict:
+    out = subprocess.run([str(binary), "-m", str(model_file), "-p", "512", "-n", "128", "-t", str(threads), "-r", "3",
+                          "-o", "json"], check=True, capture_output=True, text=True).stdout
+    rows = json.loads(out)
+    rate = {("pp512" if row["n_prompt"] else "tg128"): float(row["avg_ts"]) for row in rows}
+    return {"pp512_tok_s": rate["pp512"], "tg128_tok_s": rate["tg128"]}
+
+
+def environment(dirty: str) -> dict:
+    from effinfer.bench.report import environment as bench_environment
+
+    return {**bench_environment(), "dirty": bool(dirty)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def print_table(summary: dict, in_process: dict) -> None:
+    print(f"\n{'configuration':<52}{'start s':>9}{'served tok/s':>14}{'TPOT ms':>9}{'RSS MB':>9}{'in-process tg128':>18}")
+    print("(in-process: effinfer bench latency, or llama-bench for the peer)")
+    for name, m in summary.items():
+        tg = in_process.get(name, {}).get("tg128_tok_s")
+        print(f"{name:<52}{m['start_to_first_answer_s']:>9.1f}{m['output_tok_s']:>14.1f}{m['mean_tpot_ms']:>9.1f}"
+              f"{m['resident_mb']:>9.0f}{tg if tg is None else round(tg, 1)!s:>18}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
