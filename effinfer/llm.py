@@ -147,7 +147,8 @@ def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, max_mod
     kv_mib = num_blocks * bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype)) / 2**20
     weights = loaded.weights_note or ("weights " + (loaded.quantization or str(dtype).removeprefix("torch.")))
     return (f"{weights}; decode steps {'compiled' if config.model.compile else 'eager (--compile: compiled)'}; "
-            f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB), "
+            f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB"
+            f"{', resident as used' if device.type == 'cpu' else ''}), "
             f"max_model_len {max_model_len}; {torch.get_num_threads()} threads on {device}")
 
 

@@ -8,6 +8,9 @@ attention multiplies in, with no transpose copy."""
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 from torch import nn
 
@@ -53,9 +56,19 @@ def new_kv_caches(layers: list[Attention], num_blocks: int, block_size: int, dty
     """Zeroed pages for each of `layers` in `codec`, unbound."""
     caches = []
     for layer in layers:
-        data = torch.zeros(2, layer.num_kv_heads, num_blocks, block_size, layer.head_dim,
-                           dtype=codec.storage_dtype(dtype), device=device)
-        scales = (torch.zeros(2, layer.num_kv_heads, num_blocks, block_size, dtype=dtype, device=device)
+        data = zeroed_pages((2, layer.num_kv_heads, num_blocks, block_size, layer.head_dim),
+                            codec.storage_dtype(dtype), device)
+        scales = (zeroed_pages((2, layer.num_kv_heads, num_blocks, block_size), dtype, device)
                   if codec.has_scales else None)
         caches.append(PagedKVCache(data, scales, codec))
     return caches
+
+
+def zeroed_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zeroed tensor; on the CPU backed by an anonymous memory map, whose pages the OS provides (zeroed) on
+    first touch, where `torch.zeros` would write, and so make resident, every byte up front."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
