@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
     from effinfer.serving.api_server import ServerConfig
+    from effinfer.serving.async_engine import ON_ENGINE_FAILURE
 
     g = p.add_argument_group("server")
     hints, docs = typing.get_type_hints(ServerConfig), field_docs(ServerConfig)
@@ -137,7 +138,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
             g.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
                            dest=f.name, help=docs.get(f.name))
         elif f.name == "on_engine_failure":
-            g.add_argument("--on-engine-failure", choices=["restart", "exit"], default=f.default, help=docs.get(f.name))
+            g.add_argument("--on-engine-failure", choices=ON_ENGINE_FAILURE, default=f.default, help=docs.get(f.name))
         else:
             g.add_argument("--" + f.name.replace("_", "-"), type=arg_type(hints[f.name]), default=f.default,
                            dest=f.name, help=docs.get(f.name))

@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from effinfer.engine.llm_engine import encode_prompt
 from effinfer.outputs import RequestOutput
 from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams
-from effinfer.serving.async_engine import EngineClient, EngineDeadError, EngineRequestError, ThreadEngine
+from effinfer.serving.async_engine import (EngineClient, EngineDeadError, EngineRequestError, ThreadEngine,
+                                           check_failure_policy)
 from effinfer.serving.metrics import ServerMetrics
 from effinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError,
                                        SamplingRequest, TokenizeRequest, new_id, now)
@@ -61,8 +62,7 @@ class ServerConfig:
     """On SIGTERM: seconds the requests in flight get to finish before they end with an error."""
 
     def __post_init__(self) -> None:
-        if self.on_engine_failure not in ("restart", "exit"):
-            raise ValueError(f"on_engine_failure={self.on_engine_failure!r} is not supported; choose restart or exit")
+        check_failure_policy(self.on_engine_failure)
         for name in ("engine_stall_timeout", "drain_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
@@ -341,8 +341,7 @@ def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
         except EngineDeadError as exc:
             yield sse(OpenAIError(str(exc), 503, "server_error").body())
         except EngineRequestError as exc:
-            yield sse(OpenAIError(str(exc), exc.status, "server_error" if exc.status >= 500 else
-                                  "invalid_request_error").body())
+            yield sse(OpenAIError(str(exc), exc.status, exc.kind).body())
         except Exception:  # headers are sent: report in-band, keep the traceback in the server log
             log.exception("error while streaming")
             yield sse(OpenAIError("internal server error", 500, "internal_error").body())
@@ -448,8 +447,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineRequestError)
     async def engine_request_error(_, exc: EngineRequestError):
-        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        return JSONResponse(OpenAIError(str(exc), exc.status, kind).body(), status_code=exc.status)
+        return JSONResponse(OpenAIError(str(exc), exc.status, exc.kind).body(), status_code=exc.status)
 
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):

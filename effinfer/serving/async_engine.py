@@ -26,6 +26,8 @@ from effinfer.sampling_params import SamplingParams
 log = logging.getLogger("effinfer.serving")
 
 STEP_FAILED = "internal server error (an engine step failed; the server log has the details)"
+ON_ENGINE_FAILURE = ("restart", "exit")
+"""What the server does when its engine process dies: start a new one, or stop (non-zero) for a supervisor."""
 OnStep = Callable[[EngineStats, list[RequestOutput], float], None]
 
 
@@ -39,6 +41,16 @@ class EngineRequestError(RuntimeError):
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)
         self.status = status
+
+    @property
+    def kind(self) -> str:
+        """OpenAI's error type for it."""
+        return "server_error" if self.status >= 500 else "invalid_request_error"
+
+
+def check_failure_policy(policy: str) -> None:
+    if policy not in ON_ENGINE_FAILURE:
+        raise ValueError(f"on_engine_failure={policy!r} is not supported; choose {' or '.join(ON_ENGINE_FAILURE)}")
 
 
 @dataclass
@@ -75,9 +87,6 @@ class EngineClient:
         self._stall_logged = False
 
     # ---- the subclass's part -------------------------------------------------------------------------
-    def start(self) -> None:
-        raise NotImplementedError
-
     async def start_async(self) -> None:
         """Called on the server's event loop once it runs."""
 
@@ -176,9 +185,6 @@ class ThreadEngine(EngineClient):
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="effinfer-engine", daemon=True)
-
-    def start(self) -> None:
-        pass
 
     async def start_async(self) -> None:
         self._loop = asyncio.get_running_loop()

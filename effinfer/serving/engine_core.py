@@ -32,8 +32,8 @@ import zmq.asyncio
 from effinfer.decoding.sampler import TokenLogprobs
 from effinfer.outputs import EngineStats, RequestMetrics, RequestOutput
 from effinfer.sampling_params import SamplingParams
-from effinfer.serving.async_engine import (STEP_FAILED, EngineClient, EngineDeadError, EngineInfo, EngineRequestError, OnStep,
-                                           engine_info)
+from effinfer.serving.async_engine import (STEP_FAILED, EngineClient, EngineDeadError, EngineInfo, EngineRequestError,
+                                           OnStep, check_failure_policy, engine_info)
 
 log = logging.getLogger("effinfer.serving")
 
@@ -229,8 +229,7 @@ class ProcessEngine(EngineClient):
 
     def __init__(self, config, on_step: OnStep | None = None, stall_timeout: float = 60.0,
                  on_failure: str = "restart", start_timeout: float = 900.0):
-        if on_failure not in ("restart", "exit"):
-            raise ValueError(f"on_engine_failure={on_failure!r} is not supported; choose restart or exit")
+        check_failure_policy(on_failure)
         super().__init__(EngineInfo(config.model.model, 0, 0), on_step, stall_timeout)
         self.config, self.on_failure, self.start_timeout = config, on_failure, start_timeout
         self.on_fatal: Callable[[], None] | None = None
