@@ -15,6 +15,7 @@ API process is gone.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import os
@@ -134,7 +135,7 @@ class EngineCoreLoop:
         poller = zmq.Poller()
         poller.register(self.commands, zmq.POLLIN)
         last_report = time.monotonic()
-        while not self.stopping:
+        while not self.stopping and os.getppid() == self.parent_pid:   # else the API process is gone
             busy = self.engine.has_unfinished()
             if poller.poll(0 if busy else HEARTBEAT_SECONDS * 1000):
                 self.drain_commands()
@@ -142,8 +143,6 @@ class EngineCoreLoop:
                 self.step()
                 last_report = time.monotonic()
             elif time.monotonic() - last_report >= HEARTBEAT_SECONDS:
-                if os.getppid() != self.parent_pid:   # the API process is gone: nobody to serve
-                    return
                 self.send(Heartbeat(self.engine.stats()))
                 last_report = time.monotonic()
 
@@ -243,6 +242,8 @@ class ProcessEngine(EngineClient):
         self._dir = tempfile.mkdtemp(prefix="effinfer-ipc-")
         self._generation = 0
         self.num_restarts = 0
+        # multiprocessing's own exit handler would SIGTERM the core (which ignores it) and wait on it forever
+        atexit.register(self.stop)
 
     # ---- starting and stopping ------------------------------------------------------------------------
     def start(self) -> None:
