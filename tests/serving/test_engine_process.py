@@ -201,3 +201,33 @@ def test_sigterm_drains_then_ends_streams_with_an_error(smollm2_fp32):
         served.thread.join(30)
         assert not served.thread.is_alive()
     assert not engine.requests and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_the_core_exits_when_its_server_is_killed(smollm2_path, tmp_path):
+    """SIGKILL of the server process (no handler runs) leaves no engine core behind."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import sys\n"
+        "from effinfer.config import EngineConfig\n"
+        "from effinfer.serving.engine_core import ProcessEngine\n"
+        "if __name__ == '__main__':\n"
+        f"    engine = ProcessEngine(EngineConfig.from_kwargs(model={str(smollm2_path)!r}, num_blocks=32, show_progress=False))\n"
+        "    engine.start()\n"
+        "    print(engine.pid, flush=True)\n"
+        "    sys.stdin.read()\n")
+    server = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    core = None
+    try:
+        core = psutil.Process(int(server.stdout.readline()))
+        server.kill()
+        server.wait(10)
+        core.wait(15)   # raises TimeoutExpired if the core lingers
+    finally:
+        server.kill()
+        if core is not None and core.is_running():
+            core.kill()
