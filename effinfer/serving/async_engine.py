@@ -243,14 +243,9 @@ class ThreadEngine(EngineClient):
 
     def _step(self) -> None:
         started = time.perf_counter()
-        try:
-            outputs = self.engine.step()
-        except Exception:
-            log.exception("engine step failed; failing the requests in it")
-            for rid in list(self.engine.requests):
-                self.engine.abort(rid)
-                self._call(self.deliver, rid, EngineRequestError(STEP_FAILED))
-            return
+        outputs, failed = run_step(self.engine)
+        for rid in failed:
+            self._call(self.deliver, rid, EngineRequestError(STEP_FAILED))
         for out in outputs:
             self._call(self.deliver, out.request_id, out)
         self._call(self.report_progress, self.engine.stats(), outputs, time.perf_counter() - started)
@@ -262,6 +257,19 @@ class ThreadEngine(EngineClient):
         for rid in list(self.engine.requests):
             self.engine.abort(rid)
         self._call(self.fail_all, EngineDeadError("the server is shutting down"))
+
+
+def run_step(engine) -> tuple[list[RequestOutput], list[str]]:
+    """(outputs, []) of one engine step; if the step raises, ([], the ids of every request in the engine), each
+    aborted (its blocks freed): a failed step ends the requests in it, not the loop that runs it."""
+    try:
+        return engine.step(), []
+    except Exception:
+        log.exception("engine step failed; failing the requests in it")
+        failed = list(engine.requests)
+        for rid in failed:
+            engine.abort(rid)
+        return [], failed
 
 
 def engine_info(engine) -> EngineInfo:

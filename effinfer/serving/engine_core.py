@@ -34,7 +34,7 @@ from effinfer.decoding.sampler import TokenLogprobs
 from effinfer.outputs import EngineStats, RequestMetrics, RequestOutput
 from effinfer.sampling_params import SamplingParams
 from effinfer.serving.async_engine import (STEP_FAILED, EngineClient, EngineDeadError, EngineInfo, EngineRequestError,
-                                           OnStep, check_failure_policy, engine_info)
+                                           OnStep, check_failure_policy, engine_info, run_step)
 
 log = logging.getLogger("effinfer.serving")
 
@@ -171,14 +171,11 @@ class EngineCoreLoop:
 
     def step(self) -> None:
         started = time.perf_counter()
-        try:
-            outputs = self.engine.step()
-        except Exception:
-            log.exception("engine step failed; failing the requests in it")
-            for rid in list(self.engine.requests):
-                self.engine.abort(rid)
-                self.forget(rid)
-                self.send(RequestFailed(rid, STEP_FAILED, 500))
+        outputs, failed = run_step(self.engine)
+        for rid in failed:
+            self.forget(rid)
+            self.send(RequestFailed(rid, STEP_FAILED, 500))
+        if failed:
             return
         deltas = [self.delta(out) for out in outputs]
         self.send(StepReport(deltas, self.engine.stats(), time.perf_counter() - started))
