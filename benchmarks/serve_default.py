@@ -1,7 +1,9 @@
 """What a user meets with `effinfer serve` and no flags, against the alternatives, side by side in one run:
-start-up (process start to the first answered request, cold and warm), resident memory after the load,
-served single-stream speed (ShareGPT chat prompts from the development range, `effinfer bench serve`),
-and the same configuration's in-process decode (`effinfer bench latency` pp512/tg128). The peer a user would
+start-up (process start to the first answered request, and to decode steps running compiled, which the
+default server compiles in the background while it serves: with PyTorch's compile cache warm, and cold from
+an empty one), resident memory, served single-stream speed once compiled (ShareGPT chat prompts from the
+development range, `effinfer bench serve`), and the same configuration's in-process decode (`effinfer bench
+latency` pp512/tg128, with `--compile` where the server compiles: its steady state). The peer a user would
 pick runs beside it with its own instruments on the same GGUF file: `llama-server` (`--parallel 1`, served
 through the same `effinfer bench serve`) and `llama-bench` (pp512/tg128), both built by
 `../shared/tools/build_llamacpp.sh` (`--llamacpp-bin`; left out of the record when absent).
@@ -35,9 +37,14 @@ EFFINFER = [sys.executable, "-m", "effinfer.cli"]
 PEER = "llama.cpp llama-server / llama-bench (same file)"
 CONFIGS = {
     "default": [],
+    "default, cold compile cache": [],
+    "eager (--no-compile)": ["--no-compile"],
     "bf16 (--quantization none)": ["--quantization", "none"],
     "default, engine on a thread (--no-engine-process)": ["--no-engine-process"],
 }
+COLD = "default, cold compile cache"
+"""Runs with an empty inductor cache of their own (TORCHINDUCTOR_CACHE_DIR): a first start on a new machine."""
+COMPILE_WAIT_S = 900
 
 
 def main() -> int:
@@ -66,8 +73,9 @@ def main() -> int:
     for round_index in range(args.rounds):
         for name, command in servers.items():
             print(f"round {round_index + 1}/{args.rounds}: {name}", flush=True)
-            runs[name].append(serve_run(command, args.num_prompts, args.output_len))
-    in_process = {name: latency_run(flags) for name, flags in CONFIGS.items() if "--no-engine-process" not in flags}
+            runs[name].append(serve_run(command, args.num_prompts, args.output_len, cold=name == COLD))
+    in_process = {name: latency_run(flags) for name, flags in CONFIGS.items()
+                  if "--no-engine-process" not in flags and name != COLD}
     if (llamacpp / "llama-bench").is_file():
         in_process[PEER] = llama_bench(llamacpp / "llama-bench", model_file, args.threads)
     summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if isinstance(rs[0][key], float)}
@@ -85,15 +93,19 @@ def main() -> int:
     return 0
 
 
-def serve_run(command: list[str], num_prompts: int, output_len: int) -> dict:
+def serve_run(command: list[str], num_prompts: int, output_len: int, cold: bool = False) -> dict:
     port = free_port()
-    started = time.monotonic()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    inductor_cache = tempfile.TemporaryDirectory(prefix="inductor-cold-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_cache.name} if cold else None
+    started = time.monotonic()
     server = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=log,
-                              stderr=subprocess.STDOUT, cwd=ROOT)
+                              stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         first_answer = wait_first_answer(base, server, started)
+        summary = engine_summary(Path(log.name).read_text())
+        compiled = wait_compiled(base, started) if "compiled in the background" in summary else None
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "serve.json"
             subprocess.run([*EFFINFER, "bench", "serve", "--base-url", base, "--workload", "sharegpt",
@@ -101,7 +113,6 @@ def serve_run(command: list[str], num_prompts: int, output_len: int) -> dict:
                             "--result-file", str(result)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             served = json.loads(result.read_text())
         rss = resident_mb(server.pid)
-        summary = engine_summary(Path(log.name).read_text())
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -109,7 +120,9 @@ def serve_run(command: list[str], num_prompts: int, output_len: int) -> dict:
         except subprocess.TimeoutExpired:
             server.kill()
         os.unlink(log.name)
-    return {"start_to_first_answer_s": first_answer, "output_tok_s": float(served["output_throughput"]),
+        inductor_cache.cleanup()
+    return {"start_to_first_answer_s": first_answer, "start_to_compiled_s": compiled,
+            "output_tok_s": float(served["output_throughput"]),
             "mean_ttft_ms": float(served["mean_ttft_ms"]), "mean_tpot_ms": float(served["mean_tpot_ms"]),
             "resident_mb": rss, "engine": summary}
 
@@ -127,6 +140,16 @@ def wait_first_answer(base: str, server: subprocess.Popen, started: float) -> fl
         time.sleep(0.2)
 
 
+def wait_compiled(base: str, started: float) -> float:
+    """Seconds from the server's start until its decode steps run compiled (`effinfer:decode_steps_compiled`)."""
+    while time.monotonic() - started < COMPILE_WAIT_S:
+        metrics = httpx.get(base + "/metrics", timeout=30).text
+        if any(line.startswith("effinfer:decode_steps_compiled{") and line.endswith(" 1.0") for line in metrics.splitlines()):
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise RuntimeError(f"the decode steps were not compiled within {COMPILE_WAIT_S} s")
+
+
 def resident_mb(pid: int) -> float:
     """The server's resident memory: its own process and the engine core's, together."""
     process = psutil.Process(pid)
@@ -139,6 +162,9 @@ def engine_summary(log: str) -> str:
 
 
 def latency_run(flags: list[str]) -> dict:
+    """In-process decode of the configuration's steady state: compiled unless it says --no-compile (offline
+    runs do not compile unless asked; the server does, in the background)."""
+    flags = flags if "--no-compile" in flags else [*flags, "--compile"]
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "latency.json"
         subprocess.run([*EFFINFER, "bench", "latency", "--repetitions", "3", "--result-file", str(result), *flags],
@@ -168,12 +194,16 @@ def free_port() -> int:
 
 
 def print_table(summary: dict, in_process: dict) -> None:
-    print(f"\n{'configuration':<52}{'start s':>9}{'served tok/s':>14}{'TPOT ms':>9}{'RSS MB':>9}{'in-process tg128':>18}")
-    print("(in-process: effinfer bench latency, or llama-bench for the peer)")
+    print(f"\n{'configuration':<52}{'start s':>9}{'compiled s':>11}{'served tok/s':>14}{'TPOT ms':>9}{'RSS MB':>9}"
+          f"{'in-process tg128':>18}")
+    print("(start: to the first answer; compiled: to decode steps running compiled; in-process: effinfer bench "
+          "latency, or llama-bench for the peer)")
     for name, m in summary.items():
         tg = in_process.get(name, {}).get("tg128_tok_s")
-        print(f"{name:<52}{m['start_to_first_answer_s']:>9.1f}{m['output_tok_s']:>14.1f}{m['mean_tpot_ms']:>9.1f}"
-              f"{m['resident_mb']:>9.0f}{tg if tg is None else round(tg, 1)!s:>18}")
+        compiled = m.get("start_to_compiled_s")
+        print(f"{name:<52}{m['start_to_first_answer_s']:>9.1f}{'-' if compiled is None else f'{compiled:.1f}':>11}"
+              f"{m['output_tok_s']:>14.1f}{m['mean_tpot_ms']:>9.1f}{m['resident_mb']:>9.0f}"
+              f"{tg if tg is None else round(tg, 1)!s:>18}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from effinfer.compression.quant.group_search import GROUP_FITS
 from effinfer.config import EngineConfig, field_docs
 from effinfer.loader import catalog
 from effinfer.loader.checkpoint import LOAD_AS
+from effinfer.utils import log_to_stderr
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,9 +249,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from effinfer.serving.api_server import ServerConfig, build_app
 
     server_config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
+    log_to_stderr()
     if not server_config.engine_process:
-        app = build_app(make_llm(args).engine, server_config)
-        return _serve(app, server_config)
+        from effinfer.llm import build_engine
+
+        engine = build_engine(EngineConfig.from_kwargs(**engine_kwargs(args)), serving=True)
+        return _serve(build_app(engine, server_config), server_config)
     from effinfer.models import load_tokenizer
     from effinfer.serving.engine_core import ProcessEngine
 

@@ -51,9 +51,11 @@ class ModelConfig:
     """CPU threads for PyTorch's kernels (default: PyTorch's choice, one per physical core)."""
     attention_backend: str = "torch_sdpa"
     """Paged attention implementation: torch_sdpa (batched decodes) or torch_ref (per-sequence oracle)."""
-    compile: bool = False
-    """Run decode steps through torch.compile (fused norms, rotary and attention): faster single-stream decode
-    on small models. Start-up compiles every batch-size variant: minutes the first time, cached after."""
+    compile: bool | None = None
+    """Decode steps through torch.compile (fused norms, rotary and attention; ~2x single-stream decode of small
+    models on CPU). Default (auto): a server compiles in the background while it serves eagerly, then switches;
+    offline runs stay eager. --compile: compile before serving (minutes the first time, less from PyTorch's
+    cache after). --no-compile: eager only."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -114,9 +114,10 @@ def _is_single_prompt(prompts) -> bool:
 
 
 # ---- building an engine ---------------------------------------------------------------------------------
-def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLMEngine:
+def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, serving: bool = False) -> LLMEngine:
     """Load the model (unless `loaded` is given), prune it, size and allocate its KV cache, build the plug-ins
-    the config names, and hand them all to an `LLMEngine`."""
+    the config names, and hand them all to an `LLMEngine`. `serving`: the engine of a long-running server,
+    where `compile=None` (auto) compiles the decode step in the background."""
     mc, cc = config.model, config.cache
     if mc.num_threads:
         torch.set_num_threads(mc.num_threads)
@@ -126,27 +127,48 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> LLM
         config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, quantization=loaded.quantization))
     if config.prune.prune:
         loaded.prune_report = _prune(config, loaded)
+    compile_when = _compile_when(config, serving)
     block_manager = BlockManager(_num_blocks(config, loaded.model, dtype), cc.block_size, cc.enable_prefix_caching)
-    allocate_kv_cache(loaded.model, block_manager.num_blocks, cc.block_size, dtype, device,
-                      get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
+    scratch_block = block_manager.num_blocks     # one block past the manager's: only compile warm-ups use it
+    allocate_kv_cache(loaded.model, block_manager.num_blocks + (compile_when is not None), cc.block_size, dtype,
+                      device, get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
     max_model_len = _max_model_len(config, loaded, block_manager.num_blocks)
-    runner = ModelRunner(loaded.model, cc.block_size, device, _compiled_step(config, loaded.model, device),
-                         _early_exit(config, loaded.model))
+    runner = ModelRunner(loaded.model, cc.block_size, device, early_exit=_early_exit(config, loaded.model))
+    if compile_when == "now":
+        runner.compiled_forward = compiled_decode.compile_now(loaded.model, cc.block_size, scratch_block,
+                                                              config.scheduler.max_num_seqs, device, config.show_progress)
+        runner.decode_steps = "compiled"
     speculator = None
     if config.spec.speculative_method:
         speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
     torch.manual_seed(config.global_seed)   # requests without a seed draw from here, whatever building did
-    summary = _summary(config, loaded, block_manager.num_blocks, max_model_len, device, dtype)
-    return LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator, summary)
+    summary = _summary(config, loaded, block_manager.num_blocks, max_model_len, device, dtype, compile_when)
+    engine = LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator, summary)
+    if compile_when == "background":
+        engine.background_compile = compiled_decode.BackgroundCompile(
+            runner, partial(compiled_decode.compile_decode, freeze=False), cc.block_size, scratch_block,
+            config.scheduler.max_num_seqs).start()
+    return engine
+
+
+def _compile_when(config: EngineConfig, serving: bool) -> str | None:
+    """"now" (before the engine serves), "background" (while it serves eagerly) or None (eager)."""
+    if config.model.compile is None:
+        return "background" if serving else None
+    return "now" if config.model.compile else None
+
+
+COMPILE_NOTES = {"now": "compiled", None: "eager (--compile: compiled)",
+                 "background": "eager, compiled in the background then (--no-compile: eager only)"}
 
 
 def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, max_model_len: int,
-             device: torch.device, dtype: torch.dtype) -> str:
+             device: torch.device, dtype: torch.dtype, compile_when: str | None) -> str:
     """One line of what runs and why, printed at start-up and kept in metrics and bench records."""
     cc = config.cache
     kv_mib = num_blocks * bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype)) / 2**20
     weights = loaded.weights_note or ("weights " + (loaded.quantization or str(dtype).removeprefix("torch.")))
-    return (f"{weights}; decode steps {'compiled' if config.model.compile else 'eager (--compile: compiled)'}; "
+    return (f"{weights}; decode steps {COMPILE_NOTES[compile_when]}; "
             f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB"
             f"{', resident as used' if device.type == 'cpu' else ''}), "
             f"max_model_len {max_model_len}; {torch.get_num_threads()} threads on {device}")
@@ -188,15 +210,6 @@ def _max_model_len(config: EngineConfig, loaded: LoadedModel, num_blocks: int) -
         raise ValueError(f"max_model_len={limit} tokens do not fit in the KV cache ({capacity} tokens); "
                          "raise kv_cache_memory_gb or num_blocks, or lower max_model_len")
     return limit
-
-
-def _compiled_step(config: EngineConfig, model: nn.Module, device: torch.device):
-    if not config.model.compile:
-        return None
-    compiled = compiled_decode.compile_decode(model)
-    compiled_decode.warm_up(compiled, config.cache.block_size, config.scheduler.max_num_seqs, device,
-                            config.show_progress)
-    return compiled
 
 
 def _early_exit(config: EngineConfig, model: nn.Module) -> EarlyExit | None:

@@ -60,6 +60,8 @@ class EngineStats:
     spec: dict[str, int] = field(default_factory=lambda: {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0})
     exit_candidates: int = 0
     exits_by_layer: dict[int, int] = field(default_factory=dict)
+    decode_steps: str = "eager"
+    """How decode steps run: eager, compiling (eager meanwhile), compiled, or eager (compile failed)."""
 
 
 @dataclass

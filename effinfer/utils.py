@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from typing import Iterable, TypeVar
 
 import torch
@@ -36,3 +38,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """effinfer's log records on stderr, uvicorn-style (`INFO:     ...`), once per process (a server and its
+    engine core process each call it)."""
+    logger = logging.getLogger("effinfer")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)

@@ -42,6 +42,8 @@ class LLMEngine:
         self.speculator = speculator
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
+        self.background_compile = None
+        """The `BackgroundCompile` building this engine's compiled decode step while it serves, if any."""
         self._ids = itertools.count()
 
     @property
@@ -54,7 +56,8 @@ class LLMEngine:
         return EngineStats(
             len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage, blocks.num_free_blocks,
             blocks.num_blocks, blocks.num_hit_tokens, blocks.num_queried_tokens, self.scheduler.num_preemptions,
-            dict(self.spec_stats), exits["candidates"] if exits else 0, dict(exits["by_layer"]) if exits else {})
+            dict(self.spec_stats), exits["candidates"] if exits else 0, dict(exits["by_layer"]) if exits else {},
+            self.runner.decode_steps)
 
     # ---- requests in ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> list[int]:

@@ -45,6 +45,8 @@ class ModelRunner:
         self.device = torch.device(device)
         self.compiled_forward = compiled_forward
         """The model's forward compiled for decode steps (engine/compiled_decode.py), or None: eager."""
+        self.decode_steps = "compiled" if compiled_forward is not None else "eager"
+        """How decode steps run: eager, compiling (eager meanwhile), compiled, or eager (compile failed)."""
         self.early_exit = early_exit
         """An `EarlyExit` (decoding/early_exit.py: `forward(input_ids, positions, meta, seqs, logit_rows)`) when the
         engine has exit heads."""

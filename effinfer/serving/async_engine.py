@@ -149,6 +149,8 @@ class EngineClient:
         self.last_progress = time.monotonic()
         self._stall_logged = False
         if stats is not None:
+            if stats.decode_steps != self.stats.decode_steps and stats.decode_steps != "compiling":
+                log.info("engine: decode steps now run %s", stats.decode_steps)
             self.stats = stats
             if self.on_step is not None:
                 self.on_step(stats, outputs, step_time)
@@ -272,9 +274,15 @@ def run_step(engine) -> tuple[list[RequestOutput], list[str]]:
         return [], failed
 
 
+def _compile_setting(engine) -> str:
+    if engine.background_compile is not None:
+        return "background"
+    return "ahead" if engine.runner.compiled_forward is not None else "off"
+
+
 def engine_info(engine) -> EngineInfo:
     early_exit, config = engine.early_exit, engine.config
-    settings = {"quantization": config.quant.quantization or "none", "compile": str(config.model.compile).lower(),
+    settings = {"quantization": config.quant.quantization or "none", "compile": _compile_setting(engine),
                 "dtype": config.model.dtype, "kv_cache_dtype": config.cache.kv_cache_dtype,
                 "speculative_method": config.spec.speculative_method or "none"}
     return EngineInfo(config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,

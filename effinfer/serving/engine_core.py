@@ -35,6 +35,7 @@ from effinfer.outputs import EngineStats, RequestMetrics, RequestOutput
 from effinfer.sampling_params import SamplingParams
 from effinfer.serving.async_engine import (STEP_FAILED, EngineClient, EngineDeadError, EngineInfo, EngineRequestError,
                                            OnStep, check_failure_policy, engine_info, run_step)
+from effinfer.utils import log_to_stderr
 
 log = logging.getLogger("effinfer.serving")
 
@@ -106,6 +107,7 @@ def run_engine_core(config, to_core: str, from_core: str, parent_pid: int) -> No
     # stops this one, so the core must not die under the requests it is finishing.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log_to_stderr()
     context = zmq.Context()
     commands, results = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     commands.connect(to_core)
@@ -114,7 +116,7 @@ def run_engine_core(config, to_core: str, from_core: str, parent_pid: int) -> No
     try:
         from effinfer.llm import build_engine
 
-        engine = build_engine(config)
+        engine = build_engine(config, serving=True)
     except Exception as exc:  # bad model file, impossible settings: one clear line to the API process
         results.send(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
         results.close(linger=2000)

@@ -52,6 +52,7 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduling.", LATENCY_BUCKETS)
         self.step_time = histogram("engine_step_seconds", "Wall time of one engine step.", TOKEN_BUCKETS)
+        self.compiled = gauge("decode_steps_compiled", "1 once decode steps run compiled (0: eager or compiling).")
         # speculative decoding (vLLM's spec_decode_* names), labelled by proposer
         method = {"method": spec_method or "none"}
         self.spec_drafts = counter("spec_decode_num_draft_tokens", "Draft tokens proposed for verification.", **method)
@@ -74,6 +75,7 @@ class ServerMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
+        self.compiled.set(stats.decode_steps == "compiled")
         self.step_time.observe(step_time)
         self.prefix_hits.inc(_growth(stats.prefix_hit_tokens, self._seen_hits))
         self.prefix_queries.inc(_growth(stats.prefix_queried_tokens, self._seen_queries))

@@ -1,6 +1,7 @@
 """The engine core in its own process: killed under 64 streams, every request completes or ends with an
 error (none hangs), /health turns 503 at once, the core restarts and serves with every block free; with
-on_engine_failure=exit the server stops non-zero. A stalled step loop turns /health 503; SIGTERM drains."""
+on_engine_failure=exit the server stops non-zero. A stalled step loop turns /health 503; SIGTERM drains. With
+no compile flag the core serves at once and compiles its decode step in the background."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def core_config(model_path, **overrides):
     from effinfer.config import EngineConfig
 
     config = dict(model=str(model_path), dtype="float32", num_blocks=512, max_num_seqs=64, max_model_len=512,
-                  show_progress=False)
+                  show_progress=False, compile=False)   # the background compile has its own test
     return EngineConfig.from_kwargs(**{**config, **overrides})
 
 
@@ -216,7 +217,7 @@ def test_the_core_exits_when_its_server_is_killed(smollm2_path, tmp_path):
         "from effinfer.config import EngineConfig\n"
         "from effinfer.serving.engine_core import ProcessEngine\n"
         "if __name__ == '__main__':\n"
-        f"    engine = ProcessEngine(EngineConfig.from_kwargs(model={str(smollm2_path)!r}, num_blocks=32, show_progress=False))\n"
+        f"    engine = ProcessEngine(EngineConfig.from_kwargs(model={str(smollm2_path)!r}, num_blocks=32, compile=False, show_progress=False))\n"
         "    engine.start()\n"
         "    print(engine.pid, flush=True)\n"
         "    sys.stdin.read()\n")
@@ -231,3 +232,37 @@ def test_the_core_exits_when_its_server_is_killed(smollm2_path, tmp_path):
         server.kill()
         if core is not None and core.is_running():
             core.kill()
+
+
+def test_the_core_compiles_in_the_background_while_it_serves(tmp_path, caplog):
+    """With no compile flag the core answers at once (eager) and says when its decode steps run compiled:
+    in its heartbeat (the API side logs it) and in /metrics."""
+    from effinfer.models import load_tokenizer
+    from effinfer.serving.engine_core import ProcessEngine
+    from tests.tiny_models import save_tiny_folder
+
+    save_tiny_folder("llama", tmp_path)
+    engine = ProcessEngine(core_config(tmp_path, compile=None, num_blocks=64, max_num_seqs=4, max_model_len=256))
+    engine.start()
+    try:
+        assert engine.info.settings["compile"] == "background"
+        with caplog.at_level(logging.INFO, logger="effinfer"), Served(engine, load_tokenizer(str(tmp_path))) as served:
+            body = {"prompt": [5, 6, 7], "max_tokens": 8, "ignore_eos": True}
+            reply = httpx.post(served.url + "/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+            deadline = time.time() + 300
+            while _metric(httpx.get(served.url + "/metrics").text, "effinfer:decode_steps_compiled") != 1.0:
+                assert time.time() < deadline, "the decode step was not compiled"
+                time.sleep(0.5)
+            assert "decode steps now run compiled" in caplog.text
+            reply = httpx.post(served.url + "/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+    finally:
+        engine.stop()
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None

@@ -25,4 +25,4 @@ def test_engine_info_names_what_runs(live):
 
     text = httpx.get(live.base_url + "/metrics", timeout=30).text
     line = next(line for line in text.splitlines() if line.startswith("effinfer:engine_info{"))
-    assert 'quantization="none"' in line and 'compile="false"' in line and line.endswith(" 1.0")
+    assert 'quantization="none"' in line and 'compile="off"' in line and line.endswith(" 1.0")
