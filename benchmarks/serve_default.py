@@ -105,7 +105,7 @@ def serve_run(command: list[str], num_prompts: int, output_len: int, cold: bool 
     try:
         first_answer = wait_first_answer(base, server, started)
         summary = engine_summary(Path(log.name).read_text())
-        compiled = wait_compiled(base, started) if "compiled in the background" in summary else None
+        compiled = wait_compiled(base, started, log.name) if "compiled in the background" in summary else None
         with tempfile.TemporaryDirectory() as tmp:
             result = Path(tmp) / "serve.json"
             subprocess.run([*EFFINFER, "bench", "serve", "--base-url", base, "--workload", "sharegpt",
@@ -140,9 +140,12 @@ def wait_first_answer(base: str, server: subprocess.Popen, started: float) -> fl
         time.sleep(0.2)
 
 
-def wait_compiled(base: str, started: float) -> float:
+def wait_compiled(base: str, started: float, log: str) -> float:
     """Seconds from the server's start until its decode steps run compiled (`effinfer:decode_steps_compiled`)."""
     while time.monotonic() - started < COMPILE_WAIT_S:
+        failed = [line for line in Path(log).read_text().splitlines() if "decode steps stay eager" in line]
+        if failed:
+            raise RuntimeError(f"the server's compile failed: {failed[0]}")
         metrics = httpx.get(base + "/metrics", timeout=30).text
         if any(line.startswith("effinfer:decode_steps_compiled{") and line.endswith(" 1.0") for line in metrics.splitlines()):
             return time.monotonic() - started

@@ -28,7 +28,7 @@ log = logging.getLogger("effinfer.serving")
 STEP_FAILED = "internal server error (an engine step failed; the server log has the details)"
 ON_ENGINE_FAILURE = ("restart", "exit")
 """What the server does when its engine process dies: start a new one, or stop (non-zero) for a supervisor."""
-OnStep = Callable[[EngineStats, list[RequestOutput], float], None]
+OnStep = Callable[[EngineStats, list[RequestOutput], float | None], None]
 
 
 class EngineDeadError(RuntimeError):
@@ -145,15 +145,15 @@ class EngineClient:
         for rid in list(self._streams):
             self.deliver(rid, error)
 
-    def report_progress(self, stats: EngineStats | None, outputs: list[RequestOutput], step_time: float) -> None:
+    def report_progress(self, stats: EngineStats, outputs: list[RequestOutput], step_time: float | None) -> None:
+        """After a step, or from an idle engine (`step_time` None): it is alive, and its counters now."""
         self.last_progress = time.monotonic()
         self._stall_logged = False
-        if stats is not None:
-            if stats.decode_steps != self.stats.decode_steps and stats.decode_steps != "compiling":
-                log.info("engine: decode steps now run %s", stats.decode_steps)
-            self.stats = stats
-            if self.on_step is not None:
-                self.on_step(stats, outputs, step_time)
+        if stats.decode_steps != self.stats.decode_steps and stats.decode_steps != "compiling":
+            log.info("engine: decode steps now run %s", stats.decode_steps)
+        self.stats = stats
+        if self.on_step is not None:
+            self.on_step(stats, outputs, step_time)
 
     # ---- health --------------------------------------------------------------------------------------
     def health(self) -> str | None:
@@ -212,7 +212,7 @@ class ThreadEngine(EngineClient):
         while not self._stopping:
             self._drain_inbox()
             if not self.engine.has_unfinished():
-                self._call(self.report_progress, None, [], 0.0)
+                self._call(self.report_progress, self.engine.stats(), [], None)   # idle: counters change too (a compile)
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue

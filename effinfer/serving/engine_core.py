@@ -357,7 +357,7 @@ class ProcessEngine(EngineClient):
             outputs = [self._apply(d) for d in message.outputs]
             self.report_progress(message.stats, [o for o in outputs if o is not None], message.step_time)
         elif isinstance(message, Heartbeat):
-            self.report_progress(message.stats, [], 0.0)
+            self.report_progress(message.stats, [], None)
         elif isinstance(message, RequestFailed):
             self._outputs.pop(message.request_id, None)
             self.deliver(message.request_id, EngineRequestError(message.message, message.status))

@@ -70,13 +70,15 @@ class ServerMetrics:
         self._seen_spec = {"draft_tokens": 0, "accepted_tokens": 0, "verify_steps": 0}
         self._seen_exit = {"candidates": 0, "by_layer": {layer: 0 for layer in exit_layers}}
 
-    def on_step(self, stats: EngineStats, outputs: list[RequestOutput], step_time: float) -> None:
-        """Called after every engine step, with the engine's counters after it (`LLMEngine.stats()`)."""
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput], step_time: float | None) -> None:
+        """Called after every engine step, with the engine's counters after it (`LLMEngine.stats()`), and
+        with `step_time` None for an idle engine's report (no step to time)."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
         self.compiled.set(stats.decode_steps == "compiled")
-        self.step_time.observe(step_time)
+        if step_time is not None:
+            self.step_time.observe(step_time)
         self.prefix_hits.inc(_growth(stats.prefix_hit_tokens, self._seen_hits))
         self.prefix_queries.inc(_growth(stats.prefix_queried_tokens, self._seen_queries))
         self.preemptions.inc(_growth(stats.num_preemptions, self._seen_preemptions))

@@ -19,6 +19,18 @@ def test_server_metrics_report_acceptance():
     assert 'effinfer:spec_decode_mean_accepted_length{method="ngram",model_name="m"} 1.4' in text
 
 
+def test_an_idle_report_updates_the_gauges_but_times_no_step():
+    from effinfer.outputs import EngineStats
+    from effinfer.serving.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    metrics.on_step(EngineStats(decode_steps="compiling"), [], 0.02)
+    metrics.on_step(EngineStats(decode_steps="compiled"), [], None)     # the compile finished while idle
+    text = metrics.render().decode()
+    assert 'effinfer:decode_steps_compiled{model_name="m"} 1.0' in text
+    assert 'effinfer:engine_step_seconds_count{model_name="m"} 1.0' in text
+
+
 def test_engine_info_names_what_runs(live):
     """`effinfer:engine_info` carries the engine's resolved choices (what quantization=auto chose, compile, ...)."""
     import httpx
