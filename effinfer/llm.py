@@ -1,52 +1,50 @@
-"""The facade: `LLM(model, **config).generate(prompts, sampling_params)`, and `build_engine`, which loads the
-model, applies what the config asks for (quantization at load, pruning, exit heads, compiled steps, a
-speculator) and hands the results to an `LLMEngine`, which runs them."""
+"""The facade: `LLM(model, **config).generate(prompts, sampling_params)` over an engine built in this process
+(`effinfer.build.build_engine`, re-exported here) or, with `engine_process=True`, in an engine core
+process of its own (`effinfer.core_process.CoreEngine`, what `effinfer serve` runs)."""
 
 from __future__ import annotations
 
-import dataclasses
-
-from functools import partial
-from pathlib import Path
+import itertools
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 
-from effinfer.compression.prune import Calibration, get_prune_method, prune_model
-from effinfer.compression.quant import AUTO
-from effinfer.compression.quant.calibrate import calibration_windows
-from effinfer.compression.quant.kv_quant import get_kv_dtype
-from effinfer.config import CacheConfig, EngineConfig, QuantConfig
-from effinfer.decoding.early_exit import EarlyExit, ExitHeads
-from effinfer.decoding.spec import DraftContext, speculator_from_config
-from effinfer.engine.block_manager import BlockManager
-from effinfer.engine import compiled_decode
-from effinfer.engine.kv_cache import allocate_kv_cache, bytes_per_block
+from effinfer.build import build_engine
+from effinfer.config import EngineConfig
 from effinfer.engine.llm_engine import LLMEngine, Prompt
-from effinfer.engine.model_runner import ModelRunner
 from effinfer.engine.offline import score
-from effinfer.engine.side_model import SideModel
-from effinfer.layers.attention import AutoKV, KVCodec
-from effinfer.layers.attn_backends import get_backend
 from effinfer.loader.catalog import DEFAULT_MODEL
-from effinfer.models import LoadedModel, load_model
 from effinfer.outputs import GenerationResult, RequestOutput
 from effinfer.sampling_params import SamplingParams
-from effinfer.utils import default_device, parse_dtype, progress
+from effinfer.utils import progress
+
+__all__ = ["LLM", "build_engine"]
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, **config):
+    def __init__(self, model: str = DEFAULT_MODEL, engine_process: bool = False, **config):
+        """`engine_process`: run the engine in a core process of its own, as `effinfer serve` does (this process
+        then holds the tokenizer only); by default it runs here."""
         self.config = EngineConfig.from_kwargs(model=model, **config)
-        self.engine = build_engine(self.config)
+        if engine_process:
+            from effinfer.core_process import CoreEngine
+
+            self.engine = CoreEngine(self.config)
+        else:
+            self.engine = build_engine(self.config)
+        self._stream_ids = itertools.count()
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
         """The offline facade over an engine built elsewhere (e.g. on an already-loaded model)."""
         llm = cls.__new__(cls)
-        llm.config, llm.engine = engine.config, engine
+        llm.config, llm.engine, llm._stream_ids = engine.config, engine, itertools.count()
         return llm
+
+    def close(self) -> None:
+        """Stop the engine core process (with `engine_process=True`; an in-process engine needs nothing)."""
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
     @property
     def tokenizer(self):
@@ -55,7 +53,7 @@ class LLM:
     @property
     def prune_report(self) -> dict | None:
         """What pruning at load removed (None without `prune`)."""
-        return self.engine.loaded.prune_report
+        return self._in_process("prune_report").loaded.prune_report
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | list | None = None,
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[GenerationResult]:
@@ -73,26 +71,34 @@ class LLM:
 
     def score(self, prompt: Prompt) -> "torch.Tensor":
         """[num_tokens, vocab] log-probabilities of the next token after each prompt position (evaluation)."""
-        return score(self.engine, self.engine.encode_prompt(prompt))
+        return score(self._in_process("score()"), self.engine.encode_prompt(prompt))
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one request's output after every step that adds to it; abort it if the caller stops early."""
-        request = self.engine.add_request(prompt, params)
+        request_id = f"stream-{next(self._stream_ids)}"
+        self.engine.add_request(prompt, params, request_id)
         try:
             while True:
                 for out in self.engine.step():
-                    if out.request_id == request.request_id:
+                    if out.request_id == request_id:
                         yield out
                         if out.finished:
                             return
         finally:
-            self.engine.abort(request.request_id)
+            self.engine.abort(request_id)
+
+    def _in_process(self, what: str) -> LLMEngine:
+        if not isinstance(self.engine, LLMEngine):
+            raise RuntimeError(f"{what} needs the engine in this process; create the LLM without engine_process=True")
+        return self.engine
 
     def _add_all(self, encoded: list[list[int]], params: list[SamplingParams], priority: list[int]) -> list[list[str]]:
         groups = []
         for i, (prompt_ids, p) in enumerate(zip(encoded, params)):
-            groups.append([self.engine.add_request(prompt_ids, p.for_sample(k), f"gen-{i}-{k}", priority[i]).request_id
-                           for k in range(p.n)])
+            ids = [f"gen-{i}-{k}" for k in range(p.n)]
+            for k, request_id in enumerate(ids):
+                self.engine.add_request(prompt_ids, p.for_sample(k), request_id, priority[i])
+            groups.append(ids)
         return groups
 
     def _run(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
@@ -111,124 +117,3 @@ def _is_single_prompt(prompts) -> bool:
     if isinstance(prompts, str):
         return True
     return bool(prompts) and isinstance(prompts, list) and all(isinstance(x, (int, dict)) for x in prompts)
-
-
-# ---- building an engine ---------------------------------------------------------------------------------
-def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, serving: bool = False) -> LLMEngine:
-    """Load the model (unless `loaded` is given), prune it, size and allocate its KV cache, build the plug-ins
-    the config names, and hand them all to an `LLMEngine`. `serving`: the engine of a long-running server,
-    where `compile=None` (auto) compiles the decode step in the background."""
-    mc, cc = config.model, config.cache
-    if mc.num_threads:
-        torch.set_num_threads(mc.num_threads)
-    device, dtype = torch.device(default_device() if mc.device == "auto" else mc.device), parse_dtype(mc.dtype)
-    loaded = loaded or load_model(mc.model, dtype, str(device), mc.cache_dir, config.show_progress, config.quant.spec())
-    if config.quant.quantization == AUTO:   # the engine's config says what runs
-        config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, quantization=loaded.quantization))
-    if config.prune.prune:
-        loaded.prune_report = _prune(config, loaded)
-    compile_when = _compile_when(config, serving)
-    block_manager = BlockManager(_num_blocks(config, loaded.model, dtype), cc.block_size, cc.enable_prefix_caching)
-    scratch_block = block_manager.num_blocks     # one block past the manager's: only compile warm-ups use it
-    allocate_kv_cache(loaded.model, block_manager.num_blocks + (compile_when is not None), cc.block_size, dtype,
-                      device, get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
-    max_model_len = _max_model_len(config, loaded, block_manager.num_blocks)
-    runner = ModelRunner(loaded.model, cc.block_size, device, early_exit=_early_exit(config, loaded.model))
-    if compile_when == "now":
-        runner.compiled_forward = compiled_decode.compile_now(loaded.model, cc.block_size, scratch_block,
-                                                              config.scheduler.max_num_seqs, device, config.show_progress)
-        runner.decode_steps = "compiled"
-    speculator = None
-    if config.spec.speculative_method:
-        speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
-    torch.manual_seed(config.global_seed)   # requests without a seed draw from here, whatever building did
-    summary = _summary(config, loaded, block_manager.num_blocks, max_model_len, device, dtype, compile_when)
-    engine = LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator, summary)
-    if compile_when == "background":
-        engine.background_compile = compiled_decode.BackgroundCompile(
-            runner, partial(compiled_decode.compile_decode, freeze=False), cc.block_size, scratch_block,
-            config.scheduler.max_num_seqs).start()
-    return engine
-
-
-def _compile_when(config: EngineConfig, serving: bool) -> str | None:
-    """"now" (before the engine serves), "background" (while it serves eagerly) or None (eager)."""
-    if config.model.compile is None:
-        return "background" if serving else None
-    return "now" if config.model.compile else None
-
-
-COMPILE_NOTES = {"now": "compiled", None: "eager (--compile: compiled)",
-                 "background": "eager, compiled in the background then (--no-compile: eager only)"}
-
-
-def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, max_model_len: int,
-             device: torch.device, dtype: torch.dtype, compile_when: str | None) -> str:
-    """One line of what runs and why, printed at start-up and kept in metrics and bench records."""
-    cc = config.cache
-    kv_mib = num_blocks * bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype)) / 2**20
-    weights = loaded.weights_note or ("weights " + (loaded.quantization or str(dtype).removeprefix("torch.")))
-    return (f"{weights}; decode steps {COMPILE_NOTES[compile_when]}; "
-            f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB"
-            f"{', resident as used' if device.type == 'cpu' else ''}), "
-            f"max_model_len {max_model_len}; {torch.get_num_threads()} threads on {device}")
-
-
-def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:
-    """Prune the loaded model in place, calibrating through a throwaway engine with a small cache
-    (pruning can remove layers, so the real engine's cache is sized afterwards)."""
-    pc = config.prune
-    calibration = None
-    if get_prune_method(pc.prune).needs_calibration:
-        scratch = EngineConfig(model=config.model, cache=CacheConfig(kv_cache_memory_gb=0.1), show_progress=False)
-        text = Path(pc.prune_calibration_text).read_text(encoding="utf-8")
-        windows = calibration_windows(loaded.tokenizer, text, pc.prune_calibration_tokens, 256)
-        calibration = Calibration(windows, partial(score, build_engine(scratch, loaded)), config.show_progress)
-    return prune_model(loaded.model, pc.prune, pc.sparsity, calibration)
-
-
-def _num_blocks(config: EngineConfig, model: nn.Module, dtype: torch.dtype) -> int:
-    cc = config.cache
-    if cc.num_blocks:
-        return cc.num_blocks
-    return _blocks_in(cc.kv_cache_memory_gb, model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype))
-
-
-def _blocks_in(memory_gb: float, model: nn.Module, block_size: int, dtype: torch.dtype,
-               codec: KVCodec = AutoKV()) -> int:
-    """How many KV blocks of `model` (all its layers, in `codec`'s storage) fit in `memory_gb`."""
-    return max(1, int(memory_gb * 2**30) // bytes_per_block(model, block_size, dtype, codec))
-
-
-def _max_model_len(config: EngineConfig, loaded: LoadedModel, num_blocks: int) -> int:
-    capacity = num_blocks * config.cache.block_size
-    context = loaded.config.max_position_embeddings
-    limit = config.scheduler.max_model_len or min(context, capacity)
-    if limit > context:
-        raise ValueError(f"max_model_len={limit} exceeds the model's context length {context}")
-    if limit > capacity:
-        raise ValueError(f"max_model_len={limit} tokens do not fit in the KV cache ({capacity} tokens); "
-                         "raise kv_cache_memory_gb or num_blocks, or lower max_model_len")
-    return limit
-
-
-def _early_exit(config: EngineConfig, model: nn.Module) -> EarlyExit | None:
-    if not config.exit.early_exit_heads:
-        return None
-    return EarlyExit(model, ExitHeads.load(config.exit.early_exit_heads, model))
-
-
-def _draft_context(config: EngineConfig, loaded: LoadedModel, device: torch.device, dtype: torch.dtype,
-                   max_model_len: int) -> DraftContext:
-    mc, block_size = config.model, config.cache.block_size
-
-    def load_draft(name: str, quantization: str | None) -> LoadedModel:
-        quant = QuantConfig(quantization=quantization).spec() if quantization else None
-        return load_model(name, dtype, str(device), mc.cache_dir, config.show_progress, quant)
-
-    def side_model(model: nn.Module, memory_gb: float, max_len: int | None = None) -> SideModel:
-        """`model` with its own KV pool of `memory_gb` (not taken from the engine's), keyed by request id."""
-        return SideModel(model, _blocks_in(memory_gb, model, block_size, dtype), block_size, dtype, device,
-                         get_backend(mc.attention_backend), min(max_len or max_model_len, max_model_len))
-
-    return DraftContext(loaded.model, loaded.tokenizer, loaded.config.vocab_size, mc.cache_dir, load_draft, side_model)

@@ -64,11 +64,7 @@ class LLMEngine:
         return encode_prompt(self.tokenizer, self.loaded.config.vocab_size, prompt)
 
     def check_prompt_length(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty (it encodes to no tokens)")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context holds {self.max_model_len} "
-                             "including at least one generated token; shorten the prompt")
+        check_prompt_length(prompt_ids, self.max_model_len)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     priority: int = 0) -> Request:
@@ -168,6 +164,14 @@ class LLMEngine:
                 if self.speculator is not None:
                     self.speculator.release(request.request_id)
         return outputs
+
+
+def check_prompt_length(prompt_ids: list[int], max_model_len: int) -> None:
+    if not prompt_ids:
+        raise ValueError("the prompt is empty (it encodes to no tokens)")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context holds {max_model_len} "
+                         "including at least one generated token; shorten the prompt")
 
 
 def encode_prompt(tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:

@@ -17,15 +17,15 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from effinfer.core_process import STEP_FAILED, EngineInfo, engine_info, run_step
 from effinfer.outputs import EngineStats, RequestOutput
 from effinfer.sampling_params import SamplingParams
 
 log = logging.getLogger("effinfer.serving")
 
-STEP_FAILED = "internal server error (an engine step failed; the server log has the details)"
 ON_ENGINE_FAILURE = ("restart", "exit")
 """What the server does when its engine process dies: start a new one, or stop (non-zero) for a supervisor."""
 OnStep = Callable[[EngineStats, list[RequestOutput], float | None], None]
@@ -51,21 +51,6 @@ class EngineRequestError(RuntimeError):
 def check_failure_policy(policy: str) -> None:
     if policy not in ON_ENGINE_FAILURE:
         raise ValueError(f"on_engine_failure={policy!r} is not supported; choose {' or '.join(ON_ENGINE_FAILURE)}")
-
-
-@dataclass
-class EngineInfo:
-    """What the API side needs to know of the engine it talks to."""
-
-    model: str
-    max_model_len: int
-    vocab_size: int
-    spec_method: str | None = None
-    exit_layers: list[int] = field(default_factory=list)
-    summary: str = ""
-    """One line: what runs (weights, kernel, compiled or not) and why; printed at start-up."""
-    settings: dict[str, str] = field(default_factory=dict)
-    """The resolved choices (quantization, compile, dtype, KV cache dtype): `effinfer:engine_info` in /metrics."""
 
 
 @dataclass
@@ -261,30 +246,3 @@ class ThreadEngine(EngineClient):
         self._call(self.fail_all, EngineDeadError("the server is shutting down"))
 
 
-def run_step(engine) -> tuple[list[RequestOutput], list[str]]:
-    """(outputs, []) of one engine step; if the step raises, ([], the ids of every request in the engine), each
-    aborted (its blocks freed): a failed step ends the requests in it, not the loop that runs it."""
-    try:
-        return engine.step(), []
-    except Exception:
-        log.exception("engine step failed; failing the requests in it")
-        failed = list(engine.requests)
-        for rid in failed:
-            engine.abort(rid)
-        return [], failed
-
-
-def _compile_setting(engine) -> str:
-    if engine.background_compile is not None:
-        return "background"
-    return "ahead" if engine.runner.compiled_forward is not None else "off"
-
-
-def engine_info(engine) -> EngineInfo:
-    early_exit, config = engine.early_exit, engine.config
-    settings = {"quantization": config.quant.quantization or "none", "compile": _compile_setting(engine),
-                "dtype": config.model.dtype, "kv_cache_dtype": config.cache.kv_cache_dtype,
-                "speculative_method": config.spec.speculative_method or "none"}
-    return EngineInfo(config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,
-                      config.spec.speculative_method, list(early_exit.heads.layers) if early_exit else [],
-                      engine.summary, settings)

@@ -22,7 +22,7 @@ TIERS = [
     ["effinfer.outputs", "effinfer.config"],
     ["effinfer.engine"],
     # tier 2: the facade
-    ["effinfer.llm"],
+    ["effinfer.llm", "effinfer.build", "effinfer.core_process"],
     # tier 3: tools and services
     ["effinfer.tools", "effinfer.bench", "effinfer.serving", "effinfer.cli_args"],
     ["effinfer.cli", "effinfer"],

@@ -1,0 +1,423 @@
+"""The engine core in a process of its own (vLLM v1's split), and what its clients share.
+
+The core process builds the engine and runs its step loop and nothing else: it reads commands (add,
+abort) from one ZeroMQ socket, steps while there is work, and sends each step's output deltas with the
+engine's counters, in one message, on another; idle, it sends a heartbeat every second. Messages are
+msgpack, typed by msgspec (no pickle crosses the boundary). The core exits by itself when the process
+that started it is gone.
+
+Two clients start and drive it: the server's `serving.engine_core.ProcessEngine` (asynchronous, on the
+event loop, restarting a core that dies) and `CoreEngine` here, the blocking one behind
+`LLM(model, engine_process=True)`. Both spawn it with `spawn_core` and wait for it with `wait_ready`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+
+from effinfer.decoding.sampler import TokenLogprobs
+from effinfer.engine.llm_engine import Prompt, check_prompt_length, encode_prompt
+from effinfer.outputs import EngineStats, RequestMetrics, RequestOutput
+from effinfer.sampling_params import SamplingParams
+from effinfer.utils import log_to_stderr
+
+log = logging.getLogger("effinfer.engine")
+
+HEARTBEAT_SECONDS = 1.0
+STEP_FAILED = "internal server error (an engine step failed; the server log has the details)"
+
+
+@dataclass
+class EngineInfo:
+    """What the API side needs to know of the engine it talks to."""
+
+    model: str
+    max_model_len: int
+    vocab_size: int
+    spec_method: str | None = None
+    exit_layers: list[int] = field(default_factory=list)
+    summary: str = ""
+    """One line: what runs (weights, kernel, compiled or not) and why; printed at start-up."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """The resolved choices (quantization, compile, dtype, KV cache dtype): `effinfer:engine_info` in /metrics."""
+
+
+# ---- messages ----------------------------------------------------------------------------------------
+class AddRequest(msgspec.Struct, tag="add"):
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class OutputDelta(msgspec.Struct):
+    """What one step added to one request: the API side accumulates these into `RequestOutput`s."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprobs] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    metrics: RequestMetrics | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+class RequestFailed(msgspec.Struct, tag="failed"):
+    request_id: str
+    message: str
+    status: int
+
+
+class StepReport(msgspec.Struct, tag="step"):
+    outputs: list[OutputDelta]
+    stats: EngineStats
+    step_time: float
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat"):
+    stats: EngineStats
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    info: EngineInfo
+
+
+class StartFailed(msgspec.Struct, tag="start_failed"):
+    message: str
+
+
+ToCore = AddRequest | Abort | Shutdown
+FromCore = StepReport | Heartbeat | RequestFailed | Ready | StartFailed
+
+
+# ---- the core process ---------------------------------------------------------------------------------
+def run_engine_core(config, to_core: str, from_core: str, parent_pid: int, serving: bool = True) -> None:
+    """The core process's main: build the engine, report ready, then loop until told to stop."""
+    # Ctrl-C and a supervisor's SIGTERM reach the whole process group: the API process drains and then
+    # stops this one, so the core must not die under the requests it is finishing.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log_to_stderr()
+    context = zmq.Context()
+    commands, results = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+    commands.connect(to_core)
+    results.connect(from_core)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        from effinfer.build import build_engine   # here: the clients' processes need no model code
+
+        engine = build_engine(config, serving=serving)
+    except Exception as exc:  # bad model file, impossible settings: one clear line to the API process
+        results.send(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
+        results.close(linger=2000)
+        sys.exit(1)
+    results.send(encoder.encode(Ready(engine_info(engine))))
+    EngineCoreLoop(engine, commands, results, parent_pid).run()
+    context.destroy(linger=1000)
+
+
+class EngineCoreLoop:
+    def __init__(self, engine, commands: zmq.Socket, results: zmq.Socket, parent_pid: int):
+        self.engine, self.commands, self.results, self.parent_pid = engine, commands, results, parent_pid
+        self.encoder, self.decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ToCore)
+        self.sent_logprobs: dict[str, int] = {}
+        self.stopping = False
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.commands, zmq.POLLIN)
+        last_report = time.monotonic()
+        while not self.stopping and os.getppid() == self.parent_pid:   # else the API process is gone
+            busy = self.engine.has_unfinished()
+            if poller.poll(0 if busy else HEARTBEAT_SECONDS * 1000):
+                self.drain_commands()
+            if self.engine.has_unfinished():
+                self.step()
+                last_report = time.monotonic()
+            elif time.monotonic() - last_report >= HEARTBEAT_SECONDS:
+                self.send(Heartbeat(self.engine.stats()))
+                last_report = time.monotonic()
+
+    def drain_commands(self) -> None:
+        while True:
+            try:
+                message = self.decoder.decode(self.commands.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if isinstance(message, AddRequest):
+                self.add(message)
+            elif isinstance(message, Abort):
+                for rid in message.request_ids:
+                    self.engine.abort(rid)
+                    self.forget(rid)
+            else:
+                self.stopping = True
+
+    def add(self, message: AddRequest) -> None:
+        try:
+            self.engine.add_request(message.prompt_ids, message.params, message.request_id, message.priority)
+        except (ValueError, TypeError) as exc:
+            self.send(RequestFailed(message.request_id, str(exc), 400))
+            return
+        self.sent_logprobs[message.request_id] = 0
+
+    def step(self) -> None:
+        started = time.perf_counter()
+        outputs, failed = run_step(self.engine)
+        for rid in failed:
+            self.forget(rid)
+            self.send(RequestFailed(rid, STEP_FAILED, 500))
+        if failed:
+            return
+        deltas = [self.delta(out) for out in outputs]
+        self.send(StepReport(deltas, self.engine.stats(), time.perf_counter() - started))
+
+    def delta(self, out: RequestOutput) -> OutputDelta:
+        rid = out.request_id
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = out.logprobs[self.sent_logprobs.get(rid, 0):]
+            self.sent_logprobs[rid] = len(out.logprobs)
+        if out.finished:
+            self.forget(rid)
+        return OutputDelta(rid, out.new_token_ids, out.new_text, logprobs, out.finished, out.finish_reason,
+                           out.stop_reason, out.metrics if out.finished else None,
+                           out.prompt_logprobs if out.finished else None)
+
+    def forget(self, rid: str) -> None:
+        self.sent_logprobs.pop(rid, None)
+
+    def send(self, message) -> None:
+        self.results.send(self.encoder.encode(message))
+
+
+
+def run_step(engine) -> tuple[list[RequestOutput], list[str]]:
+    """(outputs, []) of one engine step; if the step raises, ([], the ids of every request in the engine), each
+    aborted (its blocks freed): a failed step ends the requests in it, not the loop that runs it."""
+    try:
+        return engine.step(), []
+    except Exception:
+        log.exception("engine step failed; failing the requests in it")
+        failed = list(engine.requests)
+        for rid in failed:
+            engine.abort(rid)
+        return [], failed
+
+
+def _compile_setting(engine) -> str:
+    if engine.background_compile is not None:
+        return "background"
+    return "ahead" if engine.runner.compiled_forward is not None else "off"
+
+
+def engine_info(engine) -> EngineInfo:
+    early_exit, config = engine.early_exit, engine.config
+    settings = {"quantization": config.quant.quantization or "none", "compile": _compile_setting(engine),
+                "dtype": config.model.dtype, "kv_cache_dtype": config.cache.kv_cache_dtype,
+                "speculative_method": config.spec.speculative_method or "none"}
+    return EngineInfo(config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,
+                      config.spec.speculative_method, list(early_exit.heads.layers) if early_exit else [],
+                      engine.summary, settings)
+
+
+# ---- the clients' side: outputs rebuilt from deltas ----------------------------------------------------
+class Accumulated:
+    """A request's output so far, rebuilt from deltas."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+        self.prompt_ids, self.params = prompt_ids, params
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.logprobs: list[TokenLogprobs] = []
+
+    def apply(self, rid: str, d: OutputDelta) -> RequestOutput:
+        self.token_ids += d.new_token_ids
+        self.text += d.new_text
+        if d.new_logprobs:
+            self.logprobs += d.new_logprobs
+        return RequestOutput(rid, self.prompt_ids, list(self.token_ids), self.text, d.new_token_ids, d.new_text,
+                             list(self.logprobs) if self.params.logprobs is not None else None, d.finished,
+                             d.finish_reason, d.stop_reason, d.metrics, d.prompt_logprobs)
+
+
+def apply_delta(outputs: dict[str, Accumulated], delta: OutputDelta) -> RequestOutput | None:
+    """The request's output after `delta`, or None if it was aborted here while the step ran; a finished
+    request leaves `outputs`."""
+    acc = outputs.get(delta.request_id)
+    if acc is None:
+        return None
+    if delta.finished:
+        del outputs[delta.request_id]
+    return acc.apply(delta.request_id, delta)
+
+
+# ---- starting and stopping a core (both clients) ------------------------------------------------------
+@dataclass
+class CoreHandle:
+    """A started core process and this side's two sockets to it (commands PUSH, results PULL; this side binds)."""
+
+    process: multiprocessing.Process
+    commands: zmq.Socket
+    results: zmq.Socket
+
+
+def spawn_core(config, context: zmq.Context, address: str, results: zmq.Socket, serving: bool) -> CoreHandle:
+    """Start a core process for `config`; `results`: this side's PULL socket (a plain or an asyncio one), bound
+    here. `address`: a path prefix for the two IPC sockets. The core loads the model meanwhile."""
+    to_core, from_core = f"ipc://{address}-in", f"ipc://{address}-out"
+    commands = context.socket(zmq.PUSH)
+    commands.bind(to_core)
+    results.bind(from_core)
+    spawn = multiprocessing.get_context("spawn")   # fork would copy this process's threads and torch state
+    process = spawn.Process(target=run_engine_core, args=(config, to_core, from_core, os.getpid(), serving),
+                            name="effinfer-engine-core", daemon=True)
+    process.start()
+    return CoreHandle(process, commands, results)
+
+
+def wait_ready(core: CoreHandle, timeout: float) -> Ready:
+    """Block until the core has built its engine; a core that cannot start raises with its reason."""
+    decoder = msgspec.msgpack.Decoder(FromCore)
+    results = zmq.Socket.shadow(core.results.underlying)    # plain and non-owning, whatever kind `results` is
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if results.poll(200):
+            message = decoder.decode(results.recv())
+            if isinstance(message, Ready):
+                return message
+            if isinstance(message, StartFailed):
+                core.process.join(5)
+                raise RuntimeError(f"the engine could not start: {message.message}")
+        elif not core.process.is_alive():
+            raise RuntimeError(f"the engine process exited while starting (exit code {core.process.exitcode})")
+    core.process.kill()
+    raise RuntimeError(f"the engine did not start within {timeout:.0f} s")
+
+
+def stop_core(core: CoreHandle, timeout: float) -> None:
+    """Ask the core to stop, kill it if it has not within `timeout`, and close this side's sockets."""
+    if core.process.is_alive():
+        try:
+            core.commands.send(msgspec.msgpack.encode(Shutdown()), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        core.process.join(timeout)
+        if core.process.is_alive():
+            core.process.kill()
+            core.process.join(5)
+    close_sockets(core)
+
+
+def close_sockets(core: CoreHandle) -> None:
+    # An asyncio socket is not among its context's own (`destroy` would wait on it forever): close both here.
+    for socket in (core.commands, core.results):
+        if not socket.closed:
+            socket.close(linger=0)
+
+
+# ---- the blocking client: LLM(model, engine_process=True) ------------------------------------------------
+class CoreEngine:
+    """An engine core process behind the calls `LLM` makes of an in-process `LLMEngine` (`encode_prompt`,
+    `check_prompt_length`, `add_request`, `step`, `abort`, `has_unfinished`): this process keeps the tokenizer,
+    each `step()` returns the outputs of the core's next step report. One caller at a time."""
+
+    def __init__(self, config, start_timeout: float = 900.0, step_timeout: float = 600.0):
+        from effinfer.models import load_tokenizer
+
+        self.config, self.step_timeout = config, step_timeout
+        self._dir = tempfile.mkdtemp(prefix="effinfer-ipc-")
+        self._context = zmq.Context()
+        self._core = spawn_core(config, self._context, f"{self._dir}/core", self._context.socket(zmq.PULL), serving=False)
+        atexit.register(self.close)   # multiprocessing's own handler would wait on a core that ignores SIGTERM
+        try:
+            self.tokenizer = load_tokenizer(config.model.model, config.model.cache_dir)   # while the core loads
+            self.info = wait_ready(self._core, start_timeout).info
+        except BaseException:
+            self.close()
+            raise
+        self.max_model_len = self.info.max_model_len
+        self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromCore)
+        self._outputs: dict[str, Accumulated] = {}
+        self._ids = itertools.count()
+
+    @property
+    def summary(self) -> str:
+        return self.info.summary
+
+    @property
+    def pid(self) -> int:
+        return self._core.process.pid
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, self.info.vocab_size, prompt)
+
+    def check_prompt_length(self, prompt_ids: list[int]) -> None:
+        check_prompt_length(prompt_ids, self.max_model_len)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0) -> str:
+        params = params or SamplingParams()
+        prompt_ids = self.encode_prompt(prompt)
+        self.check_prompt_length(prompt_ids)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._outputs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._outputs[request_id] = Accumulated(prompt_ids, params)
+        self._core.commands.send(self._encoder.encode(AddRequest(request_id, prompt_ids, params, priority)))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        if self._outputs.pop(request_id, None) is not None:
+            self._core.commands.send(self._encoder.encode(Abort([request_id])))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._outputs)
+
+    def step(self) -> list[RequestOutput]:
+        """The outputs of the core's next step (blocking); a request the core refused raises its error."""
+        deadline = time.monotonic() + self.step_timeout
+        while time.monotonic() < deadline:
+            if not self._core.results.poll(200):
+                if not self._core.process.is_alive():
+                    self._outputs.clear()
+                    raise RuntimeError(f"the engine process died (exit code {self._core.process.exitcode})")
+                continue
+            message = self._decoder.decode(self._core.results.recv())
+            if isinstance(message, StepReport):
+                return [out for delta in message.outputs if (out := apply_delta(self._outputs, delta)) is not None]
+            if isinstance(message, RequestFailed) and self._outputs.pop(message.request_id, None) is not None:
+                raise (ValueError if message.status < 500 else RuntimeError)(message.message)
+            if not self._outputs:   # a heartbeat, or the report of requests aborted here
+                return []
+        raise RuntimeError(f"the engine made no progress for {self.step_timeout:.0f} s")
+
+    def close(self) -> None:
+        if self._context.closed:
+            return
+        stop_core(self._core, 10.0)
+        self._context.destroy(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""`LLM(model, engine_process=True)`: the offline facade over an engine core process of its own (the one
+`effinfer serve` runs) gives the in-process engine's outputs (greedy, seeded samples, n > 1, streams, stop
+strings), refuses what it cannot do there with a clear error, reports a core that died, and stops its core."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from effinfer import LLM, SamplingParams
+from tests.tiny_models import save_tiny_folder
+
+COMMON = dict(dtype="float32", show_progress=False, num_blocks=64, max_num_seqs=8, max_model_len=256)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13] * 2, [20, 21, 22], [30, 31, 32, 33, 34, 35, 36]]
+PARAMS = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+          SamplingParams(max_tokens=12, temperature=0.8, seed=7, n=2, ignore_eos=True, logprobs=2),
+          SamplingParams(max_tokens=16, temperature=0.0, stop=["w3"], ignore_eos=True)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_folder("llama", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def in_core(folder):
+    llm = LLM(str(folder), engine_process=True, **COMMON)
+    yield llm
+    llm.close()
+
+
+def outputs(results):
+    return [[(o.token_ids, o.text, o.finish_reason, [(lp.logprob, [tuple(t) for t in lp.top]) for lp in o.logprobs or []])
+             for o in r.outputs] for r in results]
+
+
+def test_the_core_process_gives_the_in_process_outputs(folder, in_core):
+    expected = LLM(str(folder), **COMMON).generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert outputs(in_core.generate(PROMPTS, PARAMS, use_tqdm=False)) == outputs(expected)
+    assert in_core.engine.info.settings["compile"] == "off"     # offline: no background compile in the core
+
+
+def test_streams_and_early_stops(in_core):
+    whole = in_core.generate(PROMPTS[1], PARAMS[0], use_tqdm=False)[0].token_ids
+    streamed = list(in_core.stream(PROMPTS[1], PARAMS[0]))
+    assert streamed[-1].finished and streamed[-1].token_ids == whole
+    assert sum(len(o.new_token_ids) for o in streamed) == len(whole)
+    for out in in_core.stream(PROMPTS[1], PARAMS[0]):     # leaving early aborts the request in the core
+        break
+    assert not in_core.engine.has_unfinished()
+    assert in_core.generate(PROMPTS[1], PARAMS[0], use_tqdm=False)[0].token_ids == whole
+
+
+def test_what_needs_the_engine_here_says_so(in_core):
+    with pytest.raises(ValueError, match="the context holds 256"):
+        in_core.generate([[5] * 300], PARAMS[0], use_tqdm=False)
+    with pytest.raises(RuntimeError, match=r"^score\(\) needs the engine in this process"):
+        in_core.score([5, 6, 7])
+
+
+def test_a_dead_core_is_an_error_not_a_hang(folder):
+    llm = LLM(str(folder), engine_process=True, **COMMON)
+    try:
+        llm.engine.add_request(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True), "r")
+        llm.engine.step()
+        os.kill(llm.engine.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"the engine process died \(exit code -9\)"):
+            while llm.engine.has_unfinished():
+                llm.engine.step()
+    finally:
+        llm.close()
+    assert not llm.engine.has_unfinished()
+
+
+def test_close_stops_the_core(folder):
+    llm = LLM(str(folder), engine_process=True, **COMMON)
+    pid = llm.engine.pid
+    llm.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
