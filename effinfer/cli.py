@@ -251,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server_config = ServerConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)})
     log_to_stderr()
     if not server_config.engine_process:
-        from effinfer.llm import build_engine
+        from effinfer.build import build_engine
 
         engine = build_engine(EngineConfig.from_kwargs(**engine_kwargs(args)), serving=True)
         return _serve(build_app(engine, server_config), server_config)

@@ -1,4 +1,4 @@
-"""Decode steps through `torch.compile` (`--compile`): a fast-kernel path for small models.
+"""Decode steps through `torch.compile` (a server's default, or `--compile`): a fast-kernel path for small models.
 
 A single-token decode step of a small model is mostly overhead: per layer two norms, rotary, the KV
 write, attention, the activation and two residual adds are ~25 tiny ops of a few microseconds each,
@@ -8,8 +8,8 @@ Prefill chunks, verification of drafts and early exits keep the eager path.
 
 Only the batch size and the context width are dynamic; the KV pages and weights are static shapes
 (dynamic page shapes cost ~15% of the step in generic index arithmetic), and guards are kept on the
-step's inputs only; the weights are frozen into the graph and its kernels are called from a C++ wrapper.
-The price is the compile: 3-4 minutes for both batch-size variants of SmolLM2 on 2 cores the first time
+step's inputs only; its kernels are called from a C++ wrapper (and with `--compile` the weights are frozen
+into the graph). The price is the compile: 3-4 minutes for both batch-size variants of SmolLM2 on 2 cores the first time
 with given settings, the graphs being keyed to the KV pool's size (later starts take less, from PyTorch's
 inductor cache). Every variant is compiled before the runner uses any, so a server never stalls mid-stream
 on a recompile: either when the engine starts (`compile=True`), or, by default in a server, on a
