@@ -134,8 +134,6 @@ class EngineClient:
         """After a step, or from an idle engine (`step_time` None): it is alive, and its counters now."""
         self.last_progress = time.monotonic()
         self._stall_logged = False
-        if stats.decode_steps != self.stats.decode_steps and stats.decode_steps != "compiling":
-            log.info("engine: decode steps now run %s", stats.decode_steps)
         self.stats = stats
         if self.on_step is not None:
             self.on_step(stats, outputs, step_time)

@@ -234,9 +234,9 @@ def test_the_core_exits_when_its_server_is_killed(smollm2_path, tmp_path):
             core.kill()
 
 
-def test_the_core_compiles_in_the_background_while_it_serves(tmp_path, caplog):
+def test_the_core_compiles_in_the_background_while_it_serves(tmp_path):
     """With no compile flag the core answers at once (eager) and says when its decode steps run compiled:
-    in its heartbeat (the API side logs it) and in /metrics."""
+    in its heartbeat, and so in /metrics."""
     from effinfer.models import load_tokenizer
     from effinfer.serving.engine_core import ProcessEngine
     from tests.tiny_models import save_tiny_folder
@@ -246,7 +246,7 @@ def test_the_core_compiles_in_the_background_while_it_serves(tmp_path, caplog):
     engine.start()
     try:
         assert engine.info.settings["compile"] == "background"
-        with caplog.at_level(logging.INFO, logger="effinfer"), Served(engine, load_tokenizer(str(tmp_path))) as served:
+        with Served(engine, load_tokenizer(str(tmp_path))) as served:
             body = {"prompt": [5, 6, 7], "max_tokens": 8, "ignore_eos": True}
             reply = httpx.post(served.url + "/v1/completions", json=body, timeout=60)
             assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
@@ -254,7 +254,6 @@ def test_the_core_compiles_in_the_background_while_it_serves(tmp_path, caplog):
             while _metric(httpx.get(served.url + "/metrics").text, "effinfer:decode_steps_compiled") != 1.0:
                 assert time.time() < deadline, "the decode step was not compiled"
                 time.sleep(0.5)
-            assert "decode steps now run compiled" in caplog.text
             reply = httpx.post(served.url + "/v1/completions", json=body, timeout=60)
             assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
     finally:
