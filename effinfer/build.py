@@ -59,7 +59,7 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     speculator = None
     if config.spec.speculative_method:
         speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
-    torch.manual_seed(config.global_seed)   # requests without a seed draw from here, whatever building did
+    torch.manual_seed(config.global_seed)   # what draws from the global state (proposers) starts alike, whatever building did
     summary = _summary(config, loaded, block_manager.num_blocks, max_model_len, device, dtype, compile_when)
     engine = LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator, summary)
     if compile_when == "background":

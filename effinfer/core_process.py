@@ -351,9 +351,11 @@ class CoreEngine:
         self.config, self.step_timeout = config, step_timeout
         self._dir = tempfile.mkdtemp(prefix="effinfer-ipc-")
         self._context = zmq.Context()
-        self._core = spawn_core(config, self._context, f"{self._dir}/core", self._context.socket(zmq.PULL), serving=False)
+        self._core: CoreHandle | None = None
         atexit.register(self.close)   # multiprocessing's own handler would wait on a core that ignores SIGTERM
         try:
+            self._core = spawn_core(config, self._context, f"{self._dir}/core", self._context.socket(zmq.PULL),
+                                    serving=False)
             self.tokenizer = load_tokenizer(config.model.model, config.model.cache_dir)   # while the core loads
             self.info = wait_ready(self._core, start_timeout).info
         except BaseException:
@@ -386,13 +388,22 @@ class CoreEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._outputs:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._send(AddRequest(request_id, prompt_ids, params, priority))
         self._outputs[request_id] = Accumulated(prompt_ids, params)
-        self._core.commands.send(self._encoder.encode(AddRequest(request_id, prompt_ids, params, priority)))
         return request_id
 
     def abort(self, request_id: str) -> None:
-        if self._outputs.pop(request_id, None) is not None:
-            self._core.commands.send(self._encoder.encode(Abort([request_id])))
+        if self._outputs.pop(request_id, None) is not None and self._core.process.is_alive():
+            self._send(Abort([request_id]))
+
+    def _send(self, message) -> None:
+        """Without blocking: a send to a core that has died would wait forever for it to come back."""
+        try:
+            if not self._core.process.is_alive():
+                raise zmq.Again()
+            self._core.commands.send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            raise RuntimeError(f"the engine process has died (exit code {self._core.process.exitcode})") from None
 
     def has_unfinished(self) -> bool:
         return bool(self._outputs)
@@ -410,7 +421,10 @@ class CoreEngine:
             if isinstance(message, StepReport):
                 return [out for delta in message.outputs if (out := apply_delta(self._outputs, delta)) is not None]
             if isinstance(message, RequestFailed) and self._outputs.pop(message.request_id, None) is not None:
-                raise (ValueError if message.status < 500 else RuntimeError)(message.message)
+                if message.status < 500:
+                    raise ValueError(message.message)
+                self._outputs.clear()    # a failed step: the core has aborted every request it held
+                raise RuntimeError("an engine step failed; the engine process's stderr has the traceback")
             if not self._outputs:   # a heartbeat, or the report of requests aborted here
                 return []
         raise RuntimeError(f"the engine made no progress for {self.step_timeout:.0f} s")
@@ -418,6 +432,8 @@ class CoreEngine:
     def close(self) -> None:
         if self._context.closed:
             return
-        stop_core(self._core, 10.0)
+        atexit.unregister(self.close)
+        if self._core is not None:
+            stop_core(self._core, 10.0)
         self._context.destroy(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -65,8 +65,14 @@ class LLM:
         encoded = [self.engine.encode_prompt(p) for p in prompts]
         for prompt_ids in encoded:  # fail before anything is queued
             self.engine.check_prompt_length(prompt_ids)
-        ids = self._add_all(encoded, params, priority or [0] * len(prompts))
-        finals = self._run(sum(p.n for p in params), use_tqdm)
+        ids = [[f"gen-{i}-{k}" for k in range(p.n)] for i, p in enumerate(params)]
+        try:
+            self._add_all(encoded, params, priority or [0] * len(prompts), ids)
+            finals = self._run(sum(p.n for p in params), use_tqdm)
+        except BaseException:   # a refused request, a failed step, Ctrl-C: leave nothing of this call running
+            for request_id in (rid for group in ids for rid in group):
+                self.engine.abort(request_id)
+            raise
         return [GenerationResult(prompt_ids, [finals[i] for i in group]) for prompt_ids, group in zip(encoded, ids)]
 
     def score(self, prompt: Prompt) -> "torch.Tensor":
@@ -92,14 +98,11 @@ class LLM:
             raise RuntimeError(f"{what} needs the engine in this process; create the LLM without engine_process=True")
         return self.engine
 
-    def _add_all(self, encoded: list[list[int]], params: list[SamplingParams], priority: list[int]) -> list[list[str]]:
-        groups = []
+    def _add_all(self, encoded: list[list[int]], params: list[SamplingParams], priority: list[int],
+                 ids: list[list[str]]) -> None:
         for i, (prompt_ids, p) in enumerate(zip(encoded, params)):
-            ids = [f"gen-{i}-{k}" for k in range(p.n)]
-            for k, request_id in enumerate(ids):
+            for k, request_id in enumerate(ids[i]):
                 self.engine.add_request(prompt_ids, p.for_sample(k), request_id, priority[i])
-            groups.append(ids)
-        return groups
 
     def _run(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         finals: dict[str, RequestOutput] = {}

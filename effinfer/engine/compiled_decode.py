@@ -132,8 +132,7 @@ class BackgroundCompile:
         # ops: at the default 5 ms switch interval it waits up to that long each time (SmolLM2's eager decode
         # fell from ~60 to ~3 tokens/s while graphs loaded from the cache; ~9 at this interval). The C++
         # compiles of a cold start hold no GIL (~40 tokens/s meanwhile).
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(SWITCH_INTERVAL)
+        _short_switch_interval(+1)
         try:
             compiled = build(self.compile_fn, self.runner.model, *self.args)
         except RuntimeError as e:   # an eager engine still serves: a warning, not a failure
@@ -141,11 +140,25 @@ class BackgroundCompile:
             log.warning("%s; decode steps stay eager", e)
             return
         finally:
-            sys.setswitchinterval(interval)
+            _short_switch_interval(-1)
         self.seconds = time.perf_counter() - started
         self.runner.compiled_forward = compiled
         self.runner.decode_steps = "compiled"
         log.info("decode step compiled in %.0f s; decode steps now run compiled", self.seconds)
+
+
+_compiles = {"running": 0, "interval": sys.getswitchinterval()}
+_compiles_lock = threading.Lock()
+
+
+def _short_switch_interval(change: int) -> None:
+    """`SWITCH_INTERVAL` while any background compile of this process runs (two engines may compile at once),
+    the interval it had before once none does."""
+    with _compiles_lock:
+        if _compiles["running"] == 0:
+            _compiles["interval"] = sys.getswitchinterval()
+        _compiles["running"] += change
+        sys.setswitchinterval(SWITCH_INTERVAL if _compiles["running"] else _compiles["interval"])
 
 
 def _step_guards_only(guards) -> list[bool]:

@@ -42,6 +42,9 @@ class LLMEngine:
         self.speculator = speculator
         self.outputs = OutputProcessor(self.tokenizer)
         self.requests: dict[str, Request] = {}
+        self.seeds = torch.Generator().manual_seed(config.global_seed)
+        """Where requests without a seed draw theirs: the engine's own, because torch.compile saves and restores
+        the global random state around a compile (a background one would hand out the same seeds again)."""
         self.background_compile = None
         """The `BackgroundCompile` building this engine's compiled decode step while it serves, if any."""
         self._ids = itertools.count()
@@ -75,7 +78,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, prompt_ids, params, self.loaded.config.eos_token_ids, priority)
-        request.generator = _generator(params.seed, self.device)
+        request.generator = _generator(params.seed, self.device, self.seeds)
         self._set_exit_threshold(request)
         self.requests[request_id] = request
         self.outputs.add(request)
@@ -188,7 +191,7 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
     raise TypeError("a prompt is a non-empty string, list of token ids, or list of chat messages")
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+def _generator(seed: int | None, device: torch.device, seeds: torch.Generator) -> torch.Generator:
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (), generator=seeds).item()))
     return generator

@@ -95,9 +95,15 @@ class EngineClient:
             raise EngineDeadError(reason)
         out_queue: asyncio.Queue = asyncio.Queue()
         ids = [f"{request_id}-{k}" for k in range(len(params))]
-        for k, (rid, p) in enumerate(zip(ids, params)):
-            self._streams[rid] = _Stream(out_queue, k)
-            self._submit(("add", rid, prompt_ids, p, priority))
+        try:
+            for k, (rid, p) in enumerate(zip(ids, params)):
+                self._streams[rid] = _Stream(out_queue, k)
+                self._submit(("add", rid, prompt_ids, p, priority))
+        except BaseException:   # the engine took none or some: forget them all, abort what it took
+            for rid in ids:
+                if self._streams.pop(rid, None) is not None:
+                    self._submit(("abort", rid))
+            raise
         self.num_in_flight += len(ids)
         unfinished = set(ids)
         try:

@@ -113,7 +113,12 @@ class ProcessEngine(EngineClient):
         else:
             self._outputs.pop(command[1], None)
             message = Abort([command[1]])
-        self._core.commands.send(self._encoder.encode(message))   # PUSH queues locally: does not block the loop
+        try:   # never blocks the event loop: a core that died and is not yet reaped takes no more messages
+            self._core.commands.send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            if command[0] == "add":
+                self._outputs.pop(command[1], None)
+                raise EngineDeadError("the engine process is not taking requests (it died or is restarting)") from None
 
     async def _receive(self, results: zmq.asyncio.Socket) -> None:
         while True:

@@ -89,26 +89,32 @@ def run_to_end(engine, prompts, params, steps: int | None = None) -> dict[str, l
 
 
 def test_background_compile_switches_between_steps_of_running_streams(tmp_path, monkeypatch):
-    """The compile (here: the eager forward, counted, held until the test releases it) runs on its own thread;
-    the streams keep decoding meanwhile, and their next steps run the compiled forward; the warm-up's steps
-    write only the scratch block (the first request owns block 0), so the streams' tokens stay the eager ones."""
+    """The compile (here: the eager forward, counted) runs on its own thread, held after its first warm-up
+    step until the test releases it; the streams keep decoding meanwhile, and their steps after the switch
+    run the compiled forward. The warm-up steps write only the scratch block (the first request owns block 0),
+    so the streams' tokens stay the eager ones."""
     save_tiny_folder("llama", tmp_path)
     expected = [r.token_ids for r in LLM(str(tmp_path), **COMMON).generate(PROMPTS, GREEDY, use_tqdm=False)]
-    release, calls = threading.Event(), {"n": 0}
+    warmed, release, calls = threading.Event(), threading.Event(), {"n": 0}
 
     def held_compile(model, freeze=True):
-        assert release.wait(60)
-
         def forward(*args):
             calls["n"] += 1
-            return model.forward(*args)
+            out = model.forward(*args)
+            if not release.is_set():    # the first warm-up step has written its K/V: wait here
+                warmed.set()
+                assert release.wait(60)
+            return out
         return forward
 
     monkeypatch.setattr(compiled_decode, "compile_decode", held_compile)
     engine = serving_engine(tmp_path)
     assert engine.runner.decode_steps == "compiling" and "compiled in the background" in engine.summary
-    first = run_to_end(engine, PROMPTS, GREEDY, steps=6)
-    assert calls["n"] == 0 and all(0 < len(t) < GREEDY.max_tokens for t in first.values())
+    first = run_to_end(engine, PROMPTS, GREEDY, steps=3)
+    assert warmed.wait(60)
+    more = run_to_end(engine, PROMPTS, GREEDY, steps=3)     # decoding while the warm-up is held mid-way
+    assert engine.runner.compiled_forward is None and all(0 < len(t) < GREEDY.max_tokens for t in more.values())
+    assert all(len(more[rid]) > len(first[rid]) for rid in first)
     release.set()
     engine.background_compile.thread.join(60)
     assert engine.runner.decode_steps == "compiled" and engine.stats().decode_steps == "compiled"
@@ -116,6 +122,18 @@ def test_background_compile_switches_between_steps_of_running_streams(tmp_path, 
     rest = run_to_end(engine, PROMPTS, GREEDY)
     assert [rest[f"r{i}"] for i in range(len(PROMPTS))] == expected
     assert calls["n"] >= GREEDY.max_tokens - 8          # the decode steps after the switch ran compiled
+
+
+def test_unseeded_requests_draw_seeds_from_the_engine_not_the_global_state(tmp_path):
+    """torch.compile saves the global random state before a compile and restores it after: a background
+    compile would hand the seeds drawn meanwhile out again, if requests drew them from there."""
+    save_tiny_folder("llama", tmp_path)
+    engine = LLM(str(tmp_path), **COMMON).engine
+    seeds = []
+    for i in range(3):
+        torch.manual_seed(0)      # what a compile on another thread does to the global state
+        seeds.append(engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), f"r{i}").generator.initial_seed())
+    assert len(set(seeds)) == 3
 
 
 def test_a_failed_background_compile_leaves_the_engine_eager(tmp_path, monkeypatch, caplog):

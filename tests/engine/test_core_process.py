@@ -71,6 +71,8 @@ def test_a_dead_core_is_an_error_not_a_hang(folder):
         with pytest.raises(RuntimeError, match=r"the engine process died \(exit code -9\)"):
             while llm.engine.has_unfinished():
                 llm.engine.step()
+        with pytest.raises(RuntimeError, match=r"the engine process has died \(exit code -9\)"):
+            llm.generate(PROMPTS, PARAMS[0], use_tqdm=False)      # not a send that waits for it forever
     finally:
         llm.close()
     assert not llm.engine.has_unfinished()
