@@ -313,7 +313,8 @@ def wait_ready(core: CoreHandle, timeout: float) -> Ready:
                 core.process.join(5)
                 raise RuntimeError(f"the engine could not start: {message.message}")
         elif not core.process.is_alive():
-            raise RuntimeError(f"the engine process exited while starting (exit code {core.process.exitcode})")
+            raise RuntimeError(f"the engine process exited while starting (exit code {core.process.exitcode}; it is "
+                               "spawned, so a script that starts it needs an `if __name__ == '__main__':` guard)")
     core.process.kill()
     raise RuntimeError(f"the engine did not start within {timeout:.0f} s")
 

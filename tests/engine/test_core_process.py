@@ -84,3 +84,15 @@ def test_close_stops_the_core(folder):
     llm.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_script_without_a_main_guard_is_told_why(folder, tmp_path):
+    """The core is spawned: it re-imports the script, which must not start a second core on import."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from effinfer import LLM\n"
+                      f"LLM({str(folder)!r}, engine_process=True, dtype='float32', num_blocks=16, show_progress=False)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert run.returncode != 0 and "needs an `if __name__ == '__main__':` guard" in run.stderr
