@@ -51,11 +51,11 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     allocate_kv_cache(loaded.model, block_manager.num_blocks + (compile_when is not None), cc.block_size, dtype,
                       device, get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
     max_model_len = _max_model_len(config, loaded, block_manager.num_blocks)
-    runner = ModelRunner(loaded.model, cc.block_size, device, early_exit=_early_exit(config, loaded.model))
+    compiled = None
     if compile_when == "now":
-        runner.compiled_forward = compiled_decode.compile_now(loaded.model, cc.block_size, scratch_block,
-                                                              config.scheduler.max_num_seqs, device, config.show_progress)
-        runner.decode_steps = "compiled"
+        compiled = compiled_decode.compile_now(loaded.model, cc.block_size, scratch_block, config.scheduler.max_num_seqs,
+                                               device, config.show_progress)
+    runner = ModelRunner(loaded.model, cc.block_size, device, compiled, _early_exit(config, loaded.model))
     speculator = None
     if config.spec.speculative_method:
         speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
