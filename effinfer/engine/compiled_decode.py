@@ -117,8 +117,6 @@ class BackgroundCompile:
         self.runner, self.compile_fn = runner, compile_fn
         self.args = (block_size, scratch_block, max_num_seqs, runner.device, False)
         self.thread = threading.Thread(target=self._run, name="effinfer-compile", daemon=True)
-        self.seconds: float | None = None
-        """How long the compile took, once done."""
 
     def start(self) -> "BackgroundCompile":
         self.runner.decode_steps = "compiling"
@@ -141,10 +139,9 @@ class BackgroundCompile:
             return
         finally:
             _short_switch_interval(-1)
-        self.seconds = time.perf_counter() - started
         self.runner.compiled_forward = compiled
         self.runner.decode_steps = "compiled"
-        log.info("decode step compiled in %.0f s; decode steps now run compiled", self.seconds)
+        log.info("decode step compiled in %.0f s; decode steps now run compiled", time.perf_counter() - started)
 
 
 _compiles = {"running": 0, "interval": sys.getswitchinterval()}
