@@ -1,12 +1,15 @@
-"""Small helpers shared by every layer of the package: errors users see, progress bars, devices."""
+"""Small helpers shared by every layer of the package: errors users see, progress bars, devices.
+
+Imports no torch: the server's API process (configs, tokenizer, HTTP) runs without it."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable, TypeVar
+from typing import TYPE_CHECKING, Iterable, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -24,19 +27,24 @@ def progress(items: Iterable[T], desc: str, enabled: bool = True, total: int | N
     return tqdm(items, desc=desc, total=total, unit=unit, leave=False)
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# dtype names users may write -> the torch dtype's name
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+          "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

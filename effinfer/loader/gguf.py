@@ -1,6 +1,6 @@
 """GGUF checkpoints through the `gguf` package: metadata -> ArchConfig, tensors -> HF-named torch tensors.
 
-The file is memory-mapped by `GGUFReader`; `GGUFFile.raw_tensor()` hands out the quantized blocks as
+The file is memory-mapped (`gguf_header.GGUFHeader`); `GGUFFile.raw_tensor()` hands out the quantized blocks as
 they are on disk for compression work, and `iter_weights()` dequantizes one tensor at a time.
 
 llama.cpp's converter changes two things that we undo so the HF-layout model classes apply:
@@ -55,27 +55,26 @@ _SKIPPED = {"rope_freqs.weight"}
 
 class GGUFFile:
     def __init__(self, path: str | os.PathLike):
-        from gguf import GGUFReader  # the reader is only needed when a GGUF file is loaded
+        from effinfer.loader.gguf_header import GGUFFormatError, GGUFHeader  # imports `gguf`: only when needed
 
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"GGUF file not found: {self.path}")
         try:
-            self.reader = GGUFReader(self.path)
-        except Exception as exc:  # the reader raises bare ValueError/IndexError on bad bytes
+            self.header = GGUFHeader(self.path)
+        except GGUFFormatError as exc:
             raise ModelLoadError(f"{self.path} is not a readable GGUF file ({exc}); "
                                  "it may be truncated or corrupt, pull or copy it again") from exc
         self._check_complete()
         self.architecture = self.field("general.architecture")
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.tensors = {t.name: t for t in self.header.tensors}
 
     def field(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.header.field(key, default)
 
     def _check_complete(self) -> None:
         size = self.path.stat().st_size
-        for t in self.reader.tensors:
+        for t in self.header.tensors:
             end = t.data_offset + t.n_bytes
             if end > size:
                 raise ModelLoadError(f"{self.path} is truncated: tensor {t.name!r} ends at byte {end:,} "
@@ -98,7 +97,7 @@ class GGUFFile:
     def hf_tensor_types(self) -> dict[str, int]:
         """HF name -> GGML quantization type of every weight."""
         layer_names = _GEMMA3_LAYER_NAMES if self.architecture == "gemma3" else _LAYER_NAMES
-        return {_hf_name(t.name, layer_names): t.tensor_type for t in self.reader.tensors if t.name not in _SKIPPED}
+        return {_hf_name(t.name, layer_names): t.tensor_type for t in self.header.tensors if t.name not in _SKIPPED}
 
     def iter_weights(self, show_progress: bool = True, keep_int4_blocks: bool = False) -> Iterator[tuple[str, object]]:
         """(HF name, fp32 tensor) for every weight, dequantized one at a time; with `keep_int4_blocks`,
@@ -108,7 +107,7 @@ class GGUFFile:
         cfg_heads = (self.field(f"{self.architecture}.attention.head_count"),
                      self.field(f"{self.architecture}.attention.head_count_kv"))
         layer_names = _GEMMA3_LAYER_NAMES if self.architecture == "gemma3" else _LAYER_NAMES
-        for t in progress(self.reader.tensors, "dequantize", show_progress):
+        for t in progress(self.header.tensors, "dequantize", show_progress):
             if t.name in _SKIPPED:
                 continue
             if keep_int4_blocks and t.name.startswith("blk.") and len(t.shape) == 2:

@@ -26,8 +26,6 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: ArchConfig
     path: Path
-    gguf: object | None = None
-    """The open `GGUFFile` when the weights came from one (its raw quantized blocks stay reachable)."""
     prune_report: dict | None = None
     """What pruning at load removed from the model, if it was pruned."""
     quantization: str | None = None
@@ -85,7 +83,8 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
     model = _build(source.config, weights, dtype, device, quant)
     weights_note = f"weights {quant.quantization if quant else str(dtype).removeprefix('torch.')}" + \
         (f" ({note})" if note else "")
-    return LoadedModel(model, source.tokenizer(), source.config, path, source.gguf,
+    # the model holds no view of the file: dropping the source unmaps it (its pages leave resident memory)
+    return LoadedModel(model, source.tokenizer(), source.config, path,
                        quantization=quant.quantization if quant else None, weights_note=weights_note)
 
 

@@ -136,3 +136,82 @@ def test_unsupported_tensor_type_is_named(tmp_path):
     writer.close()
     with pytest.raises(ModelLoadError, match="IQ4_NL.*supported: F32"):
         GGUFFile(path)
+
+
+def assert_header_matches_gguf_reader(path, nested: tuple[str, ...] = ()):
+    """Every metadata value and tensor record as `gguf.GGUFReader` reads them (but the `nested` arrays of
+    arrays, which the reader flattens)."""
+    from gguf import GGUFReader
+
+    header, reader = GGUFFile(path).header, GGUFReader(path)
+    assert list(header.fields) == [k for k in reader.fields if not k.startswith("GGUF.")]
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key not in nested:
+            assert header.field(key) == field.contents(), key
+    assert len(header.tensors) == len(reader.tensors)
+    for ours, theirs in zip(header.tensors, reader.tensors):
+        assert (ours.name, ours.tensor_type, ours.n_elements, ours.n_bytes, ours.data_offset) == \
+            (theirs.name, theirs.tensor_type, theirs.n_elements, theirs.n_bytes, theirs.data_offset)
+        assert ours.shape.tolist() == theirs.shape.tolist()
+        assert ours.data.dtype == theirs.data.dtype and np.array_equal(ours.data, theirs.data), ours.name
+
+
+def test_header_reads_every_value_type_as_gguf_reader_does(tmp_path):
+    from gguf import GGUFValueType
+
+    path = tmp_path / "types.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_uint8("t.u8", 200)
+    writer.add_int8("t.i8", -100)
+    writer.add_uint16("t.u16", 60000)
+    writer.add_int16("t.i16", -30000)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int32("t.i32", -2_000_000_000)
+    writer.add_uint64("t.u64", 2**63 + 5)
+    writer.add_int64("t.i64", -(2**62))
+    writer.add_float32("t.f32", 0.5)
+    writer.add_float64("t.f64", 1e-300)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo ▁wörld")
+    writer.add_array("t.strings", ["a", "", "ü▁", "<|im_end|>"] * 50)
+    writer.add_array("t.floats", [0.25, -1.5, 3.0])
+    writer.add_key_value("t.nested", [[1, 2], [3]], GGUFValueType.ARRAY)
+    writer.add_array("t.empty", [])
+    writer.add_tensor("a.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.add_tensor("b.weight", np.arange(6, dtype=np.float16).reshape(2, 3))
+    writer.add_tensor("c.weight", quantize(np.ones((2, 64), np.float32), GGMLQuantizationType.Q8_0),
+                      raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_header_matches_gguf_reader(path, nested=("t.nested",))
+    f = GGUFFile(path)
+    assert f.field("t.strings")[:4] == ["a", "", "ü▁", "<|im_end|>"] and f.field("t.nested") == [[1, 2], [3]]
+
+
+def test_header_of_a_real_model_matches_gguf_reader(smollm2_path):
+    assert_header_matches_gguf_reader(smollm2_path)
+
+
+@pytest.mark.parametrize("cut", [3, 20, 100, 2000])
+def test_a_header_cut_short_is_not_readable(tmp_path, cut):
+    path = write_gguf(tmp_path / "t.gguf", tiny_hf_model("llama"), "llama")
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(ModelLoadError, match="not a readable GGUF|is truncated"):
+        GGUFFile(path)
+
+
+def test_an_impossible_array_length_is_not_readable(tmp_path):
+    path = tmp_path / "huge.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_array("t.strings", ["x"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    data = bytearray(path.read_bytes())
+    count_at = data.index(b"t.strings") + len("t.strings") + 4 + 4   # key, value type, item type
+    data[count_at:count_at + 8] = (2**60).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="does not fit in the file"):
+        GGUFFile(path)
