@@ -12,7 +12,7 @@ import argparse
 import numpy as np
 
 from effinfer.bench.workloads import load_sharegpt
-from effinfer.models import load_tokenizer
+from effinfer.loader.source import load_tokenizer
 
 
 def main() -> None:

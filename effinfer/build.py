@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from effinfer.compression.prune import Calibration, get_prune_method, prune_model
-from effinfer.compression.quant import AUTO
+from effinfer.compression.quant import AUTO, get_kv_dtype
 from effinfer.compression.quant.calibrate import calibration_windows
-from effinfer.compression.quant.kv_quant import get_kv_dtype
 from effinfer.config import CacheConfig, EngineConfig, QuantConfig
 from effinfer.decoding.early_exit import EarlyExit, ExitHeads
 from effinfer.decoding.spec import DraftContext, speculator_from_config

@@ -12,10 +12,9 @@ import sys
 import time
 import typing
 
-from effinfer.cli_args import (add_engine_args, add_sampling_args, arg_type, engine_kwargs, make_llm,
+from effinfer.cli_args import (LazyChoices, add_engine_args, add_sampling_args, arg_type, engine_kwargs, make_llm,
                                sampling_params_from)
 from effinfer.compression.prune import PRUNE_METHODS
-from effinfer.compression.quant.group_search import GROUP_FITS
 from effinfer.config import EngineConfig, field_docs
 from effinfer.loader import catalog
 from effinfer.loader.checkpoint import LOAD_AS
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None,
                    help="GPTQ: fraction of the Hessian's mean diagonal added to it (default 0.1; more: less fit "
                         "to the calibration text)")
-    p.add_argument("--gptq-groups", choices=list(GROUP_FITS), default=None,
+    p.add_argument("--gptq-groups", choices=LazyChoices(_group_fit_names), default=None, metavar="FIT",
                    help="GPTQ: each group's scale and minimum searched (clipping, weighted by the Hessian's "
                         "diagonal), from its range, or (mixed, the default) searched where that at least halves "
                         "the group's rounding error")
@@ -245,6 +244,12 @@ def report_speed(num_prompt: int, num_output: int, ttft: float, decode_time: flo
           f"time to first token: {ttft * 1000:.0f} ms  decode: {decode_rate:.1f} tokens/s", file=sys.stderr)
 
 
+def _group_fit_names() -> list[str]:
+    from effinfer.compression.quant.group_search import GROUP_FITS
+
+    return list(GROUP_FITS)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from effinfer.serving.api_server import ServerConfig, build_app
 
@@ -255,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         engine = build_engine(EngineConfig.from_kwargs(**engine_kwargs(args)), serving=True)
         return _serve(build_app(engine, server_config), server_config)
-    from effinfer.models import load_tokenizer
+    from effinfer.loader.source import load_tokenizer
     from effinfer.serving.engine_core import ProcessEngine
 
     config = EngineConfig.from_kwargs(**engine_kwargs(args))

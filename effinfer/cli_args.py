@@ -12,6 +12,28 @@ from effinfer.config import SUB_CONFIGS, EngineConfig, all_option_names, field_d
 from effinfer.sampling_params import SamplingParams
 
 
+class LazyChoices(list):
+    """argparse `choices` read from a table that imports torch, loaded only when the flag is given or its
+    help is shown: building the parser must not import torch (the server's API process runs without it).
+    Give the flag a `metavar`: argparse lists the choices in place of a missing one while it builds."""
+
+    def __init__(self, names: typing.Callable[[], typing.Iterable[str]]):
+        super().__init__()
+        self.names = names
+
+    def _load(self) -> None:
+        if not self:
+            self.extend(self.names())
+
+    def __contains__(self, item) -> bool:
+        self._load()
+        return super().__contains__(item)
+
+    def __iter__(self):
+        self._load()
+        return super().__iter__()
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128, temperature: float = 0.0) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)

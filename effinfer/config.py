@@ -20,8 +20,7 @@ def option_choices() -> dict[str, list[str]]:
     """Config fields whose value names a registered plug-in -> the names registered ("none": the field is off).
     The tables are imported here, not with this module: an engine that imports the config loads no technique."""
     from effinfer.compression.prune import PRUNE_METHODS
-    from effinfer.compression.quant import CPU_KERNELS, QUANT_METHODS
-    from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES
+    from effinfer.compression.quant import CPU_KERNELS, KV_CACHE_DTYPES, QUANT_METHODS
     from effinfer.decoding.spec import PROPOSERS
     from effinfer.layers.attn_backends import ATTENTION_BACKENDS
 

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
-from effinfer.decoding.sampler import TokenLogprobs
-from effinfer.engine.llm_engine import Prompt, check_prompt_length, encode_prompt
 from effinfer.outputs import EngineStats, RequestMetrics, RequestOutput
-from effinfer.sampling_params import SamplingParams
+from effinfer.prompts import Prompt, check_prompt_length, encode_prompt
+from effinfer.sampling_params import SamplingParams, TokenLogprobs
 from effinfer.utils import log_to_stderr
 
 log = logging.getLogger("effinfer.engine")
@@ -347,7 +346,7 @@ class CoreEngine:
     each `step()` returns the outputs of the core's next step report. One caller at a time."""
 
     def __init__(self, config, start_timeout: float = 900.0, step_timeout: float = 600.0):
-        from effinfer.models import load_tokenizer
+        from effinfer.loader.source import load_tokenizer
 
         self.config, self.step_timeout = config, step_timeout
         self._dir = tempfile.mkdtemp(prefix="effinfer-ipc-")

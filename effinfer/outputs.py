@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from effinfer.decoding.sampler import TokenLogprobs
+from effinfer.sampling_params import TokenLogprobs
 
 
 @dataclass

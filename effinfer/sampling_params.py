@@ -1,4 +1,5 @@
-"""Per-request sampling settings, validated where they enter (with the bad value and the valid range)."""
+"""Per-request sampling settings, validated where they enter (with the bad value and the valid range), and the
+log-probabilities a request that asks for them gets back (`TokenLogprobs`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float
+    """Log-probability of the sampled token."""
+    top: list[tuple[int, float]]
+    """The `logprobs` most likely (token id, log-probability) pairs, most likely first."""
 
 
 @dataclass

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from effinfer.bench.systems import PEER_SYSTEMS
-from effinfer.cli_args import add_engine_args, engine_kwargs
+from effinfer.cli_args import LazyChoices, add_engine_args, engine_kwargs
 from effinfer.config import EngineConfig, all_option_names
 from effinfer.bench.tasks import TASKS
 from effinfer.bench.workloads import PROMPT_SETS
 from effinfer.loader import catalog
+
+
+def _system_names() -> list[str]:
+    from effinfer.bench.systems import PEER_SYSTEMS   # imports torch: only when --system is given
+
+    return ["effinfer", *PEER_SYSTEMS]
 
 
 def add_bench_parser(sub) -> None:
@@ -96,7 +101,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from effinfer.bench.report import print_serve_table, write_record
     from effinfer.bench.serve import ServeConfig, run_serve_benchmark
     from effinfer.bench.workloads import WORKLOADS, random_requests, sharegpt_requests
-    from effinfer.models import load_tokenizer
+    from effinfer.loader.source import load_tokenizer
 
     slos = dict(_parse_slo(item) for item in args.goodput)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -165,7 +170,7 @@ def add_stop_at_eos_arg(b: argparse.ArgumentParser) -> None:
 
 
 def add_system_args(b: argparse.ArgumentParser) -> None:
-    b.add_argument("--system", default="effinfer", choices=["effinfer", *PEER_SYSTEMS],
+    b.add_argument("--system", default="effinfer", choices=LazyChoices(_system_names), metavar="SYSTEM",
                    help="what runs: effinfer, or a peer on the same model file (transformers, llamacpp)")
     b.add_argument("--quant", default=None, help="llamacpp: requantize the GGUF first (e.g. Q8_0, Q4_0)")
     add_engine_args(b)

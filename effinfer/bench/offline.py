@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from effinfer.compression.quant.kv_quant import get_kv_dtype
+from effinfer.compression.quant import get_kv_dtype
 from effinfer.engine.kv_cache import bytes_per_block
 from effinfer.bench.workloads import BenchRequest, random_requests
 

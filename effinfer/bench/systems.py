@@ -279,7 +279,7 @@ def make_system(options: dict, base_kwargs: dict) -> System:
         return EngineSystem(LLM(**{**base_kwargs, **options}))
     if kind not in PEER_SYSTEMS:
         raise ValueError(f"unknown system {kind!r}; choose effinfer, {', '.join(PEER_SYSTEMS)}")
-    from effinfer.models import load_tokenizer, resolve_model_path
+    from effinfer.loader.source import load_tokenizer, resolve_model_path
 
     model = options.pop("model", base_kwargs.get("model"))
     from effinfer.loader import catalog

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from effinfer.sampling_params import SamplingParams
+from effinfer.sampling_params import SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -23,14 +23,6 @@ class SamplingRow:
     generator: torch.Generator
     prompt_ids: list[int]
     output_ids: list[int]
-
-
-@dataclass
-class TokenLogprobs:
-    logprob: float
-    """Log-probability of the sampled token."""
-    top: list[tuple[int, float]]
-    """The `logprobs` most likely (token id, log-probability) pairs, most likely first."""
 
 
 @dataclass

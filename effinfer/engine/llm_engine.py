@@ -15,11 +15,9 @@ from effinfer.engine.request import FinishReason, Request
 from effinfer.engine.scheduler import Scheduler, SchedulerOutput
 from effinfer.models import LoadedModel
 from effinfer.outputs import EngineStats, RequestOutput
+from effinfer.prompts import Prompt, check_prompt_length, encode_prompt
 from effinfer.sampling_params import SamplingParams
 from effinfer.utils import parse_dtype
-
-Prompt = str | list[int] | list[dict]
-
 
 class LLMEngine:
     """Runs what it is given: a loaded model, its KV block pool, its model runner (which holds the compiled
@@ -167,28 +165,6 @@ class LLMEngine:
                 if self.speculator is not None:
                     self.speculator.release(request.request_id)
         return outputs
-
-
-def check_prompt_length(prompt_ids: list[int], max_model_len: int) -> None:
-    if not prompt_ids:
-        raise ValueError("the prompt is empty (it encodes to no tokens)")
-    if len(prompt_ids) >= max_model_len:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens, but the context holds {max_model_len} "
-                         "including at least one generated token; shorten the prompt")
-
-
-def encode_prompt(tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
-    """A string, chat messages or token ids -> token ids (ids checked against the vocabulary)."""
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        return tokenizer.encode_chat(prompt)
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
-        return list(prompt)
-    raise TypeError("a prompt is a non-empty string, list of token ids, or list of chat messages")
 
 
 def _generator(seed: int | None, device: torch.device, seeds: torch.Generator) -> torch.Generator:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from effinfer.decoding.sampler import TokenLogprobs
 from effinfer.engine.request import Request
 from effinfer.loader.tokenizer import IncrementalDetokenizer, Tokenizer
 from effinfer.outputs import RequestMetrics, RequestOutput
+from effinfer.sampling_params import TokenLogprobs
 
 
 @dataclass

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from effinfer.compression.quant.weight_only import Int4Blocks
-
 CONFIG_FILE = "effinfer_quant.json"
 LOAD_AS = {"gptq": "int4", "awq": "int4", "smoothquant": "w8a8"}
 """Calibrated method -> the quantization method its layers load as (`load_as` in the config file)."""
@@ -31,6 +29,8 @@ def read_config(path: Path) -> dict:
 def iter_checkpoint_weights(path: Path, base_weights, group_size: int):
     """The base model's tensors with the checkpoint's 4-bit layers and changed tensors in their place."""
     from safetensors import safe_open
+
+    from effinfer.compression.quant.weight_only import Int4Blocks   # here: reading the config needs no torch
 
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())

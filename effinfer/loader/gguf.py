@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from effinfer.loader.arch_config import FULL_ATTENTION, SLIDING_ATTENTION, ArchConfig
 from effinfer.utils import ModelLoadError, progress
+
+if TYPE_CHECKING:   # tensors are made only when weights are read; the header and config need no torch
+    import torch
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -102,6 +104,7 @@ class GGUFFile:
     def iter_weights(self, show_progress: bool = True, keep_int4_blocks: bool = False) -> Iterator[tuple[str, object]]:
         """(HF name, fp32 tensor) for every weight, dequantized one at a time; with `keep_int4_blocks`,
         the decoder's Q4_0/Q4_1/Q4_K matrices come as `Int4Blocks` (their exact 4-bit values) instead."""
+        import torch
         from gguf.quants import dequantize
 
         cfg_heads = (self.field(f"{self.architecture}.attention.head_count"),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from effinfer.loader.arch_config import ArchConfig
 from effinfer.utils import ModelLoadError, progress
+
+if TYPE_CHECKING:   # the tensors come from safetensors; opening a folder for its config needs no torch
+    import torch
 
 
 def is_hf_folder(path: Path) -> bool:

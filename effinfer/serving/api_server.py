@@ -24,8 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from effinfer.engine.llm_engine import encode_prompt
 from effinfer.outputs import RequestOutput
+from effinfer.prompts import encode_prompt
 from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from effinfer.serving.async_engine import (EngineClient, EngineDeadError, EngineRequestError, ThreadEngine,
                                            check_failure_policy)

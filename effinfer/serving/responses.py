@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from effinfer.decoding.sampler import TokenLogprobs
 from effinfer.loader.tokenizer import Tokenizer
 from effinfer.outputs import RequestOutput
+from effinfer.sampling_params import TokenLogprobs
 
 
 def sse(data: dict | str) -> str:

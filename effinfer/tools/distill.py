@@ -137,7 +137,7 @@ def build_student(loaded, keep: list[int], cache_dir: str | None, show_progress:
     import transformers
 
     from effinfer.loader.arch_config import to_hf_config
-    from effinfer.models import open_weights
+    from effinfer.loader.source import open_weights
 
     transformers.logging.set_verbosity_error()
     hf = to_hf_config(_student_arch(loaded.config, keep))

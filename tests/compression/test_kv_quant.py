@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES, Int8KV, get_kv_dtype, key_channel_scales
+from effinfer.compression.quant import KV_CACHE_DTYPES, get_kv_dtype
+from effinfer.compression.quant.kv_quant import Int8KV, key_channel_scales
 from effinfer.layers.attention import AttentionMetadata, PagedKVCache
 from effinfer.layers.attn_backends import ATTENTION_BACKENDS, get_backend, torch_ref
 from effinfer import LLM, SamplingParams

@@ -11,7 +11,8 @@ import torch
 
 from effinfer import LLM, SamplingParams
 from effinfer.bench import quality
-from effinfer.compression.prune import PRUNE_METHODS, _row_mask, _two_four_mask
+from effinfer.compression.prune import PRUNE_METHODS
+from effinfer.compression.prune.ops import row_mask, two_four_mask
 from helpers import make_engine
 from tiny_models import VOCAB, save_tiny_folder
 
@@ -23,11 +24,11 @@ TEXT = " ".join(
 
 def test_masks():
     score = torch.rand(6, 16)
-    mask = _row_mask(score, 0.25)
+    mask = row_mask(score, 0.25)
     assert (mask.sum(1) == 12).all()
     for row in range(6):
         assert score[row][~mask[row]].max() <= score[row][mask[row]].min()
-    two_four = _two_four_mask(score)
+    two_four = two_four_mask(score)
     assert (two_four.view(6, 4, 4).sum(-1) == 2).all()
 
 

@@ -9,6 +9,8 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -87,7 +89,7 @@ async def many_streams(url: str, count: int, body: dict, after=None) -> list[tup
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path):
-    from effinfer.models import load_tokenizer
+    from effinfer.loader.source import load_tokenizer
 
     return load_tokenizer(str(smollm2_path))
 
@@ -237,7 +239,7 @@ def test_the_core_exits_when_its_server_is_killed(smollm2_path, tmp_path):
 def test_the_core_compiles_in_the_background_while_it_serves(tmp_path):
     """With no compile flag the core answers at once (eager) and says when its decode steps run compiled:
     in its heartbeat, and so in /metrics."""
-    from effinfer.models import load_tokenizer
+    from effinfer.loader.source import load_tokenizer
     from effinfer.serving.engine_core import ProcessEngine
     from tests.tiny_models import save_tiny_folder
 
@@ -265,3 +267,27 @@ def _metric(text: str, name: str) -> float | None:
         if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def test_the_api_process_imports_no_torch(smollm2_path):
+    """What `effinfer serve` does before it hands the model to the core (parse flags, validate the config, load
+    the tokenizer, build the app) leaves torch unimported: the API process holds ~0.1 GB, not ~0.3 GB."""
+    code = f"""
+import sys
+from effinfer.cli import build_parser
+from effinfer.cli_args import engine_kwargs
+from effinfer.config import EngineConfig
+from effinfer.loader.source import load_tokenizer
+from effinfer.serving.api_server import ServerConfig, build_app
+from effinfer.serving.engine_core import ProcessEngine
+
+args = build_parser().parse_args(["serve", "--model", {str(smollm2_path)!r}, "--kv-cache-dtype", "int8",
+                                  "--quantization", "gguf", "--attention-backend", "torch_ref"])
+config = EngineConfig.from_kwargs(**engine_kwargs(args))
+engine = ProcessEngine(config)
+build_app(engine, ServerConfig(), load_tokenizer(config.model.model))
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effinfer.compression.quant.kv_quant import KV_CACHE_DTYPES, get_kv_dtype
+from effinfer.compression.quant import KV_CACHE_DTYPES, get_kv_dtype
 from effinfer.layers.attention import AttentionMetadata, DecodeBatch, PagedKVCache
 from effinfer.layers.attn_backends import ATTENTION_BACKENDS, get_backend, torch_ref
 

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "effinfer"
 TIERS = [
     # tier 1: the run-time library, lowest first
-    ["effinfer.utils", "effinfer.sampling_params"],
+    ["effinfer.utils", "effinfer.sampling_params", "effinfer.prompts"],
     ["effinfer.kernels"],
     ["effinfer.layers"],
     ["effinfer.compression"],      # run-time quantization / pruning plug-ins and their math

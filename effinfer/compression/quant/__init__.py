@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:   # the tables are read by configs and the CLI, which import no torch
+    from torch import nn
 
-from effinfer.layers.linear import QuantEmbedding, QuantLinear, QuantMethod
+    from effinfer.layers.attention import KVCodec
+    from effinfer.layers.linear import QuantMethod
 
 QUANT_METHODS = {
     "int8": "effinfer.compression.quant.weight_only:Int8WeightOnly",
@@ -25,6 +28,12 @@ QUANT_METHODS = {
 }
 """Name -> `module:QuantMethod class`, imported when chosen."""
 CPU_KERNELS = ("auto", "aten")
+KV_CACHE_DTYPES = {
+    "auto": "effinfer.layers.attention:AutoKV",
+    "int8": "effinfer.compression.quant.kv_quant:Int8KV",
+    "fp8": "effinfer.compression.quant.kv_quant:Fp8KV",
+}
+"""kv_cache_dtype name -> `module:KVCodec class` (compression/quant/kv_quant.py), imported when chosen."""
 
 
 AUTO = "auto"
@@ -89,6 +98,14 @@ def quant_method_class(name: str) -> type[QuantMethod]:
     return getattr(importlib.import_module(module), cls_name)
 
 
+def get_kv_dtype(name: str) -> KVCodec:
+    """The codec of kv_cache_dtype `name`."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; supported: {', '.join(KV_CACHE_DTYPES)}")
+    module, _, cls_name = KV_CACHE_DTYPES[name].partition(":")
+    return getattr(importlib.import_module(module), cls_name)()
+
+
 def get_quant_method(name: str, group_size: int = 32, symmetric: bool = False) -> QuantMethod:
     return quant_method_class(name).from_options(group_size, symmetric)
 
@@ -98,7 +115,10 @@ def prepare_model(model: nn.Module, method: QuantMethod, quantize_lm_head: bool 
     """Swap every linear layer of the decoder for a `QuantLinear` of `method` (or the per-layer method in
     `layer_methods`, keyed by module name); the output head becomes int8 (its rows are the vocabulary).
     Every method used gets `cpu_kernel` (QuantConfig.cpu_kernel)."""
+    from torch import nn
+
     from effinfer.compression.quant.weight_only import Int8WeightOnly
+    from effinfer.layers.linear import QuantEmbedding, QuantLinear
 
     layer_methods = layer_methods or {}
     for m in {method, *layer_methods.values()}:
@@ -117,6 +137,8 @@ def prepare_model(model: nn.Module, method: QuantMethod, quantize_lm_head: bool 
 
 
 def finish_model(model: nn.Module) -> None:
+    from effinfer.layers.linear import QuantLinear
+
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.method.process_weights_after_loading(module)

@@ -1,7 +1,7 @@
 """KV-cache dtypes as codecs: 8-bit pages hold twice the tokens of 16-bit ones in the same memory.
 
-`KV_CACHE_DTYPES` maps each kv_cache_dtype to its codec class (the `KVCodec` interface of
-layers/attention.py); the engine allocates pages in the codec's storage dtype and hands the codec to
+`effinfer.compression.quant.KV_CACHE_DTYPES` maps each kv_cache_dtype to its codec class (the `KVCodec`
+interface of layers/attention.py); the engine allocates pages in the codec's storage dtype and hands the codec to
 each layer's `PagedKVCache`, which quantizes on write and dequantizes on gather.
 
 - auto: the model dtype, stored as computed (`AutoKV`, defined beside `PagedKVCache` as its default).
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from effinfer.layers.attention import AutoKV, KVCodec
 
 
 class Int8KV:
@@ -61,17 +60,6 @@ class Fp8KV:
 
     def dequantize(self, values: torch.Tensor, scales: None, dtype: torch.dtype) -> torch.Tensor:
         return values.view(torch.float8_e4m3fn).to(dtype)
-
-
-KV_CACHE_DTYPES: dict[str, type[KVCodec]] = {"auto": AutoKV, "int8": Int8KV, "fp8": Fp8KV}
-"""kv_cache_dtype name -> its codec class."""
-
-
-def get_kv_dtype(name: str) -> KVCodec:
-    """The codec of kv_cache_dtype `name`."""
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"unknown kv_cache_dtype {name!r}; supported: {', '.join(KV_CACHE_DTYPES)}")
-    return KV_CACHE_DTYPES[name]()
 
 
 def key_channel_scales(magnitude: torch.Tensor) -> torch.Tensor:

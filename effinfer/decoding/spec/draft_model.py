@@ -30,7 +30,7 @@ class DraftModelProposer(Proposer):
 
     @classmethod
     def from_config(cls, spec_config, context) -> "DraftModelProposer":
-        from effinfer.models import load_tokenizer
+        from effinfer.loader.source import load_tokenizer
 
         name = spec_config.speculative_model
         check_same_tokenizer(load_tokenizer(name, context.cache_dir), context.tokenizer, name)

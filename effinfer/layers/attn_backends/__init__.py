@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-import torch
+if TYPE_CHECKING:   # the table is read by configs and the CLI, which import no torch
+    import torch
 
 
 class AttentionBackend(Protocol):
