@@ -1,7 +1,7 @@
 """What a user meets with `effinfer serve` and no flags, against the alternatives, side by side in one run:
 start-up (process start to the first answered request, and to decode steps running compiled, which the
 default server compiles in the background while it serves: with PyTorch's compile cache warm, and cold from
-an empty one), resident memory, served single-stream speed once compiled (ShareGPT chat prompts from the
+an empty one), memory (resident and proportional, after the served run), served single-stream speed once compiled (ShareGPT chat prompts from the
 development range, `effinfer bench serve`), and the same configuration's in-process decode (`effinfer bench
 latency` pp512/tg128, with `--compile` where the server compiles: its steady state). The peer a user would
 pick runs beside it with its own instruments on the same GGUF file: `llama-server` (`--parallel 1`, served
@@ -112,7 +112,7 @@ def serve_run(command: list[str], num_prompts: int, output_len: int, cold: bool 
                             "--num-prompts", str(num_prompts), "--output-len", str(output_len), "--max-concurrency", "1",
                             "--result-file", str(result)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             served = json.loads(result.read_text())
-        rss = resident_mb(server.pid)
+        rss, pss = memory_mb(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -124,7 +124,7 @@ def serve_run(command: list[str], num_prompts: int, output_len: int, cold: bool 
     return {"start_to_first_answer_s": first_answer, "start_to_compiled_s": compiled,
             "output_tok_s": float(served["output_throughput"]),
             "mean_ttft_ms": float(served["mean_ttft_ms"]), "mean_tpot_ms": float(served["mean_tpot_ms"]),
-            "resident_mb": rss, "engine": summary}
+            "resident_mb": rss, "proportional_mb": pss, "engine": summary}
 
 
 def wait_first_answer(base: str, server: subprocess.Popen, started: float) -> float:
@@ -153,11 +153,14 @@ def wait_compiled(base: str, started: float, log: str) -> float:
     raise RuntimeError(f"the decode steps were not compiled within {COMPILE_WAIT_S} s")
 
 
-def resident_mb(pid: int) -> float:
-    """The server's resident memory: its own process and the engine core's, together."""
+def memory_mb(pid: int) -> tuple[float, float]:
+    """The server's memory, its own process and the engine core's together: resident (RSS: pages the two
+    processes share, such as PyTorch's libraries in each, count twice) and proportional (PSS: each shared page
+    split between its processes, so the sum is what the server holds)."""
     process = psutil.Process(pid)
     members = [process, *[c for c in process.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]]
-    return sum(p.memory_info().rss for p in members) / 2**20
+    infos = [p.memory_full_info() for p in members]
+    return sum(i.rss for i in infos) / 2**20, sum(i.pss for i in infos) / 2**20
 
 
 def engine_summary(log: str) -> str:
@@ -197,7 +200,7 @@ def free_port() -> int:
 
 
 def print_table(summary: dict, in_process: dict) -> None:
-    print(f"\n{'configuration':<52}{'start s':>9}{'compiled s':>11}{'served tok/s':>14}{'TPOT ms':>9}{'RSS MB':>9}"
+    print(f"\n{'configuration':<52}{'start s':>9}{'compiled s':>11}{'served tok/s':>14}{'TPOT ms':>9}{'RSS MB':>9}{'PSS MB':>9}"
           f"{'in-process tg128':>18}")
     print("(start: to the first answer; compiled: to decode steps running compiled; in-process: effinfer bench "
           "latency, or llama-bench for the peer)")
@@ -205,7 +208,7 @@ def print_table(summary: dict, in_process: dict) -> None:
         tg = in_process.get(name, {}).get("tg128_tok_s")
         compiled = m.get("start_to_compiled_s")
         print(f"{name:<52}{m['start_to_first_answer_s']:>9.1f}{'-' if compiled is None else f'{compiled:.1f}':>11}"
-              f"{m['output_tok_s']:>14.1f}{m['mean_tpot_ms']:>9.1f}{m['resident_mb']:>9.0f}"
+              f"{m['output_tok_s']:>14.1f}{m['mean_tpot_ms']:>9.1f}{m['resident_mb']:>9.0f}{m['proportional_mb']:>9.0f}"
               f"{tg if tg is None else round(tg, 1)!s:>18}")
 
 

@@ -28,7 +28,7 @@ from effinfer.engine.side_model import SideModel
 from effinfer.layers.attention import AutoKV, KVCodec
 from effinfer.layers.attn_backends import get_backend
 from effinfer.models import LoadedModel, load_model
-from effinfer.utils import default_device, parse_dtype
+from effinfer.utils import available_memory, default_device, parse_dtype
 
 
 def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, serving: bool = False) -> LLMEngine:
@@ -45,7 +45,8 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     if config.prune.prune:
         loaded.prune_report = _prune(config, loaded)
     compile_when = _compile_when(config, serving)
-    block_manager = BlockManager(_num_blocks(config, loaded.model, dtype), cc.block_size, cc.enable_prefix_caching)
+    num_blocks, kv_sizing = _num_blocks(config, loaded, dtype, device)
+    block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
     scratch_block = block_manager.num_blocks     # one block past the manager's: only compile warm-ups use it
     allocate_kv_cache(loaded.model, block_manager.num_blocks + (compile_when is not None), cc.block_size, dtype,
                       device, get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
@@ -59,7 +60,7 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     if config.spec.speculative_method:
         speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
     torch.manual_seed(config.global_seed)   # what draws from the global state (proposers) starts alike, whatever building did
-    summary = _summary(config, loaded, block_manager.num_blocks, max_model_len, device, dtype, compile_when)
+    summary = _summary(config, loaded, num_blocks, kv_sizing, max_model_len, device, dtype, compile_when)
     engine = LLMEngine(config, loaded, block_manager, runner, max_model_len, speculator, summary)
     if compile_when == "background":
         engine.background_compile = compiled_decode.BackgroundCompile(
@@ -79,7 +80,7 @@ COMPILE_NOTES = {"now": "compiled", None: "eager (--compile: compiled)",
                  "background": "eager, compiled in the background then (--no-compile: eager only)"}
 
 
-def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, max_model_len: int,
+def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, kv_sizing: str, max_model_len: int,
              device: torch.device, dtype: torch.dtype, compile_when: str | None) -> str:
     """One line of what runs and why, printed at start-up and kept in metrics and bench records."""
     cc = config.cache
@@ -87,7 +88,7 @@ def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, max_mod
     weights = loaded.weights_note or ("weights " + (loaded.quantization or str(dtype).removeprefix("torch.")))
     return (f"{weights}; decode steps {COMPILE_NOTES[compile_when]}; "
             f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB"
-            f"{', resident as used' if device.type == 'cpu' else ''}), "
+            f"{', resident as used' if device.type == 'cpu' else ''}; {kv_sizing}), "
             f"max_model_len {max_model_len}; {torch.get_num_threads()} threads on {device}")
 
 
@@ -104,11 +105,33 @@ def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:
     return prune_model(loaded.model, pc.prune, pc.sparsity, calibration)
 
 
-def _num_blocks(config: EngineConfig, model: nn.Module, dtype: torch.dtype) -> int:
+CPU_KV_BUDGET_GB = 1.0
+"""The auto-sized pool's limit on CPU, unless one full-length sequence needs more (pages are resident as used,
+but a pool is used whole over time: freed blocks keep their prefixes cached until evicted)."""
+GPU_KV_SHARE = 0.8
+"""The auto-sized pool's share of the GPU memory free after the weights (the rest: activations, graphs)."""
+
+
+def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple[int, str]:
+    """Blocks in the KV pool, and how that was decided (for the start-up line)."""
     cc = config.cache
     if cc.num_blocks:
-        return cc.num_blocks
-    return _blocks_in(cc.kv_cache_memory_gb, model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype))
+        return cc.num_blocks, "num_blocks"
+    block_bytes = bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype))
+    if cc.kv_cache_memory_gb is not None:
+        return max(1, int(cc.kv_cache_memory_gb * 2**30) // block_bytes), "kv_cache_memory_gb"
+    seqs, seq_len = config.scheduler.max_num_seqs, config.scheduler.max_model_len or loaded.config.max_position_embeddings
+    wanted = seqs * -(-seq_len // cc.block_size)
+    if device.type == "cuda":
+        cap = int(torch.cuda.mem_get_info(device)[0] * GPU_KV_SHARE) // block_bytes
+        limit = f"{GPU_KV_SHARE:.0%} of free GPU memory"
+    else:
+        one_sequence = -(-seq_len // cc.block_size)
+        cap = min(max(int(CPU_KV_BUDGET_GB * 2**30) // block_bytes, one_sequence), available_memory() // 4 // block_bytes)
+        limit = "the CPU budget (--kv-cache-memory-gb sets the size)"
+    if wanted <= cap:
+        return wanted, f"sized for max_num_seqs {seqs} x {seq_len} tokens"
+    return max(1, cap), f"max_num_seqs {seqs} x {seq_len} tokens capped at {limit}"
 
 
 def _blocks_in(memory_gb: float, model: nn.Module, block_size: int, dtype: torch.dtype,

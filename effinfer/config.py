@@ -68,8 +68,10 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     """Tokens per KV-cache block."""
-    kv_cache_memory_gb: float = 1.0
-    """Memory for the KV-cache block pool, in GiB."""
+    kv_cache_memory_gb: float | None = None
+    """Memory for the KV-cache block pool, in GiB. Unset: room for max_num_seqs sequences of max_model_len tokens,
+    within 1 GiB on CPU (more if one full-length sequence needs it, never past a quarter of the free RAM) and within
+    80% of the free memory on a GPU."""
     num_blocks: int | None = None
     """Exact number of blocks; overrides kv_cache_memory_gb when set."""
     enable_prefix_caching: bool = True
@@ -80,7 +82,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two, e.g. 16")
-        if self.kv_cache_memory_gb <= 0:
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb={self.kv_cache_memory_gb} must be positive")
         check_choice("kv_cache_dtype", self.kv_cache_dtype)
         if self.num_blocks is not None and self.num_blocks < 1:

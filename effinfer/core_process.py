@@ -31,7 +31,7 @@ import zmq
 from effinfer.outputs import EngineStats, RequestMetrics, RequestOutput
 from effinfer.prompts import Prompt, check_prompt_length, encode_prompt
 from effinfer.sampling_params import SamplingParams, TokenLogprobs
-from effinfer.utils import log_to_stderr
+from effinfer.utils import log_to_stderr, release_free_memory
 
 log = logging.getLogger("effinfer.engine")
 
@@ -129,6 +129,7 @@ def run_engine_core(config, to_core: str, from_core: str, parent_pid: int, servi
         from effinfer.build import build_engine   # here: the clients' processes need no model code
 
         engine = build_engine(config, serving=serving)
+        release_free_memory()
     except Exception as exc:  # bad model file, impossible settings: one clear line to the API process
         results.send(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
         results.close(linger=2000)

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from effinfer.layers.attention import AttentionMetadata, DecodeBatch
-from effinfer.utils import progress
+from effinfer.utils import progress, release_free_memory
 
 log = logging.getLogger("effinfer.engine")
 
@@ -141,6 +141,7 @@ class BackgroundCompile:
             _short_switch_interval(-1)
         self.runner.compiled_forward = compiled
         self.runner.decode_steps = "compiled"
+        release_free_memory()
         log.info("decode step compiled in %.0f s; decode steps now run compiled", time.perf_counter() - started)
 
 
