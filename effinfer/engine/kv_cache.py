@@ -14,6 +14,7 @@ import mmap
 import torch
 from torch import nn
 
+from effinfer import kernels
 from effinfer.layers.attention import Attention, AutoKV, KVCodec, PagedKVCache
 from effinfer.layers.attn_backends import Backend, get_backend
 
@@ -60,8 +61,16 @@ def new_kv_caches(layers: list[Attention], num_blocks: int, block_size: int, dty
                             codec.storage_dtype(dtype), device)
         scales = (zeroed_pages((2, layer.num_kv_heads, num_blocks, block_size), dtype, device)
                   if codec.has_scales else None)
-        caches.append(PagedKVCache(data, scales, codec))
+        caches.append(PagedKVCache(data, scales, codec, decode_kernel=_decode_kernel(data, scales)))
     return caches
+
+
+def _decode_kernel(data: torch.Tensor, scales: torch.Tensor | None):
+    """effinfer's in-place decode attention where it reads these pages (bf16 or fp32 values without scales, on
+    a CPU with AVX-512), else None: looked up here, outside the traced step, which only calls it."""
+    if scales is not None or data.device.type != "cpu" or data.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return kernels.paged_decode_attention()
 
 
 def zeroed_pages(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

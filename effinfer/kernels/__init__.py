@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemv.cpp", "int4_gemv.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemv.cpp", "int4_gemv.cpp", "paged_attention.cpp")]
 _built: bool | None = None
 """None until the first request; then whether the build and load succeeded."""
 
@@ -31,6 +31,15 @@ def int4_gemv():
     if not _loaded() or torch.ops.effinfer_kernels.int4_isa() != "avx512_vnni":
         return None
     return torch.ops.effinfer_kernels.int4_gemv.default
+
+
+def paged_decode_attention():
+    """The op `paged_decode_attention(q [seqs, heads, dim], pages [2, kv_heads, blocks, block, dim], block_tables
+    [seqs, width], seq_lens [seqs], scale, window (0: none)) -> [seqs, heads, dim]`: decode attention over bf16 or
+    fp32 pages read in place, or None where the kernel is not built or the CPU lacks AVX-512."""
+    if not _loaded() or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    return torch.ops.effinfer_kernels.paged_decode_attention.default
 
 
 def _loaded() -> bool:
@@ -58,6 +67,7 @@ def _build() -> bool:
     torch.library.register_fake("effinfer_kernels::int8_gemv")(_int8_gemv_shape)
     torch.library.register_fake("effinfer_kernels::int4_gemv")(_int4_gemv_shape)
     torch.library.register_fake("effinfer_kernels::int4_dequantize")(_int4_dequantize_shape)
+    torch.library.register_fake("effinfer_kernels::paged_decode_attention")(_paged_decode_attention_shape)
     return True
 
 
@@ -83,3 +93,7 @@ def _int4_gemv_shape(x, packed, records, sub, isa="auto"):
 
 def _int4_dequantize_shape(packed, records, sub, dtype):
     return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=dtype)
+
+
+def _paged_decode_attention_shape(q, pages, block_tables, seq_lens, scale, window):
+    return torch.empty_like(q)

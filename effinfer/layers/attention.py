@@ -9,7 +9,7 @@ Slot `s` of a layer's cache is index `s` of its flattened `[num_blocks * block_s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -125,6 +125,9 @@ class PagedKVCache:
     rather than the whole gathered context."""
     _query_scale: torch.Tensor | None = None
     """`key_scale` repeated over the query heads that share each KV head (built on first use)."""
+    decode_kernel: Callable | None = None
+    """`kernels.paged_decode_attention` where it reads these pages in place (set by whoever allocates them);
+    compiled decode steps call it instead of gathering the blocks (layers/attn_backends/traced_decode.py)."""
 
     @property
     def shape(self) -> torch.Size:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from effinfer import kernels
 from effinfer.compression.quant import KV_CACHE_DTYPES, get_kv_dtype
 from effinfer.layers.attention import AttentionMetadata, DecodeBatch, PagedKVCache
 from effinfer.layers.attn_backends import ATTENTION_BACKENDS, get_backend, torch_ref
@@ -109,3 +110,57 @@ def test_traced_decode_attention_equals_reference(backend, kv_cache_dtype, windo
     decode = DecodeBatch(padded_block_tables(meta.block_tables, "cpu", min_blocks=2), torch.tensor(seq_lens))
     got = get_backend(backend).decode_attention_traced(q, kv_cache, decode, 0.3, window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+in_place = pytest.mark.skipif(kernels.paged_decode_attention() is None,
+                              reason="effinfer's paged attention kernel needs a C++ compiler and an AVX-512 CPU")
+
+
+def big_metadata(query_lens, seq_lens, block, num_blocks, gen):
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, slots, starts = [], [], [0]
+    for q_len, s_len in zip(query_lens, seq_lens):
+        blocks = torch.tensor([perm.pop() for _ in range(-(-s_len // block))])
+        tables.append(blocks)
+        slots.append((blocks[:, None] * block + torch.arange(block)).flatten()[s_len - q_len:s_len])
+        starts.append(starts[-1] + q_len)
+    return AttentionMetadata(torch.cat(slots), starts, list(seq_lens), tables, block)
+
+
+@in_place
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("heads, kv_heads, dim, block", [(9, 3, 64, 16), (8, 2, 128, 32), (4, 4, 256, 8)])
+@pytest.mark.parametrize("window", [None, 5, 300])
+def test_in_place_kernel_equals_reference(dtype, tolerance, heads, kv_heads, dim, block, window):
+    """effinfer's kernel reads the pages where they are (scattered tables, lengths across several of its
+    256-token partitions, grouped-query heads, sliding windows), on a pure decode step and on a step that mixes
+    decodes with prefill chunks (those take the reference path)."""
+    gen = torch.Generator().manual_seed(heads + dim + (window or 0))
+    num_blocks = 256
+    pages = torch.randn(2, kv_heads, num_blocks, block, dim, generator=gen).to(dtype)
+    reference = PagedKVCache(pages)
+    kernel = PagedKVCache(pages, decode_kernel=kernels.paged_decode_attention())
+    for query_lens, seq_lens in [([1] * 6, [1, 16, 17, 255, 700, 1030]), ([1, 7, 1], [520, 7, 3])]:
+        meta = big_metadata(query_lens, seq_lens, block, num_blocks, gen)
+        q = torch.randn(sum(query_lens), heads, dim, generator=gen).to(dtype)
+        expected = torch_ref.paged_attention(q.float(), PagedKVCache(pages.float()), meta, 0.125, window)
+        got = get_backend("torch_sdpa").paged_attention(q, kernel, fresh(meta), 0.125, window)
+        torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
+        if len(set(query_lens)) == 1:   # the compiled step's attention takes the same kernel
+            from effinfer.layers.attention import padded_block_tables
+
+            decode = DecodeBatch(padded_block_tables(meta.block_tables, "cpu", min_blocks=2), torch.tensor(seq_lens))
+            traced = get_backend("torch_sdpa").decode_attention_traced(q, kernel, decode, 0.125, window)
+            assert torch.equal(traced, got)
+            unkerneled = get_backend("torch_sdpa").decode_attention_traced(q, reference, decode, 0.125, window)
+            torch.testing.assert_close(unkerneled.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@in_place
+def test_in_place_kernel_refuses_what_it_cannot_read():
+    op = kernels.paged_decode_attention()
+    pages = torch.zeros(2, 2, 8, 16, 64)
+    with pytest.raises(RuntimeError, match="within its table"):
+        op(torch.zeros(1, 4, 64), pages, torch.tensor([[0, 1]]), torch.tensor([33]), 0.1, 0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(torch.zeros(1, 4, 64, dtype=torch.bfloat16), pages, torch.tensor([[0]]), torch.tensor([3]), 0.1, 0)

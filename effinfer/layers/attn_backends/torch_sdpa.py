@@ -6,8 +6,10 @@ for K and V together) into a padded `[num_kv_heads, num_decodes, max_blocks * bl
 the padding masked, the query heads that share a KV head become rows of one matrix, and two batched
 matmuls with a softmax between them do the attention. Sequences of very different lengths go in
 separate length buckets, so a few long contexts do not make every short one pad to their length.
-Multi-token queries (prefill chunks) take the reference path; compiled decode steps take the broadcast
-formulation of traced_decode.py. Checked against `torch_ref` by the tests.
+Where the pages have effinfer's in-place kernel (`PagedKVCache.decode_kernel`: bf16/fp32 pages on an AVX-512
+CPU), all decodes go to it instead, whatever their lengths, with no gather. Multi-token queries (prefill
+chunks) take the reference path; compiled decode steps take traced_decode.py. Checked against `torch_ref` by
+the tests.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import torch
 
 from effinfer.layers.attention import padded_block_tables
 from effinfer.layers.attn_backends import torch_ref
-from effinfer.layers.attn_backends.traced_decode import decode_mask
+from effinfer.layers.attn_backends.traced_decode import decode_mask, in_place_kernel
 from effinfer.layers.attn_backends.traced_decode import decode_attention_traced  # noqa: F401 (backend API)
 
 
 def paged_attention(q: torch.Tensor, kv_cache, meta, scale: float, sliding_window: int | None) -> torch.Tensor:
     # q [num_tokens, num_heads, head_dim]; kv_cache: the layer's PagedKVCache
+    kernel = in_place_kernel(q, kv_cache)
+    if kernel is not None:
+        return _attend_in_place(kernel, q, kv_cache, meta, scale, sliding_window)
     plan = _decode_plan(meta, sliding_window, kv_cache.shape[3], q.device)
     if plan is None:
         return torch_ref.paged_attention(q, kv_cache, meta, scale, sliding_window)
@@ -35,6 +40,36 @@ def paged_attention(q: torch.Tensor, kv_cache, meta, scale: float, sliding_windo
     for i in others:
         torch_ref.attend_one(q, kv_cache, meta, i, scale, sliding_window, out)
     return out
+
+
+def _attend_in_place(kernel, q, kv_cache, meta, scale: float, sliding_window: int | None) -> torch.Tensor:
+    key = "in place"
+    if key not in meta.mask_cache:
+        meta.mask_cache[key] = _in_place_plan(meta, q.device)
+    plan = meta.mask_cache[key]
+    if plan is None:
+        return torch_ref.paged_attention(q, kv_cache, meta, scale, sliding_window)
+    rows, tables, lens, others = plan
+    if not others:   # a pure decode step: rows are the sequences in order
+        return kernel(q, kv_cache.data, tables, lens, scale, sliding_window or 0)
+    out = torch.empty_like(q)
+    out.index_copy_(0, rows, kernel(q.index_select(0, rows), kv_cache.data, tables, lens, scale, sliding_window or 0))
+    for i in others:
+        torch_ref.attend_one(q, kv_cache, meta, i, scale, sliding_window, out)
+    return out
+
+
+def _in_place_plan(meta, device):
+    """(decode rows, their padded block tables, their lengths, the other sequences) of this step; None when
+    no sequence decodes."""
+    decodes = [i for i in range(meta.num_seqs) if meta.query_start_loc[i + 1] - meta.query_start_loc[i] == 1]
+    if not decodes:
+        return None
+    decode_set = set(decodes)
+    rows = torch.tensor([meta.query_start_loc[i] for i in decodes], device=device)
+    tables = padded_block_tables([meta.block_tables[i] for i in decodes], device)
+    lens = torch.tensor([meta.seq_lens[i] for i in decodes], device=device)
+    return rows, tables, lens, [i for i in range(meta.num_seqs) if i not in decode_set]
 
 
 def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The attention of a compiled decode step (engine/compiled_decode.py), shared by the backends that have
 no traced formulation of their own: all decodes of the step attended at once over their padded block
-tables, written as broadcast products and sums so that `torch.compile` fuses the block gather, the
-dequantization and both reductions into a few loops."""
+tables. On bf16 or fp32 pages with an AVX-512 CPU, effinfer's kernel reads the pages in place
+(kernels/paged_attention.cpp); otherwise the attention is written as broadcast products and sums so that
+`torch.compile` fuses the block gather, the dequantization and both reductions into a few loops."""
 
 from __future__ import annotations
 
@@ -12,8 +13,21 @@ def decode_attention_traced(q: torch.Tensor, kv_cache, decode, scale: float,
                             sliding_window: int | None) -> torch.Tensor:
     # q [num_seqs, num_heads, head_dim]; decode: the step's DecodeBatch, row i is sequence i
     tables = decode.block_tables
+    kernel = in_place_kernel(q, kv_cache)
+    if kernel is not None:
+        return kernel(q, kv_cache.data, tables, decode.seq_lens, scale, sliding_window or 0)
     mask = decode_mask(decode.seq_lens, tables.shape[1], kv_cache.shape[3], sliding_window)
     return attend_decodes_traced(q, kv_cache, tables, mask, scale)
+
+
+def in_place_kernel(q: torch.Tensor, kv_cache):
+    """The cache's in-place decode attention (`PagedKVCache.decode_kernel`) where it takes these queries
+    (the pages' dtype, head_dim a multiple of 16, at most 16 query heads per KV head), else None."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if kv_cache.decode_kernel is None or kv_cache.data.dtype != q.dtype or head_dim % 16 \
+            or num_heads % kv_cache.data.shape[1] or num_heads // kv_cache.data.shape[1] > 16:
+        return None
+    return kv_cache.decode_kernel
 
 
 def attend_decodes_traced(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
