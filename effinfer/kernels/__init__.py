@@ -1,8 +1,8 @@
 """effinfer's own CPU kernels (C++ in this folder), built from source on first use by PyTorch's extension
 builder (a C++ compiler and ninja; ~6 s once, then loaded from PyTorch's cache, ~/.cache/torch_extensions).
 
-Where the kernels cannot be built (no compiler, not x86), callers keep PyTorch's own: `int8_gemv()` and
-`int4_gemv()` return None and a warning says why, once.
+Where the kernels cannot be built (no compiler, not x86), callers keep PyTorch's own: `int8_gemv()`,
+`int4_gemv()` and `paged_decode_attention()` return None and a warning says why, once.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _build() -> bool:
     except Exception as e:   # no compiler or ninja, a read-only cache, ...: keep PyTorch's kernels
         first_line = (str(e).strip().splitlines() or [""])[0]
         warnings.warn(f"effinfer's CPU kernels did not build ({type(e).__name__}: {first_line[:200]}); "
-                      "int8 and int4 layers use PyTorch's kernels (slower single-stream decode)", stacklevel=3)
+                      "int8 and int4 layers and decode attention use PyTorch's kernels (slower decode)", stacklevel=3)
         return False
     torch.library.register_fake("effinfer_kernels::int8_gemv")(_int8_gemv_shape)
     torch.library.register_fake("effinfer_kernels::int4_gemv")(_int4_gemv_shape)
