@@ -117,9 +117,10 @@ def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, d
     cc = config.cache
     if cc.num_blocks:
         return cc.num_blocks, "num_blocks"
-    block_bytes = bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype))
+    codec = get_kv_dtype(cc.kv_cache_dtype)
     if cc.kv_cache_memory_gb is not None:
-        return max(1, int(cc.kv_cache_memory_gb * 2**30) // block_bytes), "kv_cache_memory_gb"
+        return _blocks_in(cc.kv_cache_memory_gb, loaded.model, cc.block_size, dtype, codec), "kv_cache_memory_gb"
+    block_bytes = bytes_per_block(loaded.model, cc.block_size, dtype, codec)
     seqs, seq_len = config.scheduler.max_num_seqs, config.scheduler.max_model_len or loaded.config.max_position_embeddings
     wanted = seqs * -(-seq_len // cc.block_size)
     if device.type == "cuda":
@@ -127,7 +128,8 @@ def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, d
         limit = f"{GPU_KV_SHARE:.0%} of free GPU memory"
     else:
         one_sequence = -(-seq_len // cc.block_size)
-        cap = min(max(int(CPU_KV_BUDGET_GB * 2**30) // block_bytes, one_sequence), available_memory() // 4 // block_bytes)
+        budget = _blocks_in(CPU_KV_BUDGET_GB, loaded.model, cc.block_size, dtype, codec)
+        cap = min(max(budget, one_sequence), available_memory() // 4 // block_bytes)
         limit = "the CPU budget (--kv-cache-memory-gb sets the size)"
     if wanted <= cap:
         return wanted, f"sized for max_num_seqs {seqs} x {seq_len} tokens"

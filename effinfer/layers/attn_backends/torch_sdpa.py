@@ -62,14 +62,13 @@ def _attend_in_place(kernel, q, kv_cache, meta, scale: float, sliding_window: in
 def _in_place_plan(meta, device):
     """(decode rows, their padded block tables, their lengths, the other sequences) of this step; None when
     no sequence decodes."""
-    decodes = [i for i in range(meta.num_seqs) if meta.query_start_loc[i + 1] - meta.query_start_loc[i] == 1]
+    decodes, others = _decodes_and_others(meta)
     if not decodes:
         return None
-    decode_set = set(decodes)
     rows = torch.tensor([meta.query_start_loc[i] for i in decodes], device=device)
     tables = padded_block_tables([meta.block_tables[i] for i in decodes], device)
     lens = torch.tensor([meta.seq_lens[i] for i in decodes], device=device)
-    return rows, tables, lens, [i for i in range(meta.num_seqs) if i not in decode_set]
+    return rows, tables, lens, others
 
 
 def _attend_decodes(q, kv_cache, block_tables, mask, scale) -> torch.Tensor:
@@ -96,13 +95,18 @@ def _decode_plan(meta, window: int | None, block_size: int, device):
 
 
 def _build_decode_plan(meta, window, block_size: int, device):
-    decodes = [i for i in range(meta.num_seqs) if meta.query_start_loc[i + 1] - meta.query_start_loc[i] == 1]
+    decodes, others = _decodes_and_others(meta)
     if not decodes:
         return None
-    decode_set = set(decodes)
-    others = [i for i in range(meta.num_seqs) if i not in decode_set]
     buckets = [_bucket(meta, group, window, block_size, device) for group in _length_buckets(meta, decodes, block_size)]
     return buckets, others
+
+
+def _decodes_and_others(meta) -> tuple[list[int], list[int]]:
+    """The step's sequences that decode one token, and the others (prefill chunks)."""
+    decodes = [i for i in range(meta.num_seqs) if meta.query_start_loc[i + 1] - meta.query_start_loc[i] == 1]
+    decode_set = set(decodes)
+    return decodes, [i for i in range(meta.num_seqs) if i not in decode_set]
 
 
 def _length_buckets(meta, decodes: list[int], block_size: int, max_buckets: int = 6) -> list[list[int]]:
