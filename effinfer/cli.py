@@ -260,17 +260,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         engine = build_engine(EngineConfig.from_kwargs(**engine_kwargs(args)), serving=True)
         return _serve(build_app(engine, server_config), server_config)
-    from effinfer.loader.source import load_tokenizer
     from effinfer.serving.engine_core import ProcessEngine
 
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
     engine = ProcessEngine(config, stall_timeout=server_config.engine_stall_timeout,
                            on_failure=server_config.on_engine_failure)
     try:
-        engine.spawn()   # the core process loads the model while this one loads the tokenizer
-        tokenizer = load_tokenizer(config.model.model, config.model.cache_dir)
-        engine.wait_ready()
-        return _serve(build_app(engine, server_config, tokenizer), server_config)
+        engine.start()
+        return _serve(build_app(engine, server_config), server_config)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

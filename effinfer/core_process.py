@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 
-from effinfer.outputs import EngineStats, RequestMetrics, RequestOutput
+from effinfer.output_processor import OutputProcessor
+from effinfer.outputs import CoreOutput, EngineStats, RequestOutput
 from effinfer.prompts import Prompt, check_prompt_length, encode_prompt
-from effinfer.sampling_params import SamplingParams, TokenLogprobs
+from effinfer.sampling_params import SamplingParams
 from effinfer.utils import log_to_stderr, release_free_memory
 
 log = logging.getLogger("effinfer.engine")
@@ -70,20 +71,6 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
-class OutputDelta(msgspec.Struct):
-    """What one step added to one request: the API side accumulates these into `RequestOutput`s."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: list[TokenLogprobs] | None = None
-    finished: bool = False
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    metrics: RequestMetrics | None = None
-    prompt_logprobs: list[TokenLogprobs | None] | None = None
-
-
 class RequestFailed(msgspec.Struct, tag="failed"):
     request_id: str
     message: str
@@ -91,7 +78,7 @@ class RequestFailed(msgspec.Struct, tag="failed"):
 
 
 class StepReport(msgspec.Struct, tag="step"):
-    outputs: list[OutputDelta]
+    outputs: list[CoreOutput]
     stats: EngineStats
     step_time: float
 
@@ -143,7 +130,6 @@ class EngineCoreLoop:
     def __init__(self, engine, commands: zmq.Socket, results: zmq.Socket, parent_pid: int):
         self.engine, self.commands, self.results, self.parent_pid = engine, commands, results, parent_pid
         self.encoder, self.decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ToCore)
-        self.sent_logprobs: dict[str, int] = {}
         self.stopping = False
 
     def run(self) -> None:
@@ -172,7 +158,6 @@ class EngineCoreLoop:
             elif isinstance(message, Abort):
                 for rid in message.request_ids:
                     self.engine.abort(rid)
-                    self.forget(rid)
             else:
                 self.stopping = True
 
@@ -181,45 +166,26 @@ class EngineCoreLoop:
             self.engine.add_request(message.prompt_ids, message.params, message.request_id, message.priority)
         except (ValueError, TypeError) as exc:
             self.send(RequestFailed(message.request_id, str(exc), 400))
-            return
-        self.sent_logprobs[message.request_id] = 0
 
     def step(self) -> None:
         started = time.perf_counter()
-        outputs, failed = run_step(self.engine)
+        outputs, failed = run_step(self.engine.core_step, self.engine)
         for rid in failed:
-            self.forget(rid)
             self.send(RequestFailed(rid, STEP_FAILED, 500))
-        if failed:
-            return
-        deltas = [self.delta(out) for out in outputs]
-        self.send(StepReport(deltas, self.engine.stats(), time.perf_counter() - started))
-
-    def delta(self, out: RequestOutput) -> OutputDelta:
-        rid = out.request_id
-        logprobs = None
-        if out.logprobs is not None:
-            logprobs = out.logprobs[self.sent_logprobs.get(rid, 0):]
-            self.sent_logprobs[rid] = len(out.logprobs)
-        if out.finished:
-            self.forget(rid)
-        return OutputDelta(rid, out.new_token_ids, out.new_text, logprobs, out.finished, out.finish_reason,
-                           out.stop_reason, out.metrics if out.finished else None,
-                           out.prompt_logprobs if out.finished else None)
-
-    def forget(self, rid: str) -> None:
-        self.sent_logprobs.pop(rid, None)
+        if not failed:
+            self.send(StepReport(outputs, self.engine.stats(), time.perf_counter() - started))
 
     def send(self, message) -> None:
         self.results.send(self.encoder.encode(message))
 
 
 
-def run_step(engine) -> tuple[list[RequestOutput], list[str]]:
-    """(outputs, []) of one engine step; if the step raises, ([], the ids of every request in the engine), each
-    aborted (its blocks freed): a failed step ends the requests in it, not the loop that runs it."""
+def run_step(step, engine) -> tuple[list, list[str]]:
+    """(outputs, []) of one engine step (`step`: `engine.step` or `engine.core_step`); if it raises, ([], the ids
+    of every request in the engine), each aborted (its blocks freed): a failed step ends the requests in it, not
+    the loop that runs it."""
     try:
-        return engine.step(), []
+        return step(), []
     except Exception:
         log.exception("engine step failed; failing the requests in it")
         failed = list(engine.requests)
@@ -242,37 +208,6 @@ def engine_info(engine) -> EngineInfo:
     return EngineInfo(config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,
                       config.spec.speculative_method, list(early_exit.heads.layers) if early_exit else [],
                       engine.summary, settings)
-
-
-# ---- the clients' side: outputs rebuilt from deltas ----------------------------------------------------
-class Accumulated:
-    """A request's output so far, rebuilt from deltas."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams):
-        self.prompt_ids, self.params = prompt_ids, params
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.logprobs: list[TokenLogprobs] = []
-
-    def apply(self, rid: str, d: OutputDelta) -> RequestOutput:
-        self.token_ids += d.new_token_ids
-        self.text += d.new_text
-        if d.new_logprobs:
-            self.logprobs += d.new_logprobs
-        return RequestOutput(rid, self.prompt_ids, list(self.token_ids), self.text, d.new_token_ids, d.new_text,
-                             list(self.logprobs) if self.params.logprobs is not None else None, d.finished,
-                             d.finish_reason, d.stop_reason, d.metrics, d.prompt_logprobs)
-
-
-def apply_delta(outputs: dict[str, Accumulated], delta: OutputDelta) -> RequestOutput | None:
-    """The request's output after `delta`, or None if it was aborted here while the step ran; a finished
-    request leaves `outputs`."""
-    acc = outputs.get(delta.request_id)
-    if acc is None:
-        return None
-    if delta.finished:
-        del outputs[delta.request_id]
-    return acc.apply(delta.request_id, delta)
 
 
 # ---- starting and stopping a core (both clients) ------------------------------------------------------
@@ -364,7 +299,7 @@ class CoreEngine:
             raise
         self.max_model_len = self.info.max_model_len
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromCore)
-        self._outputs: dict[str, Accumulated] = {}
+        self._outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     @property
@@ -387,14 +322,14 @@ class CoreEngine:
         prompt_ids = self.encode_prompt(prompt)
         self.check_prompt_length(prompt_ids)
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._outputs:
+        if request_id in self._outputs.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._send(AddRequest(request_id, prompt_ids, params, priority))
-        self._outputs[request_id] = Accumulated(prompt_ids, params)
+        self._outputs.add(request_id, prompt_ids, params)
         return request_id
 
     def abort(self, request_id: str) -> None:
-        if self._outputs.pop(request_id, None) is not None and self._core.process.is_alive():
+        if self._outputs.abort(request_id) and self._core.process.is_alive():
             self._send(Abort([request_id]))
 
     def _send(self, message) -> None:
@@ -407,7 +342,7 @@ class CoreEngine:
             raise RuntimeError(f"the engine process has died (exit code {self._core.process.exitcode})") from None
 
     def has_unfinished(self) -> bool:
-        return bool(self._outputs)
+        return self._outputs.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         """The outputs of the core's next step (blocking); a request the core refused raises its error."""
@@ -420,13 +355,16 @@ class CoreEngine:
                 continue
             message = self._decoder.decode(self._core.results.recv())
             if isinstance(message, StepReport):
-                return [out for delta in message.outputs if (out := apply_delta(self._outputs, delta)) is not None]
-            if isinstance(message, RequestFailed) and self._outputs.pop(message.request_id, None) is not None:
+                outputs, stopped = self._outputs.process(message.outputs)
+                if stopped:   # ended here by a stop string: free their blocks in the core
+                    self._send(Abort(stopped))
+                return outputs
+            if isinstance(message, RequestFailed) and self._outputs.abort(message.request_id):
                 if message.status < 500:
                     raise ValueError(message.message)
                 self._outputs.clear()    # a failed step: the core has aborted every request it held
                 raise RuntimeError("an engine step failed; the engine process's stderr has the traceback")
-            if not self._outputs:   # a heartbeat, or the report of requests aborted here
+            if not self._outputs.has_unfinished():   # a heartbeat, or the report of requests aborted here
                 return []
         raise RuntimeError(f"the engine made no progress for {self.step_timeout:.0f} s")
 

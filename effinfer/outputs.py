@@ -1,4 +1,5 @@
-"""What the engine hands back for each request, every step (streaming) and at the end (offline)."""
+"""What the engine hands back for each request: token ids from the engine core every step (`CoreOutput`),
+and text beside them (`RequestOutput`, made by `output_processor.OutputProcessor` on the core's client side)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,26 @@ class RequestMetrics:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class CoreOutput:
+    """What one engine step added to one request, in token ids (what crosses the core process boundary).
+    Token-level stops (EOS, stop token ids, lengths) are decided here; text and stop strings are not."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs | None] | None = None
+    """One per new token, when the request asked for them."""
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    """The stop token id that ended the request, or why the engine did ("kv_cache_full"), if any."""
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    num_preemptions: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With the request's first output (its whole prompt is computed by then), when it asked for them."""
 
 
 @dataclass

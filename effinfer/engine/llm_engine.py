@@ -10,13 +10,13 @@ from effinfer.config import EngineConfig
 from effinfer.decoding.sampler import Sampler, SamplingRow
 from effinfer.engine.block_manager import BlockManager
 from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
-from effinfer.engine.output_processor import OutputProcessor
 from effinfer.engine.request import FinishReason, Request
 from effinfer.engine.scheduler import Scheduler, SchedulerOutput
 from effinfer.models import LoadedModel
-from effinfer.outputs import EngineStats, RequestOutput
+from effinfer.output_processor import OutputProcessor
+from effinfer.outputs import CoreOutput, EngineStats, RequestOutput
 from effinfer.prompts import Prompt, check_prompt_length, encode_prompt
-from effinfer.sampling_params import SamplingParams
+from effinfer.sampling_params import SamplingParams, TokenLogprobs
 from effinfer.utils import parse_dtype
 
 class LLMEngine:
@@ -39,6 +39,8 @@ class LLMEngine:
         self.early_exit = runner.early_exit
         self.speculator = speculator
         self.outputs = OutputProcessor(self.tokenizer)
+        """Text for `step()`, the in-process path; a core in its own process runs `core_step()` and its client
+        makes the text."""
         self.requests: dict[str, Request] = {}
         self.seeds = torch.Generator().manual_seed(config.global_seed)
         """Where requests without a seed draw theirs: the engine's own, because torch.compile saves and restores
@@ -77,9 +79,11 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, prompt_ids, params, self.loaded.config.eos_token_ids, priority)
         request.generator = _generator(params.seed, self.device, self.seeds)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         self._set_exit_threshold(request)
         self.requests[request_id] = request
-        self.outputs.add(request)
+        self.outputs.add(request_id, prompt_ids, params)
         self.scheduler.add(request)
         return request
 
@@ -92,10 +96,10 @@ class LLMEngine:
             request.exit_threshold = threshold
             request.cacheable_len = len(request.prompt_ids)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
         request = self.requests.pop(request_id, None)
         if request is not None:
-            self.scheduler.finish(request, FinishReason.ABORT)
+            self.scheduler.finish(request, reason)
             self.outputs.abort(request_id)
             if self.speculator is not None:
                 self.speculator.release(request_id)
@@ -105,12 +109,20 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One core step with its text made here (in-process); a stop string ends its request at once."""
+        outputs, stopped = self.outputs.process(self.core_step())
+        for request_id in stopped:
+            self.abort(request_id, FinishReason.STOP)
+        return outputs
+
+    def core_step(self) -> list[CoreOutput]:
+        """One step in token ids: what a core in its own process runs."""
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.max_model_len)
         scheduled = self.scheduler.schedule()
         sampled, logprobs = self.execute(scheduled) if not scheduled.is_empty else ({}, {})
         updated = self.scheduler.update(scheduled, sampled)
-        return self._make_outputs(updated, scheduled.finished, logprobs)
+        return self._core_outputs(updated, scheduled.finished, logprobs)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> tuple[dict[str, int], dict]:
@@ -125,7 +137,7 @@ class LLMEngine:
         for request, seq in zip(scheduled.requests, seqs):
             num_rows = self.runner.num_logit_rows(seq)
             if seq.all_logits:
-                self.outputs.add_prompt_logprobs(request, seq.num_computed, logits[row:row + num_rows])
+                _record_prompt_logprobs(request, seq.num_computed, logits[row:row + num_rows])
             if seq.num_spec:
                 verifying.append((request, logits[row:row + num_rows]))
             elif seq.needs_logits:
@@ -151,20 +163,39 @@ class LLMEngine:
         tokens = request.token_slice(start, start + num_new - num_spec) + request.spec_ids
         return ScheduledSeq(tokens, start, request.block_ids, completes, in_prompt, num_spec)
 
-    def _make_outputs(self, updated: list[Request], ended: list[Request], logprobs: dict) -> list[RequestOutput]:
-        """`updated` got a token this step (detokenize it, check stop strings); `ended` were finished
-        by the scheduler without one."""
-        for request in updated:
-            stop = self.outputs.process(request, logprobs.get(request.request_id))
-            if stop is not None:
-                self.scheduler.finish(request, FinishReason.STOP, stop_reason=stop)
-        outputs = [self.outputs.make_output(r) for r in updated + ended]
+    def _core_outputs(self, updated: list[Request], ended: list[Request], logprobs: dict) -> list[CoreOutput]:
+        """`updated` got tokens this step; `ended` were finished by the scheduler without one."""
+        outputs = []
         for request in updated + ended:
-            if request.is_finished:
+            new_ids = request.output_ids[request.num_reported_tokens:]
+            new_logprobs = logprobs.get(request.request_id)
+            finished = request.is_finished
+            first = request.num_reported_tokens == 0 and (new_ids or finished)
+            prompt_logprobs = request.prompt_logprobs if first else None
+            request.num_reported_tokens = len(request.output_ids)
+            outputs.append(CoreOutput(
+                request.request_id, new_ids, new_logprobs[:len(new_ids)] if new_logprobs else None, finished,
+                request.finish_reason.value if finished else None, request.stop_reason if finished else None,
+                max(request.num_cached_tokens, 0), request.first_scheduled_time, request.num_preemptions,
+                prompt_logprobs))
+            if finished:
                 self.requests.pop(request.request_id, None)
                 if self.speculator is not None:
                     self.speculator.release(request.request_id)
         return outputs
+
+
+def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:
+    """Row j of `logits` (position start + j) scores prompt token start + j + 1. Positions already recorded
+    (a preempted request recomputes its prompt) are skipped."""
+    logprobs, num_top, recorded = logits.log_softmax(dim=-1), request.params.prompt_logprobs, request.prompt_logprobs
+    for j in range(logprobs.shape[0]):
+        target = start + j + 1
+        if target >= len(request.prompt_ids) or target < len(recorded):
+            continue
+        values, ids = logprobs[j].topk(num_top) if num_top else (logprobs[j][:0], logprobs[j][:0].long())
+        token = request.prompt_ids[target]
+        recorded.append(TokenLogprobs(float(logprobs[j, token]), list(zip(ids.tolist(), values.tolist()))))
 
 
 def _generator(seed: int | None, device: torch.device, seeds: torch.Generator) -> torch.Generator:

@@ -56,6 +56,10 @@ class Request:
     """Draft length for this request's next proposal, adapted to its acceptance."""
     exit_threshold: float | None = None
     """Early exit: the confidence its decode tokens need to leave the model early (None: never)."""
+    num_reported_tokens: int = 0
+    """Output tokens already handed out in a `CoreOutput`."""
+    prompt_logprobs: list | None = None
+    """`TokenLogprobs` per prompt position so far, when asked for (the first is None: nothing precedes it)."""
     cacheable_len: int | None = None
     """Tokens whose K/V may be shared through the prefix cache (None: all). Early exit sets the prompt
     length: K/V of later tokens may be approximate (filled from an exit layer's hidden state)."""

@@ -352,13 +352,12 @@ def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
 
 
 # ---- the app ---------------------------------------------------------------------------------------
-def build_app(engine, config: ServerConfig | None = None, tokenizer=None) -> FastAPI:
-    """`engine`: an `LLMEngine` (run on a thread of this process) or a started `EngineClient` (with the
-    tokenizer of its model)."""
+def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
+    """`engine`: an `LLMEngine` (run on a thread of this process) or a started `EngineClient`."""
     config = config or ServerConfig()
     if not isinstance(engine, EngineClient):
-        engine, tokenizer = ThreadEngine(engine, stall_timeout=config.engine_stall_timeout), engine.tokenizer
-    server = OpenAIServer(engine, tokenizer, config)
+        engine = ThreadEngine(engine, stall_timeout=config.engine_stall_timeout)
+    server = OpenAIServer(engine, engine.tokenizer, config)
 
     @asynccontextmanager
     async def lifespan(app):

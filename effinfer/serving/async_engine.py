@@ -64,6 +64,8 @@ class EngineClient:
 
     def __init__(self, info: EngineInfo, on_step: OnStep | None = None, stall_timeout: float = 60.0):
         self.info, self.on_step, self.stall_timeout = info, on_step, stall_timeout
+        self.tokenizer = None
+        """The model's tokenizer, in this process (set by the subclass)."""
         self._streams: dict[str, _Stream] = {}
         self.num_in_flight = 0
         """Sequences added and not yet finished, kept by the handlers' side."""
@@ -170,7 +172,7 @@ class ThreadEngine(EngineClient):
 
     def __init__(self, engine, on_step: OnStep | None = None, stall_timeout: float = 60.0):
         super().__init__(engine_info(engine), on_step, stall_timeout)
-        self.engine = engine
+        self.engine, self.tokenizer = engine, engine.tokenizer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
@@ -234,7 +236,7 @@ class ThreadEngine(EngineClient):
 
     def _step(self) -> None:
         started = time.perf_counter()
-        outputs, failed = run_step(self.engine)
+        outputs, failed = run_step(self.engine.step, self.engine)
         for rid in failed:
             self._call(self.deliver, rid, EngineRequestError(STEP_FAILED))
         for out in outputs:

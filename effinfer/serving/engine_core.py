@@ -21,9 +21,9 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from effinfer.core_process import (Abort, Accumulated, AddRequest, CoreHandle, EngineInfo, FromCore, Heartbeat,
-                                          RequestFailed, StepReport, apply_delta, close_sockets, spawn_core, stop_core,
-                                          wait_ready)
+from effinfer.core_process import (Abort, AddRequest, CoreHandle, EngineInfo, FromCore, Heartbeat, RequestFailed,
+                                   StepReport, close_sockets, spawn_core, stop_core, wait_ready)
+from effinfer.output_processor import OutputProcessor
 from effinfer.serving.async_engine import (EngineClient, EngineDeadError, EngineRequestError, OnStep,
                                            check_failure_policy)
 
@@ -42,7 +42,8 @@ class ProcessEngine(EngineClient):
         self.on_fatal: Callable[[], None] | None = None
         self._context = zmq.Context()
         self._encoder, self._decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromCore)
-        self._outputs: dict[str, Accumulated] = {}
+        self._outputs: OutputProcessor | None = None
+        """Text from the core's token ids: detokenization and stop strings run here, not in the core."""
         self._core: CoreHandle | None = None
         self._state = "starting"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -55,12 +56,25 @@ class ProcessEngine(EngineClient):
 
     # ---- starting and stopping ------------------------------------------------------------------------
     def start(self) -> None:
-        """Spawn the core and wait (blocking) until it has built the engine; raises if it cannot."""
+        """Spawn the core and wait (blocking) until it has built the engine; raises if it cannot. The tokenizer
+        loads here while the core loads the model (once: a restarted core reuses it)."""
         self.spawn()
+        if self.tokenizer is None:
+            self._load_tokenizer()
         self.wait_ready()
 
+    def _load_tokenizer(self) -> None:
+        from effinfer.loader.source import load_tokenizer
+
+        try:
+            self.tokenizer = load_tokenizer(self.config.model.model, self.config.model.cache_dir)
+        except Exception as exc:
+            self.wait_ready()   # the core read the same file: its reason, if it has one, is the one to give
+            raise RuntimeError(f"the model's tokenizer could not load: {exc}") from exc
+        self._outputs = OutputProcessor(self.tokenizer)
+
     def spawn(self) -> None:
-        """Start the core process (it loads the model meanwhile: load the tokenizer here in the while)."""
+        """Start the core process; it loads the model meanwhile."""
         self._generation += 1
         # The receiving socket is asyncio's (it owns the socket and so unregisters its fd from the event loop
         # when closed); the wait for Ready reads it through a plain, non-owning shadow.
@@ -108,16 +122,16 @@ class ProcessEngine(EngineClient):
     def _submit(self, command: tuple) -> None:
         if command[0] == "add":
             _, rid, prompt_ids, params, priority = command
-            self._outputs[rid] = Accumulated(prompt_ids, params)
+            self._outputs.add(rid, prompt_ids, params)
             message = AddRequest(rid, prompt_ids, params, priority)
         else:
-            self._outputs.pop(command[1], None)
+            self._outputs.abort(command[1])
             message = Abort([command[1]])
         try:   # never blocks the event loop: a core that died and is not yet reaped takes no more messages
             self._core.commands.send(self._encoder.encode(message), zmq.NOBLOCK)
         except zmq.Again:
             if command[0] == "add":
-                self._outputs.pop(command[1], None)
+                self._outputs.abort(command[1])
                 raise EngineDeadError("the engine process is not taking requests (it died or is restarting)") from None
 
     async def _receive(self, results: zmq.asyncio.Socket) -> None:
@@ -130,19 +144,24 @@ class ProcessEngine(EngineClient):
 
     def _handle(self, message) -> None:
         if isinstance(message, StepReport):
-            outputs = [self._apply(d) for d in message.outputs]
-            self.report_progress(message.stats, [o for o in outputs if o is not None], message.step_time)
+            outputs, stopped = self._outputs.process(message.outputs)
+            for out in outputs:
+                self.deliver(out.request_id, out)
+            if stopped:   # ended here by a stop string: free their blocks in the core
+                self._send_quietly(Abort(stopped))
+            self.report_progress(message.stats, outputs, message.step_time)
         elif isinstance(message, Heartbeat):
             self.report_progress(message.stats, [], None)
         elif isinstance(message, RequestFailed):
-            self._outputs.pop(message.request_id, None)
+            self._outputs.abort(message.request_id)
             self.deliver(message.request_id, EngineRequestError(message.message, message.status))
 
-    def _apply(self, delta):
-        out = apply_delta(self._outputs, delta)
-        if out is not None:
-            self.deliver(delta.request_id, out)
-        return out
+    def _send_quietly(self, message) -> None:
+        """A core that cannot take it has died: its death ends every request anyway."""
+        try:
+            self._core.commands.send(self._encoder.encode(message), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     # ---- failure ---------------------------------------------------------------------------------------
     def _on_exit(self, process: multiprocessing.Process) -> None:

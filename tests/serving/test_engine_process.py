@@ -11,8 +11,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -33,11 +35,11 @@ def core_config(model_path, **overrides):
 class Served:
     """A `DrainingServer` on a thread (signals are sent by calling `request_stop`, as a handler would)."""
 
-    def __init__(self, engine, tokenizer=None, **config):
+    def __init__(self, engine, **config):
         from effinfer.serving.api_server import DrainingServer, ServerConfig, build_app
 
         self.config = ServerConfig(port=free_port(), **config)
-        self.server = DrainingServer(build_app(engine, self.config, tokenizer), self.config, log_level="warning")
+        self.server = DrainingServer(build_app(engine, self.config), self.config, log_level="warning")
         self.url = f"http://127.0.0.1:{self.config.port}"
         self.exit_code = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -87,20 +89,13 @@ async def many_streams(url: str, count: int, body: dict, after=None) -> list[tup
         return await asyncio.wait_for(asyncio.gather(*tasks), 180)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from effinfer.loader.source import load_tokenizer
-
-    return load_tokenizer(str(smollm2_path))
-
-
-def test_killing_the_engine_process_under_load_loses_nothing(smollm2_path, tokenizer):
+def test_killing_the_engine_process_under_load_loses_nothing(smollm2_path):
     from effinfer.serving.engine_core import ProcessEngine
 
     engine = ProcessEngine(core_config(smollm2_path), on_failure="restart")
     engine.start()
     try:
-        with Served(engine, tokenizer) as served:
+        with Served(engine) as served:
             first_pid = engine.pid
 
             async def kill_when_streaming():
@@ -131,13 +126,13 @@ def test_killing_the_engine_process_under_load_loses_nothing(smollm2_path, token
         engine.stop()
 
 
-def test_engine_failure_exit_stops_the_server_non_zero(smollm2_path, tokenizer):
+def test_engine_failure_exit_stops_the_server_non_zero(smollm2_path):
     from effinfer.serving.engine_core import ProcessEngine
 
     engine = ProcessEngine(core_config(smollm2_path, num_blocks=64), on_failure="exit")
     engine.start()
     try:
-        served = Served(engine, tokenizer, on_engine_failure="exit")
+        served = Served(engine, on_engine_failure="exit")
         with served:
             os.kill(engine.pid, signal.SIGKILL)
             served.thread.join(30)
@@ -239,7 +234,6 @@ def test_the_core_exits_when_its_server_is_killed(smollm2_path, tmp_path):
 def test_the_core_compiles_in_the_background_while_it_serves(tmp_path):
     """With no compile flag the core answers at once (eager) and says when its decode steps run compiled:
     in its heartbeat, and so in /metrics."""
-    from effinfer.loader.source import load_tokenizer
     from effinfer.serving.engine_core import ProcessEngine
     from tests.tiny_models import save_tiny_folder
 
@@ -248,7 +242,7 @@ def test_the_core_compiles_in_the_background_while_it_serves(tmp_path):
     engine.start()
     try:
         assert engine.info.settings["compile"] == "background"
-        with Served(engine, load_tokenizer(str(tmp_path))) as served:
+        with Served(engine) as served:
             body = {"prompt": [5, 6, 7], "max_tokens": 8, "ignore_eos": True}
             reply = httpx.post(served.url + "/v1/completions", json=body, timeout=60)
             assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
@@ -270,24 +264,68 @@ def _metric(text: str, name: str) -> float | None:
 
 
 def test_the_api_process_imports_no_torch(smollm2_path):
-    """What `effinfer serve` does before it hands the model to the core (parse flags, validate the config, load
-    the tokenizer, build the app) leaves torch unimported: the API process holds ~0.1 GB, not ~0.3 GB."""
+    """What `effinfer serve` runs in its API process (parse flags, validate the config, start the core, load the
+    tokenizer, build the app, detokenize a request's tokens) leaves torch unimported: the API process holds
+    ~0.1 GB, not ~0.3 GB."""
     code = f"""
-import sys
+import asyncio, sys
 from effinfer.cli import build_parser
 from effinfer.cli_args import engine_kwargs
 from effinfer.config import EngineConfig
-from effinfer.loader.source import load_tokenizer
+from effinfer.sampling_params import SamplingParams
 from effinfer.serving.api_server import ServerConfig, build_app
 from effinfer.serving.engine_core import ProcessEngine
 
-args = build_parser().parse_args(["serve", "--model", {str(smollm2_path)!r}, "--kv-cache-dtype", "int8",
-                                  "--quantization", "gguf", "--attention-backend", "torch_ref"])
-config = EngineConfig.from_kwargs(**engine_kwargs(args))
-engine = ProcessEngine(config)
-build_app(engine, ServerConfig(), load_tokenizer(config.model.model))
-print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+if __name__ == "__main__":
+    args = build_parser().parse_args(["serve", "--model", {str(smollm2_path)!r}, "--kv-cache-dtype", "int8",
+                                      "--attention-backend", "torch_ref", "--no-compile", "--num-blocks", "32"])
+    engine = ProcessEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    engine.start()
+    build_app(engine, ServerConfig())
+
+    async def one():
+        await engine.start_async()
+        return [out async for _, out in engine.generate([1, 2, 3], [SamplingParams(max_tokens=4)], "r")][-1]
+
+    print(repr(asyncio.run(one()).text), file=sys.stderr)
+    engine.stop()
+    print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    script = Path(tempfile.mkdtemp()) / "api.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_stop_strings_end_requests_here_and_free_them_in_the_core(smollm2_path):
+    """Text and stop strings are made in the API process: the stream ends at the stop string (text cut where
+    it starts) and the core is told to drop the request, long before its max_tokens."""
+    from effinfer.sampling_params import SamplingParams
+    from effinfer.serving.engine_core import ProcessEngine
+
+    engine = ProcessEngine(core_config(smollm2_path, num_blocks=256, max_model_len=2048))
+    engine.start()
+
+    async def generate(params, rid):
+        return [out async for _, out in engine.generate(engine.tokenizer.encode("The capital of France"), [params], rid)]
+
+    async def run():
+        await engine.start_async()
+        full = (await generate(SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True), "full"))[-1]
+        stop = full.text[9:14]   # spans a token boundary, most likely: cut mid-word
+        stopped = await generate(SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True, stop=[stop]), "stop")
+        deadline = time.time() + 10   # 1500 tokens would take a minute: the core dropped the request
+        while engine.stats.num_running or engine.stats.num_free_blocks != engine.stats.num_blocks:
+            assert time.time() < deadline, "the core still runs the request a stop string ended"
+            await asyncio.sleep(0.1)
+        return full, stop, stopped
+
+    try:
+        full, stop, stopped = asyncio.run(run())
+        final = stopped[-1]
+        assert final.finished and final.finish_reason == "stop" and final.stop_reason == stop
+        assert final.text == full.text[:full.text.index(stop)] == "".join(out.new_text for out in stopped)
+        assert final.token_ids == full.token_ids[:len(final.token_ids)] and len(final.token_ids) < 24
+    finally:
+        engine.stop()

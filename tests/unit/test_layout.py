@@ -19,7 +19,7 @@ TIERS = [
     ["effinfer.loader"],
     ["effinfer.models"],
     ["effinfer.decoding"],
-    ["effinfer.outputs", "effinfer.config"],
+    ["effinfer.outputs", "effinfer.output_processor", "effinfer.config"],
     ["effinfer.engine"],
     # tier 2: the facade
     ["effinfer.llm", "effinfer.build", "effinfer.core_process"],
