@@ -62,6 +62,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
             if f.name in SUB_CONFIGS and cls is EngineConfig:
                 continue
             flag, kind, doc = "--" + f.name.replace("_", "-"), arg_type(hints[f.name]), docs.get(f.name)
+            doc = doc and doc.replace("%", "%%")   # argparse formats help with %: a docstring's "80%" is text
             if kind is bool:
                 g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
             else:

@@ -65,3 +65,22 @@ def test_chat_keeps_history_and_quits_on_empty_line(smollm2_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("> ") == 3          # two turns answered, then the empty line quits
+
+
+def test_every_command_prints_its_help():
+    """`--help` of every command and subcommand renders (argparse formats help text with %: a literal "80%"
+    in a config field's docstring once made `effinfer serve --help` a traceback)."""
+    import argparse
+
+    from effinfer.cli import build_parser
+
+    def parsers(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from parsers(sub, path + [name])
+
+    found = dict((" ".join(path), parser.format_help()) for path, parser in parsers(build_parser(), []))
+    assert {"serve", "generate", "bench compare", "bench latency"} <= set(found)
+    assert all("--" in text for text in found.values())
