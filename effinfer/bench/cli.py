@@ -63,7 +63,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--config", action="append", required=True, dest="configs", metavar="KEY=VALUE,...",
                    help="one configuration, e.g. name=fp32,dtype=float32 (repeat; the first is the baseline)")
     b.add_argument("--workload", default="throughput", metavar="NAME,...",
-                   help="any of latency, throughput, quality (comma-separated); quality needs --text and/or --tasks")
+                   help="any of latency, throughput, sweep (batch sizes), quality (comma-separated); quality "
+                        "needs --text and/or --tasks")
     add_quality_args(b, max_text_tokens=4096, limit=100)
     b.add_argument("--plot", default=None, metavar="PNG", help="speed/quality chart of the configurations")
     b.add_argument("--prompts", default="random", choices=PROMPT_SETS,
@@ -76,6 +77,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--num-prompts", type=int, default=32)
     b.add_argument("--input-len", type=int, default=128)
     b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--batch-sizes", default="1,2,4,8,16,32,64", metavar="B,...",
+                   help="sweep: requests run at once, each --input-len + --output-len tokens")
     b.add_argument("--bench-seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-compare.json")
     add_engine_args(b)
@@ -232,7 +235,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
-    from effinfer.bench.compare import WORKLOADS, parse_config, print_compare_table, run_compare
+    from effinfer.bench.compare import WORKLOADS, batch_sizes, parse_config, print_compare_table, run_compare
     from effinfer.bench.report import write_record
     from effinfer.bench.systems import make_system
 
@@ -246,10 +249,14 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     if "quality" in workloads and not (args.text or args.tasks):
         raise ValueError("the quality workload needs --text and/or --tasks")
     args.task_names = _task_list(args.tasks)
+    largest_batch = max(batch_sizes(args.batch_sizes)) if "sweep" in workloads else 0
     base = engine_kwargs(args)
     for c in configs:  # validate every engine configuration before any model loads
         if c.options.get("system", "effinfer") == "effinfer":
-            EngineConfig.from_kwargs(**{**base, **c.options})
+            config = EngineConfig.from_kwargs(**{**base, **c.options})
+            if config.scheduler.max_num_seqs < largest_batch:
+                raise ValueError(f"the sweep's batch size {largest_batch} is above {c.name}'s max_num_seqs="
+                                 f"{config.scheduler.max_num_seqs}; raise it or drop that batch size")
     result = run_compare(configs, lambda options: make_system(options, base), workloads, args.rounds, args)
     bench_args = {k: v for k, v in vars(args).items() if k not in all_option_names() and k != "func"}
     write_record(args.result_file, "compare", {"bench": bench_args}, result)

@@ -14,7 +14,7 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from effinfer.bench.offline import run_latency, run_throughput
+from effinfer.bench.offline import run_latency, run_sweep, run_throughput
 from effinfer.bench.workloads import prompt_set
 
 
@@ -47,7 +47,8 @@ def _value(text: str):
     return text
 
 
-WORKLOADS = ("latency", "throughput", "quality")
+WORKLOADS = ("latency", "throughput", "sweep", "quality")
+SWEEP_BATCH_SIZES = "1,2,4,8,16,32,64"
 
 
 def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], rounds: int, args) -> dict:
@@ -89,9 +90,22 @@ def _measure(system, workload: str, args) -> dict:
     if workload == "latency":
         return run_latency(system, args.prompt_len, args.gen_len, repetitions=1, seed=args.bench_seed,
                            measure_machine=False)
+    if workload == "sweep":
+        return run_sweep(system, batch_sizes(args.batch_sizes), args.input_len, args.output_len, args.bench_seed)
     requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
                           args.bench_seed, args.text)
     return run_throughput(system, requests, args.stop_at_eos)
+
+
+def batch_sizes(text: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4] (positive, in the order given)."""
+    try:
+        sizes = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes takes positive integers separated by commas, got {text!r}")
+    return sizes
 
 
 def _add_quality(systems: dict, names: list[str], means: dict, args) -> None:

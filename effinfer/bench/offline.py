@@ -19,6 +19,7 @@ import torch
 from effinfer.compression.quant import get_kv_dtype
 from effinfer.engine.kv_cache import bytes_per_block
 from effinfer.bench.workloads import BenchRequest, random_requests
+from effinfer.utils import progress
 
 # Energy fallback when the machine exposes no power counter: an assumed per-core package power under
 # load. A rough figure for server cores (TDP / cores); the record labels results from it as estimates.
@@ -63,6 +64,29 @@ def run_throughput(system, requests: list[BenchRequest], stop_at_eos: bool = Fal
             "total_output_tokens": num_out, "request_throughput": len(requests) / duration,
             "output_throughput": num_out / duration, "total_token_throughput": (num_in + num_out) / duration,
             **spec_metrics(spec_before, system.spec_stats()), **meter.report(num_in + num_out)}
+
+
+def run_sweep(system, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0) -> dict:
+    """Each batch size B: B random prompts of `input_len` tokens, each to `output_len` tokens, at once. Output
+    tokens/s with prefill included (`b{B}_output_tok_s`), and of decode alone (`b{B}_decode_tok_s`: the same
+    batch to one token subtracted, which leaves the decode steps), for any system. Needs max_num_seqs >= B."""
+    if output_len < 2:
+        raise ValueError(f"the sweep needs output_len >= 2 (decode steps to time), got {output_len}")
+    out = {}
+    for size in progress(batch_sizes, "batch sizes"):
+        prompts = [r.prompt for r in random_requests(system.tokenizer, size, input_len, 1, seed + size, as_text=False)]
+        whole = _timed_batch(system, prompts, output_len)
+        prefill = _timed_batch(system, prompts, 1)
+        out[f"b{size}_output_tok_s"] = size * output_len / whole
+        out[f"b{size}_decode_tok_s"] = size * (output_len - 1) / max(whole - prefill, 1e-9)
+    return out
+
+
+def _timed_batch(system, prompts: list[list[int]], output_len: int) -> float:
+    system.forget_cache()   # the same prompts again must not hit the prefix cache
+    start = time.perf_counter()
+    system.run_batch(prompts, [output_len] * len(prompts), False)
+    return time.perf_counter() - start
 
 
 def spec_metrics(before: dict, after: dict) -> dict:

@@ -104,9 +104,40 @@ def plot_speed_quality(result: dict, path: str | Path) -> Path:
 
 
 def plot_compare(result: dict, path: str | Path) -> Path:
-    """A `bench compare` record's plot: speed against quality when it measured quality, else speed-ups."""
+    """A `bench compare` record's plot: tokens/s by batch size for a sweep, speed against quality when it
+    measured quality, else speed-ups."""
+    if "sweep" in result.get("workloads", []):
+        return plot_sweep(result, path)
     has_quality = any(k in m for m in result["metrics"].values() for k in QUALITY_KEYS)
     return plot_speed_quality(result, path) if has_quality else plot_speedups(result, path)
+
+
+def plot_sweep(result: dict, path: str | Path) -> Path:
+    """Output tokens/s against batch size, one line per configuration: decode alone, and with prefill."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, kind, title in zip(axes, ("decode", "output"), ("decode steps alone", "with prefill")):
+        for name, metrics in result["metrics"].items():
+            points = sorted((int(k[1:].split("_")[0]), v) for k, v in metrics.items()
+                            if k.startswith("b") and k.endswith(f"_{kind}_tok_s"))
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequences at once")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"Output tokens/s, {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_speedups(result: dict, path: str | Path) -> Path:

@@ -33,6 +33,18 @@ def int4_gemv():
     return torch.ops.effinfer_kernels.int4_gemv.default
 
 
+def int4_gemm():
+    """The op `int4_gemm(x [M, K], packed, records, sub) -> x.dtype [M, N]`: the same product as `int4_gemv` for
+    steps of many rows (needs N % 16 == 0), or None where `int4_gemv` is."""
+    return torch.ops.effinfer_kernels.int4_gemm.default if int4_gemv() is not None else None
+
+
+def int4_mm():
+    """The op `int4_mm(x, packed, records, sub)` the int4 layers call: `int4_gemv` for up to 8 rows, `int4_gemm`
+    above where N % 16 == 0 (chosen inside: a compiled step has no branch on its batch size), or None."""
+    return torch.ops.effinfer_kernels.int4_mm.default if int4_gemv() is not None else None
+
+
 def paged_decode_attention():
     """The op `paged_decode_attention(q [seqs, heads, dim], pages [2, kv_heads, blocks, block, dim], block_tables
     [seqs, width], seq_lens [seqs], scale, window (0: none)) -> [seqs, heads, dim]`: decode attention over bf16 or
@@ -67,6 +79,8 @@ def _build() -> bool:
     torch.library.register_fake("effinfer_kernels::int8_gemv")(_int8_gemv_shape)
     torch.library.register_fake("effinfer_kernels::int4_gemv")(_int4_gemv_shape)
     torch.library.register_fake("effinfer_kernels::int4_dequantize")(_int4_dequantize_shape)
+    torch.library.register_fake("effinfer_kernels::int4_gemm")(_int4_gemm_shape)
+    torch.library.register_fake("effinfer_kernels::int4_mm")(_int4_gemm_shape)
     torch.library.register_fake("effinfer_kernels::paged_decode_attention")(_paged_decode_attention_shape)
     return True
 
@@ -88,6 +102,10 @@ def _int8_gemv_shape(x, qweight, scales, isa="auto"):
 
 
 def _int4_gemv_shape(x, packed, records, sub, isa="auto"):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _int4_gemm_shape(x, packed, records, sub):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 

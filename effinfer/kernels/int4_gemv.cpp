@@ -59,9 +59,10 @@ struct Shape {
 };
 
 // x [K] -> 128-column chunks of int8 in kernel order, per block (kernel order) its scale and its scale times
-// the sum of its int8 values (what the block's minimum multiplies). Returns false for inf/NaN.
+// the sum of its int8 values (what the block's minimum multiplies); `natural`: columns and blocks in their own
+// order (the GEMM's). Returns false for inf/NaN.
 template <typename T>
-bool quantize_row_scalar(const T* x, const Shape& s, int8_t* xq, float* xscale, float* xsum) {
+bool quantize_row_scalar(const T* x, const Shape& s, bool natural, int8_t* xq, float* xscale, float* xsum) {
   for (int64_t b = 0; b < s.blocks(); ++b) {
     const int64_t k0 = b * s.sub, chunk = k0 / 128;
     const bool in_tail = chunk == s.chunks();
@@ -76,11 +77,11 @@ bool quantize_row_scalar(const T* x, const Shape& s, int8_t* xq, float* xscale, 
     for (int64_t k = k0; k < k0 + s.sub; ++k) {
       const int8_t v = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[k]) * inv));
       const int64_t in_chunk = k - chunk * 128;
-      xq[chunk * 128 + (in_tail ? in_chunk : chunk_position(static_cast<int>(in_chunk)))] = v;
+      xq[chunk * 128 + (in_tail || natural ? in_chunk : chunk_position(static_cast<int>(in_chunk)))] = v;
       total += v;
     }
     const int64_t in_chunk_block = b - chunk * s.per_chunk();
-    const int64_t at = chunk * s.per_chunk() + (in_tail ? in_chunk_block : record_index(in_chunk_block, s.sub));
+    const int64_t at = chunk * s.per_chunk() + (in_tail || natural ? in_chunk_block : record_index(in_chunk_block, s.sub));
     xscale[at] = scale;
     xsum[at] = scale * static_cast<float>(total);
   }
@@ -105,8 +106,8 @@ template <> __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline
 // are quantized in column order, then each 128-column chunk is interleaved into kernel order.
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-bool quantize_row_avx512(const T* x, const Shape& s, int8_t* xq, float* xscale, float* xsum) {
-  alignas(64) int8_t natural[128];
+bool quantize_row_avx512(const T* x, const Shape& s, bool natural, int8_t* xq, float* xscale, float* xsum) {
+  alignas(64) int8_t in_order[128];
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t c = 0; c * 128 < s.K; ++c) {
     const bool in_tail = c == s.chunks();
@@ -127,19 +128,19 @@ bool quantize_row_avx512(const T* x, const Shape& s, int8_t* xq, float* xscale, 
       for (int j = 0; j < s.sub / 16; ++j) {
         const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], _mm512_set1_ps(inv)));   // nearest, ties to even
         total = _mm512_add_epi32(total, q);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(natural + b * s.sub + 16 * j), _mm512_cvtsepi32_epi8(q));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(in_order + b * s.sub + 16 * j), _mm512_cvtsepi32_epi8(q));
       }
-      const int64_t at = c * s.per_chunk() + (in_tail ? b : record_index(static_cast<int>(b), static_cast<int>(s.sub)));
+      const int64_t at = c * s.per_chunk() + (in_tail || natural ? b : record_index(static_cast<int>(b), static_cast<int>(s.sub)));
       xscale[at] = scale;
       xsum[at] = scale * static_cast<float>(_mm512_reduce_add_epi32(total));
     }
     int8_t* out = xq + c * 128;
-    if (in_tail) {
-      std::memcpy(out, natural, 64);
+    if (in_tail || natural) {
+      std::memcpy(out, in_order, cols);
       continue;
     }
     // 32-bit words: low-nibble half interleaves quarters 0 and 2, high-nibble half quarters 1 and 3
-    const __m512i first = _mm512_load_si512(natural), second = _mm512_load_si512(natural + 64);
+    const __m512i first = _mm512_load_si512(in_order), second = _mm512_load_si512(in_order + 64);
     const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
     _mm512_storeu_si512(out, _mm512_permutex2var_epi32(first, lo_idx, second));
@@ -149,8 +150,9 @@ bool quantize_row_avx512(const T* x, const Shape& s, int8_t* xq, float* xscale, 
 }
 
 template <typename T>
-void quantize_row(const T* x, const Shape& s, bool avx512, int8_t* xq, float* xscale, float* xsum) {
-  const bool finite = avx512 ? quantize_row_avx512(x, s, xq, xscale, xsum) : quantize_row_scalar(x, s, xq, xscale, xsum);
+void quantize_row(const T* x, const Shape& s, bool avx512, int8_t* xq, float* xscale, float* xsum, bool natural = false) {
+  const bool finite = avx512 ? quantize_row_avx512(x, s, natural, xq, xscale, xsum)
+                             : quantize_row_scalar(x, s, natural, xq, xscale, xsum);
   if (!finite) {   // inf/NaN in: NaN out, as from a float matmul
     std::fill(xq, xq + s.K, 0);
     std::fill(xscale, xscale + s.blocks(), std::numeric_limits<float>::quiet_NaN());
@@ -441,6 +443,184 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& records, 
   return out;
 }
 
+// ---- many rows: a GEMM ------------------------------------------------------------------------------------
+// Steps of many rows (prefill chunks, large decode batches) are compute-bound, and the GEMV's layout costs a
+// float conversion, a multiply and an add per 4 columns of each row (its lanes run along a row). Here the
+// weights are turned, 32 rows at a time, into the layout integer dot products want across rows: weight row n
+// in lane n % 16 of a vector, 4 consecutive columns per lane (one gather per lane of the GEMV layout, which
+// keeps 4 consecutive columns of a row in each 32-bit word's nibbles). A lane then sums a whole block (32 or
+// 64 columns) in int32 before its one conversion; the tile (K * 32 bytes) stays in cache while every
+// activation row passes over it, 4 at a time (each weight load serves 4 rows, each activation broadcast 32
+// weight rows). Activations are quantized as for the GEMV (int8 per block, the same scales and sums), in
+// column order.
+
+constexpr int kTileRows = 32;   // weight rows per tile: two vectors of 16 lanes
+constexpr int kGemmRows = 4;    // activation rows per pass
+
+// Natural block j of a row -> its place in the row's record (the GEMV's lane order).
+inline int64_t record_position(const Shape& s, int64_t j) {
+  const int64_t c = j * s.sub / 128, b = (j * s.sub % 128) / s.sub;
+  return c * s.per_chunk() + (c == s.chunks() ? b : record_index(static_cast<int>(b), static_cast<int>(s.sub)));
+}
+
+// Quads (4 consecutive columns) of a 128-column chunk held by 32-bit lane L's low and high nibbles.
+inline int low_quad(int L) { return (L % 2) * 16 + L / 2; }
+inline int high_quad(int L) { return (L % 2) * 16 + 8 + L / 2; }
+
+// The tile of `vectors` x 16 weight rows from `w` (row n0 onwards): per quad of columns, `vectors` vectors of
+// 16 lanes (lane = row, 4 columns of 4-bit values in its 4 bytes, one value per byte); per natural block, its
+// scales and minimums as fp32, `vectors` x 16 of each.
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+void build_tile(const uint8_t* w, const c10::Half* records, const Shape& s, const int64_t* positions, int vectors,
+                __m512i* tile, float* scales, float* minimums) {
+  const int64_t row_bytes = s.K / 2, blocks = s.blocks();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(row_bytes / 4)));
+  for (int v = 0; v < vectors; ++v) {
+    const uint8_t* base = w + 16 * v * row_bytes;
+    for (int64_t c = 0; c * 128 < s.K; ++c) {
+      const bool in_tail = c == s.chunks();
+      for (int L = 0; L < (in_tail ? 8 : 16); ++L) {
+        const __m512i words = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(L)), base + c * 64, 4);
+        const __m512i lo = _mm512_and_si512(words, low4), hi = _mm512_and_si512(_mm512_srli_epi16(words, 4), low4);
+        const int64_t qlo = c * 32 + (in_tail ? L : low_quad(L)), qhi = c * 32 + (in_tail ? 8 + L : high_quad(L));
+        _mm512_storeu_si512(tile + qlo * vectors + v, lo);
+        _mm512_storeu_si512(tile + qhi * vectors + v, hi);
+      }
+    }
+    for (int n = 0; n < 16; ++n) {
+      const c10::Half* record = records + (16 * v + n) * 2 * blocks;
+      for (int64_t j = 0; j < blocks; ++j) {
+        scales[(j * vectors + v) * 16 + n] = static_cast<float>(record[positions[j]]);
+        minimums[(j * vectors + v) * 16 + n] = static_cast<float>(record[blocks + positions[j]]);
+      }
+    }
+  }
+}
+
+// out[m * 16 * NB + col] for MB activation rows and the tile's 16 * NB weight rows.
+template <int MB, int NB, int SUB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")))
+void gemm_tile(const __m512i* tile, const float* scales, const float* minimums, const Shape& s, const int8_t* xq,
+               const float* xscale, const float* xsum, float* out) {
+  constexpr int Q = SUB / 4;   // quads per block
+  const int64_t blocks = s.blocks();
+  __m512 acc[MB][NB];
+  for (auto& row : acc) for (auto& a : row) a = _mm512_setzero_ps();
+  for (int64_t j = 0; j < blocks; ++j) {
+    __m512i dot[MB][NB];
+    for (auto& row : dot) for (auto& d : row) d = _mm512_setzero_si512();
+    for (int q = 0; q < Q; ++q) {
+      const int64_t quad = j * Q + q;
+      __m512i wv[NB];
+      for (int v = 0; v < NB; ++v) wv[v] = _mm512_loadu_si512(tile + quad * NB + v);
+      for (int m = 0; m < MB; ++m) {
+        int32_t four;
+        std::memcpy(&four, xq + m * s.K + 4 * quad, sizeof four);
+        const __m512i xb = _mm512_set1_epi32(four);
+        for (int v = 0; v < NB; ++v) dot[m][v] = _mm512_dpbusd_epi32(dot[m][v], wv[v], xb);
+      }
+    }
+    for (int v = 0; v < NB; ++v) {
+      const __m512 d = _mm512_load_ps(scales + (j * NB + v) * 16), mn = _mm512_load_ps(minimums + (j * NB + v) * 16);
+      for (int m = 0; m < MB; ++m) {
+        const __m512 scaled = _mm512_mul_ps(d, _mm512_set1_ps(xscale[m * blocks + j]));
+        acc[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][v]), scaled, acc[m][v]);
+        acc[m][v] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[m * blocks + j]), acc[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < NB; ++v) _mm512_storeu_ps(out + m * 16 * NB + 16 * v, acc[m][v]);
+}
+
+using GemmTileFn = void (*)(const __m512i*, const float*, const float*, const Shape&, const int8_t*, const float*,
+                            const float*, float*);
+
+GemmTileFn pick_gemm(int64_t sub, int64_t mb, int nb) {
+#define EFFINFER_GEMM_TILES(NB, SUB) \
+  (mb == 1 ? gemm_tile<1, NB, SUB> : mb == 2 ? gemm_tile<2, NB, SUB> : mb == 3 ? gemm_tile<3, NB, SUB> : gemm_tile<4, NB, SUB>)
+  if (nb == 2) return sub == 64 ? EFFINFER_GEMM_TILES(2, 64) : EFFINFER_GEMM_TILES(2, 32);
+  return sub == 64 ? EFFINFER_GEMM_TILES(1, 64) : EFFINFER_GEMM_TILES(1, 32);
+#undef EFFINFER_GEMM_TILES
+}
+
+// rows x width fp32 sums -> out (row stride N) as T.
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+void store_rows(const float* sums, int64_t rows, int width, T* out, int64_t N) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int c = 0; c < width; c += 16) store16(out + m * N + c, _mm512_loadu_ps(sums + m * width + c));
+}
+
+template <typename T>
+void gemm(const T* x, const uint8_t* w, const c10::Half* records, T* out, int64_t M, int64_t N, const Shape& s) {
+  const int64_t blocks = s.blocks();
+  std::vector<int8_t> xq(M * s.K);
+  std::vector<float> xscale(M * blocks), xsum(M * blocks);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      quantize_row(x + m * s.K, s, true, xq.data() + m * s.K, xscale.data() + m * blocks, xsum.data() + m * blocks, true);
+  });
+  std::vector<int64_t> positions(blocks);
+  for (int64_t j = 0; j < blocks; ++j) positions[j] = record_position(s, j);
+  GemmTileFn tiles[3][kGemmRows + 1];   // [vectors][activation rows]
+  for (int nb = 1; nb <= 2; ++nb)
+    for (int64_t mb = 1; mb <= kGemmRows; ++mb) tiles[nb][mb] = pick_gemm(s.sub, mb, nb);
+  const int64_t row_bytes = s.K / 2, row_record = 2 * blocks;
+  at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<__m512i> tile;   // scratch kept between calls
+    thread_local std::vector<float> params;
+    tile.resize(s.K / 4 * 2);
+    params.resize(2 * blocks * kTileRows + 16);
+    float* scales = params.data() + (16 - reinterpret_cast<uintptr_t>(params.data()) / 4 % 16) % 16;   // 64-byte aligned
+    float* minimums = scales + blocks * kTileRows;
+    float sums[kGemmRows * kTileRows];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kTileRows;
+      const int vectors = N - n0 >= kTileRows ? 2 : 1;
+      const int width = 16 * vectors;
+      build_tile(w + n0 * row_bytes, records + n0 * row_record, s, positions.data(), vectors, tile.data(), scales, minimums);
+      for (int64_t m0 = 0; m0 < M; m0 += kGemmRows) {
+        const int64_t mb = std::min<int64_t>(kGemmRows, M - m0);
+        tiles[vectors][mb](tile.data(), scales, minimums, s, xq.data() + m0 * s.K, xscale.data() + m0 * blocks,
+                           xsum.data() + m0 * blocks, sums);
+        store_rows(sums, mb, width, out + m0 * N + n0, N);
+      }
+    }
+  });
+}
+
+at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& records, int64_t sub) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && records.dim() == 2, "int4_gemm: x [M, K], packed [N, K / 2], records [N, 2 * K / sub]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  TORCH_CHECK(sub == 32 || sub == 64, "int4_gemm: blocks of 32 or 64 columns");
+  TORCH_CHECK(K % 64 == 0 && N % 16 == 0, "int4_gemm: needs K % 64 == 0 and N % 16 == 0");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.size(1) * 2 == K,
+              "int4_gemm: contiguous uint8 weights, two columns per byte");
+  TORCH_CHECK(records.scalar_type() == at::kHalf && records.is_contiguous() && records.size(0) == N &&
+              records.size(1) == 2 * K / sub, "int4_gemm: fp16 records, a scale and a minimum per block and row");
+  TORCH_CHECK(best_isa() == "avx512_vnni", "int4_gemm: needs AVX512-VNNI");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int4_gemm", [&] {
+    gemm<scalar_t>(xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), records.data_ptr<c10::Half>(),
+                   out.data_ptr<scalar_t>(), M, N, Shape{K, sub});
+  });
+  return out;
+}
+
+// What the layers call: the GEMV up to kGemvMaxRows rows (it reads the weights once for all of them), the GEMM
+// above (where N allows), so that a compiled step with a dynamic batch size has no branch on it.
+constexpr int64_t kGemvMaxRows = 8;
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& records, int64_t sub) {
+  if (x.dim() == 2 && x.size(0) > kGemvMaxRows && packed.dim() == 2 && packed.size(0) % 16 == 0)
+    return int4_gemm(x, packed, records, sub);
+  return int4_gemv(x, packed, records, sub, "auto");
+}
+
 std::string int4_isa() { return best_isa(); }
 
 }  // namespace
@@ -448,10 +628,14 @@ std::string int4_isa() { return best_isa(); }
 TORCH_LIBRARY_FRAGMENT(effinfer_kernels, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, Tensor records, int sub, str isa='auto') -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor records, int sub, ScalarType dtype) -> Tensor");
+  m.def("int4_gemm(Tensor x, Tensor packed, Tensor records, int sub) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor packed, Tensor records, int sub) -> Tensor");
   m.def("int4_isa() -> str", &int4_isa);
 }
 
 TORCH_LIBRARY_IMPL(effinfer_kernels, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int4_gemm", &int4_gemm);
+  m.impl("int4_mm", &int4_mm);
 }

@@ -196,3 +196,51 @@ def test_one_round_compare_measures_each_config_alone_on_every_workload(monkeypa
     result = compare.run_compare(configs, lambda o: Stub("b" if o else "a"), ["latency", "throughput"], 1,
                                  SimpleNamespace())
     assert result["metrics"]["b"]["latency_x"] == result["metrics"]["b"]["throughput_x"] == 1.0
+
+
+def test_the_sweep_times_decode_apart_from_prefill(monkeypatch):
+    """Per batch size: output tokens/s of the whole run, and of decode alone (the run to one token subtracted);
+    on a fake clock that a stub system advances by a prefill cost and a cost per decode step."""
+    from types import SimpleNamespace
+
+    from effinfer.bench import offline
+
+    clock = [0.0]
+    monkeypatch.setattr(offline.time, "perf_counter", lambda: clock[0])
+    prefill_s, step_s, runs = 0.5, 0.01, []
+
+    def run_batch(prompts, output_lens, stop_at_eos):
+        runs.append((len(prompts), output_lens[0], len(prompts[0])))
+        clock[0] += prefill_s * len(prompts) + step_s * (output_lens[0] - 1)   # a step serves the whole batch
+        return sum(output_lens)
+
+    system = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=1000, special_ids=set(), backend=None),
+                             run_batch=run_batch, forget_cache=lambda: None)
+    monkeypatch.setattr(offline, "random_requests", lambda tok, num, input_len, output_len, seed, as_text:
+                        [SimpleNamespace(prompt=[7] * input_len) for _ in range(num)])
+    result = offline.run_sweep(system, [1, 4], input_len=32, output_len=11)
+    assert runs == [(1, 11, 32), (1, 1, 32), (4, 11, 32), (4, 1, 32)]
+    assert result["b4_decode_tok_s"] == pytest.approx(4 * 10 / (10 * step_s))
+    assert result["b4_output_tok_s"] == pytest.approx(4 * 11 / (4 * prefill_s + 10 * step_s))
+    assert result["b1_decode_tok_s"] == pytest.approx(10 / (10 * step_s))
+    with pytest.raises(ValueError, match="output_len >= 2"):
+        offline.run_sweep(system, [1], input_len=8, output_len=1)
+
+
+def test_the_sweep_on_the_engine_records_and_plots(smollm2_path, tmp_path, capsys):
+    import json
+
+    from effinfer.cli import main
+
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    args = ["bench", "compare", "--model", str(smollm2_path), "--no-show-progress", "--kv-cache-memory-gb", "0.1",
+            "--config", "name=bf16", "--workload", "sweep", "--batch-sizes", "1,3", "--rounds", "1",
+            "--input-len", "8", "--output-len", "4"]
+    assert main(args + ["--plot", str(plot), "--result-file", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]["bf16"]
+    assert all(metrics[f"b{b}_{kind}_tok_s"] > 0 for b in (1, 3) for kind in ("output", "decode"))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(args[:-8] + ["--workload", "sweep", "--batch-sizes", "1,128"]) == 2
+    assert "batch size 128 is above bf16's max_num_seqs" in capsys.readouterr().err
+    assert main(args[:-8] + ["--workload", "sweep", "--batch-sizes", "0,x"]) == 2
+    assert "--batch-sizes takes positive integers" in capsys.readouterr().err

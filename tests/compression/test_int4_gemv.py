@@ -90,6 +90,46 @@ def test_every_path_matches_the_reference(rows, dtype):
             assert torch.all((out - exact).abs() <= bound + slack), (isa, k, group_size)
 
 
+# the GEMM: weight rows in tiles of 32 (and a last tile of 16), every row width above
+GEMM_CASES = [(n, k, g) for n, k in [(48, 640), (32, 576), (16, 64)] for g in (32, 64, 128) if k % g == 0]
+
+
+def _gemm():
+    _op()
+    if torch.ops.effinfer_kernels.int4_isa() != "avx512_vnni":
+        pytest.skip("the GEMM needs AVX512-VNNI (this CPU runs int4 through PyTorch's kernel)")
+    return torch.ops.effinfer_kernels.int4_gemm.default
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9, 17, 33])         # passes of four activation rows and a remainder
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gemm_matches_the_reference(rows, dtype):
+    """Many-row steps: the same rounding of the activations as the GEMV, the same sums in another order."""
+    for n, k, group_size in GEMM_CASES:
+        q, scale, minimum = _random_weight(n, k, group_size, seed=rows + k + n)
+        packed, records, block = int4_layout.pack(q, scale, minimum, group_size)
+        weight = int4_layout.dequantize(packed, records, block).double()
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        rounded, _ = _round_activations(x, block)
+        slack = (x.double().abs() @ weight.abs().t()) * 1e-5 + (x.double() @ weight.t()).abs() * torch.finfo(dtype).eps + 1e-6
+        out = _gemm()(x, packed, records, block).double()
+        assert out.shape == (rows, n)
+        assert torch.all((out - rounded.double() @ weight.t()).abs() <= slack), (k, group_size)
+
+
+def test_the_layers_op_takes_the_gemv_for_few_rows_and_the_gemm_for_many():
+    mm, gemm = torch.ops.effinfer_kernels.int4_mm.default, _gemm()
+    for n, rows, expected in [(32, 8, "gemv"), (32, 9, "gemm"), (32, 64, "gemm"), (12, 40, "gemv")]:
+        q, scale, minimum = _random_weight(n, 576, 32, seed=rows)
+        packed, records, block = int4_layout.pack(q, scale, minimum, 32)
+        x = torch.randn(rows, 576)
+        by = {"gemv": lambda: _op()(x, packed, records, block), "gemm": lambda: gemm(x, packed, records, block)}
+        assert torch.equal(mm(x, packed, records, block), by[expected]()), (n, rows)
+        other = "gemv" if expected == "gemm" and n % 16 == 0 else None
+        if other is not None:   # the two orders of summation differ: the test can tell them apart
+            assert not torch.equal(by[other](), by[expected]())
+
+
 def test_zero_activations_give_zeros_and_non_finite_rows_give_nan():
     q, scale, minimum = _random_weight(8, 576, 64, seed=0)
     packed, records, block = int4_layout.pack(q, scale, minimum, 64)
@@ -100,6 +140,14 @@ def test_zero_activations_give_zeros_and_non_finite_rows_give_nan():
             x[1, 300] = bad
             out = _op()(x, packed, records, block, isa)
             assert torch.isfinite(out[0]).all() and out[1].isnan().all(), isa
+    if torch.ops.effinfer_kernels.int4_isa() == "avx512_vnni":   # the GEMM too
+        q, scale, minimum = _random_weight(16, 576, 64, seed=0)
+        packed, records, block = int4_layout.pack(q, scale, minimum, 64)
+        x = torch.randn(10, 576)
+        x[7, 3] = float("inf")
+        out = _gemm()(x, packed, records, block)
+        assert torch.isfinite(out[torch.arange(10) != 7]).all() and out[7].isnan().all()
+        assert torch.equal(_gemm()(torch.zeros(10, 576), packed, records, block), torch.zeros(10, 16))
 
 
 def test_bad_shapes_are_refused_with_a_message():
@@ -111,6 +159,9 @@ def test_bad_shapes_are_refused_with_a_message():
         _op()(torch.zeros(1, 128), packed, records.float(), block)
     with pytest.raises(RuntimeError, match="blocks of 32 or 64"):
         _op()(torch.zeros(1, 128), packed, records, 128)
+    if torch.ops.effinfer_kernels.int4_isa() == "avx512_vnni":
+        with pytest.raises(RuntimeError, match="N % 16"):
+            _gemm()(torch.zeros(9, 128), packed, records, block)
     with pytest.raises(RuntimeError, match="not supported by this CPU|isa"):
         _op()(torch.zeros(1, 128), packed, records, block, "neon")
     with pytest.raises(ValueError, match="multiple of 64 columns"):

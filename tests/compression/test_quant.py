@@ -65,8 +65,12 @@ def test_int4_kernel_matches_reference(group_size, symmetric, cpu_kernel):
     else:
         assert torch.allclose(layer(x), F.linear(x, reference), atol=1e-3)
         assert torch.allclose(method.dequantize(layer), reference, atol=1e-5)   # unpacked from the kernel layout
-    many = torch.randn(40, 256)                                                 # the dequantize-and-GEMM path
-    assert torch.allclose(layer(many), F.linear(many, method.dequantize(layer)), atol=1e-3)
+    many = torch.randn(40, 256)
+    expected = F.linear(many, method.dequantize(layer))
+    if hasattr(layer, "gemv"):   # effinfer's GEMM: activations rounded as for few rows
+        assert torch.allclose(layer(many), expected, atol=0.02 * expected.abs().max().item())
+    else:                        # dequantize and GEMM
+        assert torch.allclose(layer(many), expected, atol=1e-3)
 
 
 def _fp16_rounding_bound(blocks: Int4Blocks) -> torch.Tensor:

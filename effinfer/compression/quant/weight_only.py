@@ -1,12 +1,12 @@
 """Weight-only round-to-nearest quantization: int8 per output channel and int4 per group.
 
-Kernels: for few-row steps on x86 CPUs, effinfer's own (`effinfer/kernels/`): int8 with integer dot products
-on int16 activations (1.5x PyTorch's at one row here), int4 on AVX512-VNNI with int8 activations per block
-of 64 columns, as llama.cpp's Q4_0 x Q8_0 (~1.3x PyTorch's); else PyTorch's packed CPU kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they apply; elsewhere (CUDA, or many rows, where
-a bf16 GEMM over the dequantized weight is faster than the GEMV kernels) the weight is dequantized for the
-call and multiplied with `F.linear`, which is also the reference the kernels are tested against. Scales
-follow the activation dtype.
+Kernels: on x86 CPUs, effinfer's own (`effinfer/kernels/`): int8 with integer dot products on int16
+activations for few-row steps (1.5x PyTorch's at one row here); int4 on AVX512-VNNI with int8 activations per
+block of 32 or 64 columns, as llama.cpp's Q4_0 x Q8_0, a GEMV for few rows (~1.3x PyTorch's) and a GEMM for
+many (prefill chunks, decode batches: 1.3-1.5x a bf16 GEMM from 16 rows up, benchmarks/README.md); else
+PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they apply;
+elsewhere (CUDA, or int8 with many rows) the weight is dequantized for the call and multiplied with
+`F.linear`, which is also the reference the kernels are tested against. Scales follow the activation dtype.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from effinfer.kernels import int4_gemv, int4_layout, int8_gemv
+from effinfer.kernels import int4_gemv, int4_layout, int4_mm, int8_gemv
 from effinfer.layers.linear import QuantMethod
 
 KERNEL_MAX_ROWS = 16
-"""Above this many tokens in a step, int8 and int4 dequantize and run a bf16 GEMM: the packed kernels are
-GEMVs at heart and fall behind on batches (measured: benchmarks/README.md)."""
+"""Above this many tokens in a step, int8 dequantizes and runs a bf16 GEMM: its kernel is a GEMV at heart and
+falls behind on batches (measured: benchmarks/README.md). (int4's kernel switches to its GEMM by itself.)"""
 
 
 @dataclass
@@ -162,13 +162,13 @@ class Int4WeightOnly(QuantMethod):
             return False    # scales past fp16's range (not seen in real weights): PyTorch's layout keeps them
         layer.register_buffer("packed", packed)
         layer.register_buffer("records", records)
-        layer.gemv = gemv
+        layer.gemv = int4_mm()   # the GEMV for few rows, the GEMM for many
         del layer.qvalues, layer.scales, layer.zeros
         return True
 
     def apply(self, layer, x):
         if hasattr(layer, "gemv"):
-            if x.shape[0] <= KERNEL_MAX_ROWS:
+            if layer.out_features % 16 == 0 or x.shape[0] <= KERNEL_MAX_ROWS:   # (the GEMM needs N % 16 == 0)
                 return layer.gemv(x, layer.packed, layer.records, self.kernel_block)
             return F.linear(x, torch.ops.effinfer_kernels.int4_dequantize(layer.packed, layer.records, self.kernel_block, x.dtype))
         if hasattr(layer, "packed") and (x.shape[0] <= KERNEL_MAX_ROWS or layer.out_features % 64):
