@@ -3,8 +3,9 @@
 - `bf16`: `F.linear` on bf16 weights (what a bf16 model runs);
 - `int4 kernel`: what an int4 layer runs (`int4_mm`: effinfer's GEMV up to 8 rows, its GEMM above);
 - `int4 dequantize + bf16`: the weight unpacked to bf16 for the call, then `F.linear`;
-- `int8 kernel`: effinfer's int8 GEMV (int16 activations), what int8 layers run up to 16 rows;
-- `int8 dequantize + bf16`: what int8 layers run above 16 rows.
+- `int8 kernel`: what an int8 layer runs: effinfer's int8 GEMV (int16 activations) up to 16 rows, its GEMM
+  (int8 activations per block of 32 columns) above;
+- `int8 dequantize + bf16`: the weight unpacked to bf16 for the call, then `F.linear`.
 
 The weights of `--layers` decoder layers of SmolLM2-135M's shapes (fused q/k/v, o, gate/up, down; int4 in
 groups of 32, as the file's Q4_1 blocks), separate tensors as in the engine; milliseconds per pass over them,
@@ -32,15 +33,17 @@ from benchmarks.gemv_kernels import int4_weights, int8_weights, timed  # noqa: E
 
 def ways(layers: list, x: dict) -> dict:
     from effinfer import kernels
+    from effinfer.compression.quant.weight_only import KERNEL_MAX_ROWS
 
-    mm, gemv8 = kernels.int4_mm(), kernels.int8_gemv()
+    mm, gemv8, gemm8 = kernels.int4_mm(), kernels.int8_gemv(), kernels.int8_gemm()
+    int8_op = gemv8 if next(iter(x.values())).shape[0] <= KERNEL_MAX_ROWS else gemm8
     unpack = torch.ops.effinfer_kernels.int4_dequantize
     return {
         "bf16": lambda: [F.linear(x[k], w["bf16"]) for layer in layers for k, w in layer],
         "int4 kernel": lambda: [mm(x[k], w["q"], w["records"], w["block"]) for layer in layers for k, w in layer],
         "int4 dequantize + bf16": lambda: [F.linear(x[k], unpack(w["q"], w["records"], w["block"], torch.bfloat16))
                                           for layer in layers for k, w in layer],
-        "int8 kernel": lambda: [gemv8(x[k], w["q8"], w["scales"]) for layer in layers for k, w in layer],
+        "int8 kernel": lambda: [int8_op(x[k], w["q8"], w["scales"]) for layer in layers for k, w in layer],
         "int8 dequantize + bf16": lambda: [F.linear(x[k], w["q8"].to(torch.bfloat16) * w["scales"][:, None].bfloat16())
                                           for layer in layers for k, w in layer],
     }
@@ -61,7 +64,7 @@ def main() -> int:
     from effinfer import kernels
     from effinfer.bench.report import write_record
 
-    if kernels.int4_mm() is None or kernels.int8_gemv() is None:
+    if kernels.int4_mm() is None or kernels.int8_gemm() is None:
         sys.exit("effinfer's int4/int8 kernels are not available here (a C++ compiler and AVX512-VNNI are needed)")
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     torch.set_num_threads(args.threads)

@@ -39,6 +39,12 @@ def int4_gemm():
     return torch.ops.effinfer_kernels.int4_gemm.default if int4_gemv() is not None else None
 
 
+def int8_gemm():
+    """The op `int8_gemm(x [M, K], qweight int8 [N, K], scales fp32 [N]) -> x.dtype [M, N]` for steps of many rows
+    (activations rounded to int8 per block of 32 columns; needs K % 64 == 0, N % 16 == 0, AVX512-VNNI), or None."""
+    return torch.ops.effinfer_kernels.int8_gemm.default if int4_gemv() is not None else None
+
+
 def int4_mm():
     """The op `int4_mm(x, packed, records, sub)` the int4 layers call: `int4_gemv` for up to 8 rows, `int4_gemm`
     above where N % 16 == 0 (chosen inside: a compiled step has no branch on its batch size), or None."""
@@ -81,6 +87,7 @@ def _build() -> bool:
     torch.library.register_fake("effinfer_kernels::int4_dequantize")(_int4_dequantize_shape)
     torch.library.register_fake("effinfer_kernels::int4_gemm")(_int4_gemm_shape)
     torch.library.register_fake("effinfer_kernels::int4_mm")(_int4_gemm_shape)
+    torch.library.register_fake("effinfer_kernels::int8_gemm")(_int8_gemv_shape)
     torch.library.register_fake("effinfer_kernels::paged_decode_attention")(_paged_decode_attention_shape)
     return True
 

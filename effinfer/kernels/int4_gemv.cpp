@@ -554,8 +554,9 @@ void store_rows(const float* sums, int64_t rows, int width, T* out, int64_t N) {
     for (int c = 0; c < width; c += 16) store16(out + m * N + c, _mm512_loadu_ps(sums + m * width + c));
 }
 
-template <typename T>
-void gemm(const T* x, const uint8_t* w, const c10::Half* records, T* out, int64_t M, int64_t N, const Shape& s) {
+// out [M, N] = x [M, K] times the weight that `build(n0, vectors, tile, scales, minimums)` lays out, tile by tile.
+template <typename T, typename Build>
+void gemm(const T* x, T* out, int64_t M, int64_t N, const Shape& s, const Build& build) {
   const int64_t blocks = s.blocks();
   std::vector<int8_t> xq(M * s.K);
   std::vector<float> xscale(M * blocks), xsum(M * blocks);
@@ -563,12 +564,9 @@ void gemm(const T* x, const uint8_t* w, const c10::Half* records, T* out, int64_
     for (int64_t m = begin; m < end; ++m)
       quantize_row(x + m * s.K, s, true, xq.data() + m * s.K, xscale.data() + m * blocks, xsum.data() + m * blocks, true);
   });
-  std::vector<int64_t> positions(blocks);
-  for (int64_t j = 0; j < blocks; ++j) positions[j] = record_position(s, j);
   GemmTileFn tiles[3][kGemmRows + 1];   // [vectors][activation rows]
   for (int nb = 1; nb <= 2; ++nb)
     for (int64_t mb = 1; mb <= kGemmRows; ++mb) tiles[nb][mb] = pick_gemm(s.sub, mb, nb);
-  const int64_t row_bytes = s.K / 2, row_record = 2 * blocks;
   at::parallel_for(0, (N + kTileRows - 1) / kTileRows, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<__m512i> tile;   // scratch kept between calls
     thread_local std::vector<float> params;
@@ -581,7 +579,7 @@ void gemm(const T* x, const uint8_t* w, const c10::Half* records, T* out, int64_
       const int64_t n0 = t * kTileRows;
       const int vectors = N - n0 >= kTileRows ? 2 : 1;
       const int width = 16 * vectors;
-      build_tile(w + n0 * row_bytes, records + n0 * row_record, s, positions.data(), vectors, tile.data(), scales, minimums);
+      build(n0, vectors, tile.data(), scales, minimums);
       for (int64_t m0 = 0; m0 < M; m0 += kGemmRows) {
         const int64_t mb = std::min<int64_t>(kGemmRows, M - m0);
         tiles[vectors][mb](tile.data(), scales, minimums, s, xq.data() + m0 * s.K, xscale.data() + m0 * blocks,
@@ -604,9 +602,67 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(best_isa() == "avx512_vnni", "int4_gemm: needs AVX512-VNNI");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({M, N}, x.options());
+  const Shape s{K, sub};
+  std::vector<int64_t> positions(s.blocks());
+  for (int64_t j = 0; j < s.blocks(); ++j) positions[j] = record_position(s, j);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const c10::Half* rec = records.data_ptr<c10::Half>();
+  const auto build = [&](int64_t n0, int vectors, __m512i* tile, float* scales, float* minimums) {
+    build_tile(w + n0 * K / 2, rec + n0 * 2 * s.blocks(), s, positions.data(), vectors, tile, scales, minimums);
+  };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int4_gemm", [&] {
-    gemm<scalar_t>(xc.data_ptr<scalar_t>(), packed.data_ptr<uint8_t>(), records.data_ptr<c10::Half>(),
-                   out.data_ptr<scalar_t>(), M, N, Shape{K, sub});
+    gemm<scalar_t>(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, N, s, build);
+  });
+  return out;
+}
+
+// ---- int8 weights through the same GEMM ----------------------------------------------------------------------
+// Weights int8 per output channel (w = q * scale[n]), activations int8 per block of 32 columns as above. The dot
+// products take unsigned weights: q + 128 (its bits with the top one flipped), whose extra 128 * sum(x) per block
+// is the "minimum" term of the int4 GEMM with minimum -128 * scale[n]; the block scale is scale[n] for every block.
+
+// The tile of `vectors` x 16 rows of q (row n0 onwards) and its per-block parameters.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void build_int8_tile(const int8_t* q, const float* row_scales, const Shape& s, int vectors, __m512i* tile,
+                     float* scales, float* minimums) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(s.K / 4)));
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int v = 0; v < vectors; ++v) {
+    const int8_t* base = q + 16 * v * s.K;
+    for (int64_t quad = 0; quad < s.K / 4; ++quad) {
+      const __m512i words = _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(quad))), base, 4);
+      _mm512_storeu_si512(tile + quad * vectors + v, _mm512_xor_si512(words, flip));
+    }
+    for (int n = 0; n < 16; ++n) {
+      const float scale = row_scales[16 * v + n];
+      for (int64_t j = 0; j < s.blocks(); ++j) {
+        scales[(j * vectors + v) * 16 + n] = scale;
+        minimums[(j * vectors + v) * 16 + n] = -128.f * scale;
+      }
+    }
+  }
+}
+
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && scales.dim() == 1, "int8_gemm: x [M, K], qweight [N, K], scales [N]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % 64 == 0 && N % 16 == 0, "int8_gemm: needs K % 64 == 0 and N % 16 == 0");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.size(1) == K,
+              "int8_gemm: contiguous int8 weights [N, K]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.size(0) == N,
+              "int8_gemm: fp32 scales [N]");
+  TORCH_CHECK(best_isa() == "avx512_vnni", "int8_gemm: needs AVX512-VNNI");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const Shape s{K, 32};
+  const int8_t* q = qweight.data_ptr<int8_t>();
+  const float* row_scales = scales.data_ptr<float>();
+  const auto build = [&](int64_t n0, int vectors, __m512i* tile, float* block_scales, float* minimums) {
+    build_int8_tile(q + n0 * K, row_scales + n0, s, vectors, tile, block_scales, minimums);
+  };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_gemm", [&] {
+    gemm<scalar_t>(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, N, s, build);
   });
   return out;
 }
@@ -630,6 +686,7 @@ TORCH_LIBRARY_FRAGMENT(effinfer_kernels, m) {
   m.def("int4_dequantize(Tensor packed, Tensor records, int sub, ScalarType dtype) -> Tensor");
   m.def("int4_gemm(Tensor x, Tensor packed, Tensor records, int sub) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor packed, Tensor records, int sub) -> Tensor");
+  m.def("int8_gemm(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
   m.def("int4_isa() -> str", &int4_isa);
 }
 
@@ -638,4 +695,5 @@ TORCH_LIBRARY_IMPL(effinfer_kernels, CPU, m) {
   m.impl("int4_dequantize", &int4_dequantize);
   m.impl("int4_gemm", &int4_gemm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("int8_gemm", &int8_gemm);
 }

@@ -96,12 +96,48 @@ def _int8_layer(w: torch.Tensor, cpu_kernel: str) -> QuantLinear:
 
 def test_int8_layers_use_the_kernel_unless_told_otherwise():
     torch.manual_seed(0)
-    w, x = torch.randn(64, 128), torch.randn(2, 128).bfloat16()
+    w = torch.randn(64, 128)
     ours, aten = _int8_layer(w, "auto"), _int8_layer(w, "aten")
-    assert hasattr(ours, "gemv") and not hasattr(aten, "gemv")
-    ref = F.linear(x.float(), ours.method.dequantize(ours).float())
-    for layer in (ours, aten):
-        assert torch.allclose(layer(x).float(), ref, atol=0.02 * ref.abs().max().item())
+    assert hasattr(ours, "gemv") and not hasattr(aten, "gemv") and not hasattr(aten, "gemm")
+    for rows in (2, 40):   # the GEMV, then the GEMM where the CPU has one (else dequantize + GEMM)
+        x = torch.randn(rows, 128).bfloat16()
+        ref = F.linear(x.float(), ours.method.dequantize(ours).float())
+        for layer in (ours, aten):
+            assert torch.allclose(layer(x).float(), ref, atol=0.02 * ref.abs().max().item())
+
+
+def _gemm():
+    _gemv()
+    if kernels.int8_gemm() is None:
+        pytest.skip("the int8 GEMM needs AVX512-VNNI (this CPU dequantizes for many-row steps)")
+    return kernels.int8_gemm()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 33])            # passes of four activation rows and a remainder
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gemm_matches_a_reference_that_rounds_activations_alike(rows, dtype):
+    """Many-row steps: activations rounded to int8 per block of 32 columns, the weights' own int8 values."""
+    from tests.compression.test_int4_gemv import _round_activations
+
+    for n, k in [(48, 576), (32, 1536), (16, 64)]:   # tiles of 32 rows and one of 16; a 64-column tail
+        g = torch.Generator().manual_seed(rows + n)
+        q, scales = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g) / 50
+        weight = q.double() * scales.double()[:, None]
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        rounded, step = _round_activations(x, 32)
+        exact = x.double() @ weight.t()
+        slack = (x.double().abs() @ weight.abs().t()) * 1e-5 + exact.abs() * torch.finfo(dtype).eps + 1e-6
+        out = _gemm()(x, q, scales).double()
+        assert out.shape == (rows, n)
+        assert torch.all((out - rounded.double() @ weight.t()).abs() <= slack), (n, k)
+        assert torch.all((out - exact).abs() <= (step.double() / 2) @ weight.abs().t() + slack), (n, k)
+    q, scales = torch.randint(-127, 128, (16, 64), dtype=torch.int8), torch.rand(16)
+    x = torch.randn(9, 64)
+    x[4, 10] = float("nan")
+    out = _gemm()(x, q, scales)
+    assert out[4].isnan().all() and torch.isfinite(out[torch.arange(9) != 4]).all()
+    with pytest.raises(RuntimeError, match="N % 16"):
+        _gemm()(torch.zeros(20, 64), q[:12], scales[:12])
 
 
 def test_a_failed_build_falls_back_to_pytorch_with_a_warning(failed_kernel_build):

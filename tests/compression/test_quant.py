@@ -28,14 +28,16 @@ def _layer(method, weight, dtype=torch.float32, bias=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 40])        # 40 rows: the int8 layer's dequantize-and-GEMM path
+@pytest.mark.parametrize("rows", [1, 5, 40])        # 40 rows: the int8 layer's GEMM (or dequantize-and-GEMM) path
 def test_int8_kernel_matches_reference(dtype, rows):
     torch.manual_seed(0)
     w, x, b = torch.randn(96, 128), torch.randn(rows, 128).to(dtype), torch.randn(96)
     layer = _layer(get_quant_method("int8"), w, dtype, b)
     ref = F.linear(x.float(), layer.method.dequantize(layer).float(), b)
-    # fp32: few-row steps round activations to int16 in effinfer's kernel (its own tests bound that exactly)
-    assert torch.allclose(layer(x).float(), ref, atol=(0.05 if dtype == torch.bfloat16 else 1e-3) * ref.abs().max().item())
+    # fp32: few-row steps round activations to int16 in effinfer's kernel, its GEMM to int8 per 32 columns (their
+    # own tests bound that exactly)
+    tolerance = 0.05 if dtype == torch.bfloat16 else 0.02 if hasattr(layer, "gemm") and rows > 16 else 1e-3
+    assert torch.allclose(layer(x).float(), ref, atol=tolerance * ref.abs().max().item())
     # per-row error of round-to-nearest is at most half a step of that row's scale (plus bf16 rounding)
     err = (layer.method.dequantize(layer).float() - w).abs().amax(dim=1)
     amax = w.abs().amax(dim=1)

@@ -2,11 +2,12 @@
 
 Kernels: on x86 CPUs, effinfer's own (`effinfer/kernels/`): int8 with integer dot products on int16
 activations for few-row steps (1.5x PyTorch's at one row here); int4 on AVX512-VNNI with int8 activations per
-block of 32 or 64 columns, as llama.cpp's Q4_0 x Q8_0, a GEMV for few rows (~1.3x PyTorch's) and a GEMM for
-many (prefill chunks, decode batches: 1.3-1.5x a bf16 GEMM from 16 rows up, benchmarks/README.md); else
-PyTorch's packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they apply;
-elsewhere (CUDA, or int8 with many rows) the weight is dequantized for the call and multiplied with
-`F.linear`, which is also the reference the kernels are tested against. Scales follow the activation dtype.
+block of 32 or 64 columns, as llama.cpp's Q4_0 x Q8_0, a GEMV for few rows (~1.3x PyTorch's); for many rows
+(prefill chunks, decode batches) a GEMM for int4 and int8 alike on AVX512-VNNI (int8 activations per block of
+32 columns; int4 1.16-1.36x a bf16 GEMM from 16 rows up, `benchmarks/results/many_rows.json`); else PyTorch's
+packed CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where they apply; elsewhere (CUDA)
+the weight is dequantized for the call and multiplied with `F.linear`, which is also the reference the
+kernels are tested against. Scales follow the activation dtype.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from effinfer.kernels import int4_gemv, int4_layout, int4_mm, int8_gemv
+from effinfer.kernels import int4_gemv, int4_layout, int4_mm, int8_gemm, int8_gemv
 from effinfer.layers.linear import QuantMethod
 
 KERNEL_MAX_ROWS = 16
-"""Above this many tokens in a step, int8 dequantizes and runs a bf16 GEMM: its kernel is a GEMV at heart and
-falls behind on batches (measured: benchmarks/README.md). (int4's kernel switches to its GEMM by itself.)"""
+"""Above this many tokens in a step, int8 runs its GEMM (or, without one, dequantizes and runs a bf16 GEMM): its
+GEMV is a GEMV at heart and falls behind on batches (`benchmarks/results/many_rows.json`). (int4's kernel
+switches to its GEMM by itself.)"""
 
 
 @dataclass
@@ -78,12 +80,16 @@ class Int8WeightOnly(QuantMethod):
         if gemv is not None and layer.in_features % 32 == 0 and layer.out_features % 4 == 0:
             layer.gemv = gemv
             layer.register_buffer("scales_fp32", layer.scales.float(), persistent=False)
+            if layer.in_features % 64 == 0 and layer.out_features % 16 == 0 and int8_gemm() is not None:
+                layer.gemm = int8_gemm()
 
     def apply(self, layer, x):
         if x.device.type == "cpu" and x.shape[0] <= KERNEL_MAX_ROWS:
             if hasattr(layer, "gemv"):
                 return layer.gemv(x, layer.qweight, layer.scales_fp32)
             return torch.ops.aten._weight_int8pack_mm(x, layer.qweight, layer.scales.to(x.dtype))
+        if hasattr(layer, "gemm"):
+            return layer.gemm(x, layer.qweight, layer.scales_fp32)
         return F.linear(x, self.dequantize(layer).to(x.dtype))
 
     def dequantize(self, layer):
