@@ -1,0 +1,107 @@
+"""effinfer's batch sweep against llama.cpp's own batched benchmark on the same GGUF file, alternating round by
+round (effinfer, llama.cpp, effinfer, ...) so that a shared machine's drifts hit both alike.
+
+Per batch size B (B requests of --input-len prompt tokens, each to --output-len tokens, at once): output
+tokens/s with prefill included and of decode alone. effinfer: `effinfer bench compare --workload sweep` with
+the given configuration (the default: the file's own blocks). llama.cpp: `llama-batched-bench` (built by
+`../shared/tools/build_llamacpp.sh`), whose S_TG is its decode rate and B x TG / T its output rate with
+prefill. The record keeps every run and the median of each; `--plot` draws both as `bench compare`'s sweep.
+
+    python benchmarks/batched_vs_llamacpp.py --rounds 2 --result-file benchmarks/results/batched_vs_llamacpp.json \
+        --plot benchmarks/results/plots/batched_vs_llamacpp.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER = "llama.cpp (llama-batched-bench)"
+
+
+def effinfer_sweep(args, model: str) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        record = Path(scratch) / "sweep.json"
+        command = [sys.executable, "-m", "effinfer.cli", "bench", "compare", "--model", model, "--no-show-progress",
+                   "--config", args.config, "--workload", "sweep", "--rounds", "1", "--batch-sizes", args.batch_sizes,
+                   "--input-len", str(args.input_len), "--output-len", str(args.output_len),
+                   "--result-file", str(record)]
+        subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        metrics = json.loads(record.read_text())["metrics"]
+    return next(iter(metrics.values()))
+
+
+def llamacpp_sweep(args, model: str) -> dict:
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    context = max(sizes) * (args.input_len + args.output_len) + 256
+    command = [str(Path(args.llamacpp_bin) / "llama-batched-bench"), "-m", model, "-c", str(context), "-b", "2048",
+               "-ub", "512", "-npp", str(args.input_len), "-ntg", str(args.output_len), "-npl", args.batch_sizes,
+               "-t", str(args.threads), "--output-format", "jsonl"]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    metrics = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            metrics[f"b{row['pl']}_decode_tok_s"] = row["speed_tg"]
+            metrics[f"b{row['pl']}_output_tok_s"] = row["pl"] * row["tg"] / row["t"]
+    return metrics
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a catalog name or a GGUF file")
+    p.add_argument("--config", default="name=default", help="effinfer's configuration, as `bench compare --config`")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (effinfer: PyTorch's default)")
+    p.add_argument("--llamacpp-bin", default=str(Path.home() / ".cache/llamacpp-tools/llamacpp-build/bin"))
+    p.add_argument("--result-file", default=None)
+    p.add_argument("--plot", default=None, metavar="PNG")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from effinfer.bench.compare import parse_config
+    from effinfer.bench.report import write_record
+    from effinfer.loader import catalog
+
+    if not (Path(args.llamacpp_bin) / "llama-batched-bench").is_file():
+        sys.exit(f"no llama-batched-bench in {args.llamacpp_bin} (build it with ../shared/tools/build_llamacpp.sh)")
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    model = str(catalog.pull(args.model)) if args.model in catalog.CATALOG else args.model
+    name = parse_config(args.config).name
+    runs = {f"effinfer {name}": [], PEER: []}
+    for round_index in range(args.rounds):
+        for label, sweep in ((f"effinfer {name}", effinfer_sweep), (PEER, llamacpp_sweep)):
+            runs[label].append(sweep(args, model))
+            print(f"round {round_index + 1}, {label}: " + "  ".join(
+                f"b{b} {runs[label][-1][f'b{b}_output_tok_s']:.1f}/{runs[label][-1][f'b{b}_decode_tok_s']:.1f}"
+                for b in args.batch_sizes.split(",")) + "  (output/decode tokens/s)", flush=True)
+    medians = {label: {k: statistics.median(r[k] for r in results) for k in results[0] if k.startswith("b")}
+               for label, results in runs.items()}
+    ours = medians[f"effinfer {name}"]
+    ratios = {k: ours[k] / medians[PEER][k] for k in medians[PEER] if k in ours}
+    for b in args.batch_sizes.split(","):
+        print(f"b{b}: output {ratios[f'b{b}_output_tok_s']:.2f}x, decode {ratios[f'b{b}_decode_tok_s']:.2f}x llama.cpp")
+    result = {"workloads": ["sweep"], "metrics": medians, "ratios_to_peer": ratios, "runs": runs,
+              "command": " ".join(sys.argv)}
+    if args.plot:
+        from effinfer.bench.plots import plot_sweep
+
+        print(plot_sweep(result, args.plot))
+    if args.result_file and not dirty:
+        write_record(args.result_file, "batched_vs_llamacpp", vars(args), result)
+        print(f"wrote {args.result_file}")
+    elif args.result_file:
+        print("(uncommitted tree: no record written)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
