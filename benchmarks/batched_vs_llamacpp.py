@@ -31,7 +31,7 @@ def effinfer_sweep(args, model: str) -> dict:
         command = [sys.executable, "-m", "effinfer.cli", "bench", "compare", "--model", model, "--no-show-progress",
                    "--config", args.config, "--workload", "sweep", "--rounds", "1", "--batch-sizes", args.batch_sizes,
                    "--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                   "--result-file", str(record)]
+                   "--num-threads", str(args.threads), "--result-file", str(record)]
         subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         metrics = json.loads(record.read_text())["metrics"]
     return next(iter(metrics.values()))
@@ -61,11 +61,12 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (effinfer: PyTorch's default)")
+    p.add_argument("--threads", type=int, default=2, help="threads of both")
     p.add_argument("--llamacpp-bin", default=str(Path.home() / ".cache/llamacpp-tools/llamacpp-build/bin"))
     p.add_argument("--result-file", default=None)
     p.add_argument("--plot", default=None, metavar="PNG")
     args = p.parse_args()
+    args.batch_sizes = ",".join(item.strip() for item in args.batch_sizes.split(",") if item.strip())
     sys.path.insert(0, str(ROOT))
     from effinfer.bench.compare import parse_config
     from effinfer.bench.report import write_record

@@ -121,6 +121,7 @@ def run_engine_core(config, to_core: str, from_core: str, parent_pid: int, servi
         results.send(encoder.encode(StartFailed(f"{type(exc).__name__}: {exc}")))
         results.close(linger=2000)
         sys.exit(1)
+    engine.text_elsewhere()   # the clients detokenize
     results.send(encoder.encode(Ready(engine_info(engine))))
     EngineCoreLoop(engine, commands, results, parent_pid).run()
     context.destroy(linger=1000)
@@ -341,6 +342,13 @@ class CoreEngine:
         except zmq.Again:
             raise RuntimeError(f"the engine process has died (exit code {self._core.process.exitcode})") from None
 
+    def _send_quietly(self, message) -> None:
+        """A core that cannot take it has died: the next `step()` says so; the outputs in hand are complete."""
+        try:
+            self._send(message)
+        except RuntimeError:
+            pass
+
     def has_unfinished(self) -> bool:
         return self._outputs.has_unfinished()
 
@@ -357,7 +365,7 @@ class CoreEngine:
             if isinstance(message, StepReport):
                 outputs, stopped = self._outputs.process(message.outputs)
                 if stopped:   # ended here by a stop string: free their blocks in the core
-                    self._send(Abort(stopped))
+                    self._send_quietly(Abort(stopped))
                 return outputs
             if isinstance(message, RequestFailed) and self._outputs.abort(message.request_id):
                 if message.status < 500:

@@ -32,13 +32,15 @@ class LLM:
             self.engine = CoreEngine(self.config)
         else:
             self.engine = build_engine(self.config)
-        self._stream_ids = itertools.count()
+        self._request_ids = itertools.count()
+        """Every request this LLM adds gets an id of its own: an id used again could meet outputs of its earlier
+        request still on their way from a core process (one a stop string ended here after the core stepped it)."""
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> "LLM":
         """The offline facade over an engine built elsewhere (e.g. on an already-loaded model)."""
         llm = cls.__new__(cls)
-        llm.config, llm.engine, llm._stream_ids = engine.config, engine, itertools.count()
+        llm.config, llm.engine, llm._request_ids = engine.config, engine, itertools.count()
         return llm
 
     def close(self) -> None:
@@ -65,7 +67,8 @@ class LLM:
         encoded = [self.engine.encode_prompt(p) for p in prompts]
         for prompt_ids in encoded:  # fail before anything is queued
             self.engine.check_prompt_length(prompt_ids)
-        ids = [[f"gen-{i}-{k}" for k in range(p.n)] for i, p in enumerate(params)]
+        call = next(self._request_ids)
+        ids = [[f"gen-{call}-{i}-{k}" for k in range(p.n)] for i, p in enumerate(params)]
         try:
             self._add_all(encoded, params, priority or [0] * len(prompts), ids)
             finals = self._run(sum(p.n for p in params), use_tqdm)
@@ -81,7 +84,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield one request's output after every step that adds to it; abort it if the caller stops early."""
-        request_id = f"stream-{next(self._stream_ids)}"
+        request_id = f"stream-{next(self._request_ids)}"
         self.engine.add_request(prompt, params, request_id)
         try:
             while True:

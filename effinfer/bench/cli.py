@@ -250,6 +250,9 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
         raise ValueError("the quality workload needs --text and/or --tasks")
     args.task_names = _task_list(args.tasks)
     largest_batch = max(batch_sizes(args.batch_sizes)) if "sweep" in workloads else 0
+    if largest_batch and any(c.options.get("system") == "llamacpp" for c in configs):
+        raise ValueError("the sweep needs a system that runs its batch at once; llama-cpp-python runs one request "
+                         "at a time (benchmarks/batched_vs_llamacpp.py runs llama.cpp's own batched benchmark)")
     base = engine_kwargs(args)
     for c in configs:  # validate every engine configuration before any model loads
         if c.options.get("system", "effinfer") == "effinfer":

@@ -68,25 +68,37 @@ def run_throughput(system, requests: list[BenchRequest], stop_at_eos: bool = Fal
 
 def run_sweep(system, batch_sizes: list[int], input_len: int, output_len: int, seed: int = 0) -> dict:
     """Each batch size B: B random prompts of `input_len` tokens, each to `output_len` tokens, at once. Output
-    tokens/s with prefill included (`b{B}_output_tok_s`), and of decode alone (`b{B}_decode_tok_s`: the same
-    batch to one token subtracted, which leaves the decode steps), for any system. Needs max_num_seqs >= B."""
+    tokens/s with prefill included (`b{B}_output_tok_s`), and after the first token (`b{B}_decode_tok_s`: the
+    same batch run to one token is subtracted; with chunked prefill, the first sequences of a large batch
+    decode while the last ones prefill, so this is the steps after prefill, not a pure decode). For a system
+    that runs its batch at once (effinfer; not llama-cpp-python's one request at a time); needs max_num_seqs
+    >= B and a KV pool that holds B sequences (else preemption slows what is measured)."""
     if output_len < 2:
         raise ValueError(f"the sweep needs output_len >= 2 (decode steps to time), got {output_len}")
+    warmup = [r.prompt for r in random_requests(system.tokenizer, min(batch_sizes), input_len, 1, seed, as_text=False)]
+    _timed_batch(system, warmup, 2)   # first-touch costs (KV blocks, kernel scratch) out of the first size's figures
     out = {}
     for size in progress(batch_sizes, "batch sizes"):
         prompts = [r.prompt for r in random_requests(system.tokenizer, size, input_len, 1, seed + size, as_text=False)]
-        whole = _timed_batch(system, prompts, output_len)
-        prefill = _timed_batch(system, prompts, 1)
-        out[f"b{size}_output_tok_s"] = size * output_len / whole
-        out[f"b{size}_decode_tok_s"] = size * (output_len - 1) / max(whole - prefill, 1e-9)
+        first_s, first_tokens = _timed_batch(system, prompts, 1)
+        whole_s, whole_tokens = _timed_batch(system, prompts, output_len)
+        if whole_tokens != size * output_len:
+            raise RuntimeError(f"the sweep's batch of {size} made {whole_tokens} tokens, not {size * output_len} "
+                               "(a context or KV pool too small for it?)")
+        if whole_s <= first_s:
+            raise RuntimeError(f"the batch of {size} to {output_len} tokens took no longer than to one token: "
+                               "too short to time; raise --output-len")
+        out[f"b{size}_output_tok_s"] = whole_tokens / whole_s
+        out[f"b{size}_decode_tok_s"] = (whole_tokens - first_tokens) / (whole_s - first_s)
     return out
 
 
-def _timed_batch(system, prompts: list[list[int]], output_len: int) -> float:
+def _timed_batch(system, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+    """(seconds, output tokens) of one batch run to completion."""
     system.forget_cache()   # the same prompts again must not hit the prefix cache
     start = time.perf_counter()
-    system.run_batch(prompts, [output_len] * len(prompts), False)
-    return time.perf_counter() - start
+    tokens = system.run_batch(prompts, [output_len] * len(prompts), False)
+    return time.perf_counter() - start, tokens
 
 
 def spec_metrics(before: dict, after: dict) -> dict:

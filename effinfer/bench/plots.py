@@ -113,7 +113,7 @@ def plot_compare(result: dict, path: str | Path) -> Path:
 
 
 def plot_sweep(result: dict, path: str | Path) -> Path:
-    """Output tokens/s against batch size, one line per configuration: decode alone, and with prefill."""
+    """Output tokens/s against batch size, one line per configuration: after the first token, and with prefill."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,7 +122,7 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, kind, title in zip(axes, ("decode", "output"), ("decode steps alone", "with prefill")):
+    for ax, kind, title in zip(axes, ("decode", "output"), ("after the first token", "with prefill")):
         for name, metrics in result["metrics"].items():
             points = sorted((int(k[1:].split("_")[0]), v) for k, v in metrics.items()
                             if k.startswith("b") and k.endswith(f"_{kind}_tok_s"))

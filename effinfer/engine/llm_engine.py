@@ -38,9 +38,9 @@ class LLMEngine:
         self.sampler = Sampler()
         self.early_exit = runner.early_exit
         self.speculator = speculator
-        self.outputs = OutputProcessor(self.tokenizer)
-        """Text for `step()`, the in-process path; a core in its own process runs `core_step()` and its client
-        makes the text."""
+        self.outputs: OutputProcessor | None = OutputProcessor(self.tokenizer)
+        """Text for `step()`, the in-process path. A core in its own process sets it None (`text_elsewhere`): it
+        runs `core_step()` and its client makes the text."""
         self.requests: dict[str, Request] = {}
         self.seeds = torch.Generator().manual_seed(config.global_seed)
         """Where requests without a seed draw theirs: the engine's own, because torch.compile saves and restores
@@ -83,7 +83,8 @@ class LLMEngine:
             request.prompt_logprobs = [None]
         self._set_exit_threshold(request)
         self.requests[request_id] = request
-        self.outputs.add(request_id, prompt_ids, params)
+        if self.outputs is not None:
+            self.outputs.add(request_id, prompt_ids, params)
         self.scheduler.add(request)
         return request
 
@@ -100,12 +101,17 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is not None:
             self.scheduler.finish(request, reason)
-            self.outputs.abort(request_id)
+            if self.outputs is not None:
+                self.outputs.abort(request_id)
             if self.speculator is not None:
                 self.speculator.release(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def text_elsewhere(self) -> None:
+        """This engine only runs `core_step()`: its client makes the text, so it keeps no per-request text state."""
+        self.outputs = None
 
     # ---- one step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

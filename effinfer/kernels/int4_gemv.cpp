@@ -37,6 +37,8 @@ namespace {
 constexpr int R = 4;                       // weight rows per tile: each activation load serves all four
 constexpr int kMaxRowsPerPass = 4;         // activation rows per pass: each weight load serves all of them
 constexpr int64_t kPrefetchBytes = 4096;   // how far ahead to prefetch each weight row
+// Activation blocks whose largest magnitude is below this round to zeros: 127 / amax would overflow to inf.
+constexpr float kTinyBlock = 1e-30f;
 
 // Where column k (0-127) of a 128-column chunk sits: byte p of the chunk's 64 bytes, nibble n.
 // Its activation goes to position 64 * n + p of the chunk's 128 activation bytes.
@@ -72,7 +74,7 @@ bool quantize_row_scalar(const T* x, const Shape& s, bool natural, int8_t* xq, f
       if (!(v <= std::numeric_limits<float>::max())) return false;
       amax = std::max(amax, v);
     }
-    const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const float scale = amax / 127.f, inv = amax > kTinyBlock ? 127.f / amax : 0.f;
     int32_t total = 0;
     for (int64_t k = k0; k < k0 + s.sub; ++k) {
       const int8_t v = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[k]) * inv));
@@ -123,7 +125,7 @@ bool quantize_row_avx512(const T* x, const Shape& s, bool natural, int8_t* xq, f
       }
       if (bad) return false;
       const float top = _mm512_reduce_max_ps(amax);
-      const float scale = top / 127.f, inv = top > 0.f ? 127.f / top : 0.f;
+      const float scale = top / 127.f, inv = top > kTinyBlock ? 127.f / top : 0.f;
       __m512i total = _mm512_setzero_si512();
       for (int j = 0; j < s.sub / 16; ++j) {
         const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], _mm512_set1_ps(inv)));   // nearest, ties to even

@@ -69,7 +69,10 @@ class ProcessEngine(EngineClient):
         try:
             self.tokenizer = load_tokenizer(self.config.model.model, self.config.model.cache_dir)
         except Exception as exc:
-            self.wait_ready()   # the core read the same file: its reason, if it has one, is the one to give
+            try:
+                self.wait_ready()   # the core read the same file: its reason, if it has one, is the one to give
+            finally:
+                self.stop()
             raise RuntimeError(f"the model's tokenizer could not load: {exc}") from exc
         self._outputs = OutputProcessor(self.tokenizer)
 

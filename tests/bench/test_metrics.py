@@ -205,26 +205,36 @@ def test_the_sweep_times_decode_apart_from_prefill(monkeypatch):
 
     from effinfer.bench import offline
 
-    clock = [0.0]
+    clock, cache = [0.0], {"forgotten": 0}
     monkeypatch.setattr(offline.time, "perf_counter", lambda: clock[0])
-    prefill_s, step_s, runs = 0.5, 0.01, []
+    prefill_s, step_s, runs, short = 0.5, 0.01, [], [False]
 
     def run_batch(prompts, output_lens, stop_at_eos):
+        assert cache["forgotten"] == len(runs) + 1, "the prefix cache must be cleared before every run"
         runs.append((len(prompts), output_lens[0], len(prompts[0])))
         clock[0] += prefill_s * len(prompts) + step_s * (output_lens[0] - 1)   # a step serves the whole batch
-        return sum(output_lens)
+        return sum(output_lens) - short[0]
+
+    def forget_cache():
+        cache["forgotten"] += 1
 
     system = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=1000, special_ids=set(), backend=None),
-                             run_batch=run_batch, forget_cache=lambda: None)
+                             run_batch=run_batch, forget_cache=forget_cache)
     monkeypatch.setattr(offline, "random_requests", lambda tok, num, input_len, output_len, seed, as_text:
                         [SimpleNamespace(prompt=[7] * input_len) for _ in range(num)])
     result = offline.run_sweep(system, [1, 4], input_len=32, output_len=11)
-    assert runs == [(1, 11, 32), (1, 1, 32), (4, 11, 32), (4, 1, 32)]
+    assert runs == [(1, 2, 32), (1, 1, 32), (1, 11, 32), (4, 1, 32), (4, 11, 32)]   # a warm-up run first
     assert result["b4_decode_tok_s"] == pytest.approx(4 * 10 / (10 * step_s))
     assert result["b4_output_tok_s"] == pytest.approx(4 * 11 / (4 * prefill_s + 10 * step_s))
     assert result["b1_decode_tok_s"] == pytest.approx(10 / (10 * step_s))
     with pytest.raises(ValueError, match="output_len >= 2"):
         offline.run_sweep(system, [1], input_len=8, output_len=1)
+    runs.clear(); cache["forgotten"] = 0; short[0] = True   # a batch cut short (a context too small) is refused
+    with pytest.raises(RuntimeError, match="made 10 tokens, not 11"):
+        offline.run_sweep(system, [1], input_len=8, output_len=11)
+    runs.clear(); cache["forgotten"] = 0; short[0] = False; step_s = 0.0   # no measurable decode time
+    with pytest.raises(RuntimeError, match="too short to time"):
+        offline.run_sweep(system, [1], input_len=8, output_len=11)
 
 
 def test_the_sweep_on_the_engine_records_and_plots(smollm2_path, tmp_path, capsys):

@@ -96,3 +96,31 @@ def test_a_script_without_a_main_guard_is_told_why(folder, tmp_path):
                       f"LLM({str(folder)!r}, engine_process=True, dtype='float32', num_blocks=16, show_progress=False)\n")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert run.returncode != 0 and "needs an `if __name__ == '__main__':` guard" in run.stderr
+
+
+def test_a_stop_string_leaves_nothing_for_the_next_call(folder, in_core):
+    """A stop string ends a request here while the core may already have stepped it again; those late outputs
+    must not reach the next call's requests, and prompt logprobs cross the boundary with the first output."""
+    stopped = SamplingParams(max_tokens=200, temperature=0.0, stop=["w3"], ignore_eos=True, prompt_logprobs=2)
+    expected = outputs(LLM(str(folder), **COMMON).generate(PROMPTS[0], stopped, use_tqdm=False))
+    assert expected[0][0][2] == "stop"          # else the test could not tell
+    local = LLM(str(folder), **COMMON).generate(PROMPTS[0], stopped, use_tqdm=False)[0].outputs[0].prompt_logprobs
+    for _ in range(3):
+        result = in_core.generate(PROMPTS[0], stopped, use_tqdm=False)
+        assert outputs(result) == expected
+        assert [(lp.logprob, lp.top) if lp else None for lp in result[0].outputs[0].prompt_logprobs] == \
+               [(lp.logprob, [tuple(t) for t in lp.top]) if lp else None for lp in local]
+
+
+def test_the_core_step_alone_keeps_no_text_state(folder):
+    """What the core process runs: token ids only, every request gone once finished, no detokenizer state."""
+    engine = LLM(str(folder), **COMMON).engine
+    expected = [o.token_ids for r in LLM.from_engine(engine).generate(PROMPTS, PARAMS[0], use_tqdm=False) for o in r.outputs]
+    engine.text_elsewhere()
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(prompt, PARAMS[0], f"r{i}")
+    tokens = {f"r{i}": [] for i in range(len(PROMPTS))}
+    while engine.has_unfinished():
+        for out in engine.core_step():
+            tokens[out.request_id] += out.new_token_ids
+    assert list(tokens.values()) == expected and not engine.requests and engine.outputs is None
