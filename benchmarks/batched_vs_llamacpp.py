@@ -69,12 +69,12 @@ def main() -> int:
     args.batch_sizes = ",".join(item.strip() for item in args.batch_sizes.split(",") if item.strip())
     sys.path.insert(0, str(ROOT))
     from effinfer.bench.compare import parse_config
-    from effinfer.bench.report import write_record
+    from effinfer.bench.report import keep_record, tree_is_clean
     from effinfer.loader import catalog
 
     if not (Path(args.llamacpp_bin) / "llama-batched-bench").is_file():
         sys.exit(f"no llama-batched-bench in {args.llamacpp_bin} (build it with ../shared/tools/build_llamacpp.sh)")
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    clean = tree_is_clean(ROOT)
     model = str(catalog.pull(args.model)) if args.model in catalog.CATALOG else args.model
     name = parse_config(args.config).name
     runs = {f"effinfer {name}": [], PEER: []}
@@ -96,11 +96,7 @@ def main() -> int:
         from effinfer.bench.plots import plot_sweep
 
         print(plot_sweep(result, args.plot))
-    if args.result_file and not dirty:
-        write_record(args.result_file, "batched_vs_llamacpp", vars(args), result)
-        print(f"wrote {args.result_file}")
-    elif args.result_file:
-        print("(uncommitted tree: no record written)")
+    keep_record(args.result_file, "batched_vs_llamacpp", vars(args), result, clean)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,11 +61,11 @@ def main() -> int:
     p.add_argument("--result-file", default=None)
     args = p.parse_args()
     from effinfer import kernels
-    from effinfer.bench.report import write_record
+    from effinfer.bench.report import keep_record, tree_is_clean
 
     if kernels.int4_mm() is None or kernels.int8_gemm() is None:
         sys.exit("effinfer's int4/int8 kernels are not available here (a C++ compiler and AVX512-VNNI are needed)")
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    clean = tree_is_clean(ROOT)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     h, i = args.hidden, args.intermediate
@@ -91,11 +90,7 @@ def main() -> int:
         results.append(row)
         print(f"{rows:>4} rows: " + "  ".join(f"{n} {row[f'{n}_ms']:7.2f}" for n in contestants) +
               f"  (ms per pass; int4 kernel {row['bf16_ms'] / row['int4 kernel_ms']:.2f}x bf16)", flush=True)
-    if args.result_file and not dirty:
-        write_record(args.result_file, "many_rows", vars(args), {"rows": results, "command": " ".join(sys.argv)})
-        print(f"wrote {args.result_file}")
-    elif args.result_file:
-        print("(uncommitted tree: no record written)")
+    keep_record(args.result_file, "many_rows", vars(args), {"rows": results, "command": " ".join(sys.argv)}, clean)
     return 0
 
 

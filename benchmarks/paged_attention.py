@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,11 +62,11 @@ def main() -> int:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from effinfer import kernels
-    from effinfer.bench.report import write_record
+    from effinfer.bench.report import keep_record, tree_is_clean
 
     if kernels.paged_decode_attention() is None:
         sys.exit("effinfer's paged attention kernel is not available here (it needs a C++ compiler and AVX-512)")
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    clean = tree_is_clean(ROOT)
     torch.manual_seed(0)
     rows = []
     for context in map(int, args.contexts.split(",")):
@@ -89,11 +88,7 @@ def main() -> int:
                 f"{n} {row[f'{n}_us']:8.1f} us" for n in ways) +
                 f"   in place: {row['compiled gather_us'] / row['in place_us']:.2f}x compiled gather, "
                 f"{row['eager gather_us'] / row['in place_us']:.2f}x eager", flush=True)
-    if args.result_file and not dirty:
-        write_record(args.result_file, "paged_attention", vars(args), {"rows": rows, "command": " ".join(sys.argv)})
-        print(f"wrote {args.result_file}")
-    elif args.result_file:
-        print("(uncommitted tree: no record written)")
+    keep_record(args.result_file, "paged_attention", vars(args), {"rows": rows, "command": " ".join(sys.argv)}, clean)
     return 0
 
 

@@ -25,6 +25,22 @@ def write_record(path: str | os.PathLike, kind: str, config: dict, metrics: dict
     return record
 
 
+def tree_is_clean(root: str | os.PathLike) -> bool:
+    """Whether the git tree at `root` has no uncommitted change: a record names the commit it measured, so a
+    benchmark checks this when it starts (the code it runs is loaded then)."""
+    out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root)
+    return out.returncode == 0 and not out.stdout.strip()
+
+
+def keep_record(path: str | os.PathLike | None, kind: str, config: dict, metrics: dict, clean: bool) -> None:
+    """Write the record if a path was given and the tree was clean when the run began; else say why not."""
+    if path and clean:
+        write_record(path, kind, config, metrics)
+        print(f"wrote {path}")
+    elif path:
+        print("(uncommitted tree: no record written)")
+
+
 def print_serve_table(m: dict) -> None:
     print(f"{'completed / failed':<32}{m['completed']} / {m['failed']}")
     print(f"{'duration (s)':<32}{m['duration']:.2f}")
