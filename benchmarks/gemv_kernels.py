@@ -19,8 +19,9 @@ import torch
 from effinfer.kernels import int4_gemv, int4_layout, int8_gemv
 
 
-def timed(fn, repeats: int) -> float:
-    for _ in range(3):
+def timed(fn, repeats: int, warmup: int = 3) -> float:
+    """Seconds per call of `fn`, after `warmup` calls."""
+    for _ in range(warmup):
         fn()
     start = time.perf_counter()
     for _ in range(repeats):

@@ -17,21 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+sys.path.insert(0, str(ROOT))
+from benchmarks.gemv_kernels import timed  # noqa: E402
 
 
 def contestants(q, pages, tables, lens, scale: float) -> dict:
@@ -60,7 +52,6 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--result-file", default=None)
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     from effinfer import kernels
     from effinfer.bench.report import keep_record, tree_is_clean
 
@@ -81,7 +72,7 @@ def main() -> int:
             times = {name: [] for name in ways}
             for _ in range(args.rounds):
                 for name, fn in ways.items():
-                    times[name].append(timed(fn, args.repeats) * 1e6)
+                    times[name].append(timed(fn, args.repeats, warmup=5) * 1e6)
             row = {"context": context, "batch": batch, **{f"{n}_us": statistics.median(t) for n, t in times.items()}}
             rows.append(row)
             print(f"context {context:>5} batch {batch:>3}: " + "  ".join(
