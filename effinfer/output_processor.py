@@ -81,7 +81,7 @@ class OutputProcessor:
                 state.logprobs.append(core.new_logprobs[i])
             old_len = len(state.text)
             state.text += state.detokenizer.add(token)
-            stop = self._find_stop(state, old_len)
+            stop = self._find_stop(state, old_len) if len(state.token_ids) >= state.params.min_tokens else None
             if stop is not None:
                 return stop
         return None

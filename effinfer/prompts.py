@@ -26,3 +26,22 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
         return list(prompt)
     raise TypeError("a prompt is a non-empty string, list of token ids, or list of chat messages")
+
+
+def bad_words_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word as the tokenizer writes it alone and after a space (mid-sentence), without duplicates."""
+    sequences: list[list[int]] = []
+    for word in words:
+        for text in (word, " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences
+
+
+def check_token_params(params, vocab_size: int) -> None:
+    """Token ids that sampling parameters name must be in the vocabulary."""
+    for name, ids in (("logit_bias", list(params.logit_bias or {})), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"{name} names token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")

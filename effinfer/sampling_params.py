@@ -41,6 +41,14 @@ class SamplingParams:
     """Strings that end generation; they are cut from the returned text."""
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    """Generate at least this many tokens: EOS and `stop_token_ids` are masked out and stop strings do not
+    end the request before then."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling (OpenAI's -100..100; -100 bans a token)."""
+    bad_words: list[str] = field(default_factory=list)
+    """Words never generated: the last token of each (as the tokenizer writes it, with and without a leading
+    space) is masked where the tokens before it have just been generated."""
     logprobs: int | None = None
     """Return the log-probability of each sampled token and of this many top alternatives."""
     prompt_logprobs: int | None = None
@@ -71,6 +79,13 @@ class SamplingParams:
         _check(self.early_exit_threshold is None or 0.0 <= self.early_exit_threshold <= 1.0, "early_exit_threshold",
                self.early_exit_threshold, "between 0 and 1")
         _check(isinstance(self.n, int) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               self.min_tokens, f"an integer between 0 and max_tokens ({self.max_tokens})")
+        _check(self.logit_bias is None or all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0
+                                              for t, b in self.logit_bias.items()),
+               "logit_bias", self.logit_bias, "token ids >= 0 mapped to biases in [-100, 100]")
+        _check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words", self.bad_words,
+               "non-empty strings")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
 
     def for_sample(self, k: int) -> "SamplingParams":
@@ -84,6 +99,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether anything changes this request's logits before the distribution (penalties, bias, bans)."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0 or bool(self.bad_words)
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:

@@ -1,4 +1,5 @@
-"""Batched sampling with per-request parameters: penalties, temperature, top-k, top-p, min-p, greedy.
+"""Batched sampling with per-request parameters: penalties, logit bias, banned tokens (min_tokens, bad words),
+temperature, top-k, top-p, min-p, greedy.
 
 Each request owns a `torch.Generator`; a sample is `argmax(probs / q)` with `q ~ Exp(1)` drawn from that
 generator (the exponential-race form of categorical sampling). A seeded request therefore draws the
@@ -8,7 +9,7 @@ Logprobs are those of the model's raw distribution (before penalties and tempera
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +24,16 @@ class SamplingRow:
     generator: torch.Generator
     prompt_ids: list[int]
     output_ids: list[int]
+    eos_token_ids: list[int] = field(default_factory=list)
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    """Token sequences of the request's bad words (`SamplingParams.bad_words`)."""
+
+    @classmethod
+    def of(cls, request, output_ids: list[int] | None = None) -> "SamplingRow":
+        """The row of an engine request (any object with these attributes), optionally at a later output."""
+        return cls(request.params, request.generator, request.prompt_ids,
+                   request.output_ids if output_ids is None else output_ids, request.eos_token_ids,
+                   request.bad_words_ids)
 
 
 @dataclass
@@ -61,7 +72,34 @@ def final_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def _penalized(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    return apply_penalties(logits.clone(), rows) if any(r.params.has_penalties for r in rows) else logits
+    return adjust_logits(logits.clone(), rows) if any(r.params.adjusts_logits for r in rows) else logits
+
+
+def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """In place: penalties, then each row's logit bias, then -inf for its banned tokens."""
+    apply_penalties(logits, rows)
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids = torch.tensor(list(row.params.logit_bias), device=logits.device, dtype=torch.long)
+            logits[i, ids] += torch.tensor(list(row.params.logit_bias.values()), device=logits.device,
+                                           dtype=logits.dtype)
+        banned = banned_tokens(row)
+        if banned:
+            logits[i, torch.tensor(banned, device=logits.device, dtype=torch.long)] = float("-inf")
+    return logits
+
+
+def banned_tokens(row: SamplingRow) -> list[int]:
+    """Stop and EOS tokens until `min_tokens` are out; the last token of a bad word whose other tokens were
+    just generated (a one-token bad word always)."""
+    banned = []
+    if len(row.output_ids) < row.params.min_tokens:
+        banned += row.params.stop_token_ids + row.eos_token_ids
+    for word in row.bad_words_ids:
+        prefix = word[:-1]
+        if not prefix or row.output_ids[len(row.output_ids) - len(prefix):] == prefix:
+            banned.append(word[-1])
+    return banned
 
 
 def _distribution(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from effinfer.engine.scheduler import Scheduler, SchedulerOutput
 from effinfer.models import LoadedModel
 from effinfer.output_processor import OutputProcessor
 from effinfer.outputs import CoreOutput, EngineStats, RequestOutput
-from effinfer.prompts import Prompt, check_prompt_length, encode_prompt
+from effinfer.prompts import Prompt, bad_words_ids, check_prompt_length, check_token_params, encode_prompt
 from effinfer.sampling_params import SamplingParams, TokenLogprobs
 from effinfer.utils import parse_dtype
 
@@ -74,11 +74,13 @@ class LLMEngine:
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
         self.check_prompt_length(prompt_ids)
+        check_token_params(params, self.loaded.config.vocab_size)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = Request(request_id, prompt_ids, params, self.loaded.config.eos_token_ids, priority)
         request.generator = _generator(params.seed, self.device, self.seeds)
+        request.bad_words_ids = bad_words_ids(self.tokenizer, params.bad_words)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self._set_exit_threshold(request)
@@ -152,7 +154,7 @@ class LLMEngine:
             row += num_rows
         sampled, logprobs = {}, {}
         if sampling:
-            rows = [SamplingRow(r.params, r.generator, r.prompt_ids, r.output_ids) for r in sampling]
+            rows = [SamplingRow.of(r) for r in sampling]
             out = self.sampler(logits[sample_rows], rows)
             for request, token, lp in zip(sampling, out.token_ids, out.logprobs):
                 sampled[request.request_id], logprobs[request.request_id] = [token], [lp]

@@ -56,6 +56,8 @@ class Request:
     """Draft length for this request's next proposal, adapted to its acceptance."""
     exit_threshold: float | None = None
     """Early exit: the confidence its decode tokens need to leave the model early (None: never)."""
+    bad_words_ids: list[list[int]] = field(default_factory=list)
+    """`params.bad_words` as token sequences (with and without a leading space)."""
     num_reported_tokens: int = 0
     """Output tokens already handed out in a `CoreOutput`."""
     prompt_logprobs: list | None = None

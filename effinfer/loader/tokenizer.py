@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     import tokenizers
 
 
+FIM_TOKENS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),          # StarCoder, SmolLM
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),    # Qwen2.5-Coder
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),        # DeepSeek-Coder
+)
+"""(before the gap, after the gap, fill the gap) token names by model family."""
+
+
 @dataclass
 class Tokenizer:
     backend: "tokenizers.Tokenizer"
@@ -38,19 +46,31 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render the model's Jinja chat template the way transformers does (same environment and globals)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> str:
+        """Render the model's Jinja chat template the way transformers does (same environment and globals);
+        `template_vars` are extra variables a template may read (e.g. a thinking switch)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template (it is probably a base model); "
                              "send a plain prompt instead of chat messages")
         _check_messages(messages)
         template = _jinja_env().from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return template.render({**template_vars, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                                "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> list[int]:
         # the template writes the special tokens itself, so none are added on top
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_vars),
+                           add_special_tokens=False)
+
+    def encode_fim(self, prefix: str, suffix: str) -> list[int]:
+        """Fill in the middle, prefix-suffix-middle order, in the vocabulary's own FIM tokens."""
+        for names in FIM_TOKENS:
+            ids = [self.backend.token_to_id(name) for name in names]
+            if all(i is not None for i in ids):
+                start, hole, end = ids
+                return (self.encode("", add_special_tokens=True) + [start] + self.encode(prefix, False) + [hole]
+                        + self.encode(suffix, False) + [end])
+        raise ValueError("this model has no fill-in-the-middle tokens, so it cannot complete with a suffix")
 
 
 class IncrementalDetokenizer:

@@ -13,7 +13,9 @@ flight finish for `drain_timeout` seconds, then ends the rest with an error (str
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,7 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from effinfer.outputs import RequestOutput
-from effinfer.prompts import encode_prompt
+from effinfer.prompts import check_token_params, encode_prompt
 from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams
 from effinfer.serving.async_engine import (EngineClient, EngineDeadError, EngineRequestError, ThreadEngine,
                                            check_failure_policy)
@@ -50,6 +52,8 @@ class ServerConfig:
     max_tokens_limit: int | None = None
     """Largest max_tokens a request may ask for (default: the context length)."""
     max_n: int = 16
+    strict_fields: bool = True
+    """Unknown request fields get 400 naming them (as OpenAI answers); off: they are ignored (lenient mode)."""
     max_requests_in_flight: int = 256
     """More concurrent sequences than this get 503 with Retry-After."""
     engine_process: bool = True
@@ -78,15 +82,10 @@ class OpenAIServer:
         self.logprobs = LogprobFormatter(self.tokenizer)
         self.max_model_len, self.vocab_size = info.max_model_len, info.vocab_size
         self.draining = False
+        self.num_admitted = 0
+        """Sequences of the requests admitted and not yet answered (the in-flight limit counts these)."""
 
     # ---- validation ----------------------------------------------------------------------------------
-    def check_auth(self, request: Request) -> None:
-        if not self.config.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or header[7:] not in self.config.api_keys:
-            raise OpenAIError("invalid or missing API key", 401, "authentication_error", code="invalid_api_key")
-
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise OpenAIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
@@ -100,6 +99,15 @@ class OpenAIServer:
         if not ids:
             raise OpenAIError("the prompt is empty (it encodes to no tokens)", param="prompt")
         return ids
+
+    def encode_fim(self, prompt, suffix: str) -> list[int]:
+        """Fill in the middle: the prompt before the gap, `suffix` after it, in the model's FIM tokens."""
+        if not isinstance(prompt, str):
+            raise OpenAIError("suffix needs a text prompt", param="suffix")
+        try:
+            return self.tokenizer.encode_fim(prompt, suffix)
+        except ValueError as exc:
+            raise OpenAIError(str(exc), param="suffix") from exc
 
     def check_lengths(self, num_prompt: int, max_tokens: int | None) -> int:
         """The max_tokens to use; 400 when the prompt plus requested tokens exceed the context."""
@@ -119,6 +127,19 @@ class OpenAIServer:
             f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the completion). "
             "Please reduce the length of the messages or completion.", param="messages", code="context_length_exceeded")
 
+    def check_fields(self, req: SamplingRequest) -> None:
+        """400 naming the fields this server does not implement, and (unless lenient) the unknown ones."""
+        unsupported = req.unsupported_fields()
+        if unsupported:
+            name, feature = unsupported[0]
+            raise OpenAIError(f"{feature} is not supported by this server (field {name!r})", param=name,
+                              code="unsupported_parameter")
+        unknown = req.unknown_fields()
+        if unknown and self.config.strict_fields:
+            raise OpenAIError(f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} (start the "
+                              "server with --no-strict-fields to ignore unknown fields)", param=unknown[0],
+                              code="unknown_parameter")
+
     def sampling_params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> list[SamplingParams]:
         if req.n > self.config.max_n:
@@ -127,23 +148,43 @@ class OpenAIServer:
             raise OpenAIError(f"logprobs={logprobs} exceeds the limit of {MAX_LOGPROBS}", param="logprobs")
         try:
             params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
+            check_token_params(params, self.vocab_size)
         except ValueError as exc:
-            raise OpenAIError(str(exc), param=str(exc).split("=")[0]) from exc
+            raise OpenAIError(str(exc), param=str(exc).split("=")[0].split(" ")[0]) from exc
         return [params.for_sample(k) for k in range(req.n)]
 
-    def check_capacity(self, num_sequences: int) -> None:
+    def admit(self, num_sequences: int) -> "Admission":
+        """Reserve room for a request's sequences from admission until its response ends, so that a burst
+        of streams cannot pass the in-flight limit before their engine requests start."""
         if self.draining:
             raise OpenAIError("the server is shutting down", 503, "server_error", code="server_shutting_down")
-        if self.async_engine.num_in_flight + num_sequences > self.config.max_requests_in_flight:
+        if self.num_admitted + num_sequences > self.config.max_requests_in_flight:
             raise OpenAIError("the server is at capacity; retry shortly", 503, "server_overloaded",
                               code="server_overloaded", headers={"Retry-After": "1"})
+        self.num_admitted += num_sequences
+        return Admission(self, num_sequences)
+
+    async def respond_admitted(self, num_sequences: int, respond) -> object:
+        """Run `respond()` holding an admission; a stream holds it until the stream ends."""
+        admission = self.admit(num_sequences)
+        try:
+            response = await respond()
+        except BaseException:
+            admission.release()
+            raise
+        if isinstance(response, EventStream):
+            response.admission = admission
+        else:
+            admission.release()
+        return response
 
     # ---- running requests ----------------------------------------------------------------------------
-    async def run_prompts(self, prompts: list[list[int]], params: list[SamplingParams], rid: str
+    async def run_prompts(self, prompts: list[list[int]], params: list[SamplingParams], rid: str, priority: int = 0
                           ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """All samples of all prompts at once; yields (choice index, output delta)."""
-        n = len(params)
-        streams = [self.async_engine.generate(ids, params, f"{rid}-{i}") for i, ids in enumerate(prompts)]
+        """All samples of all prompts at once; yields (choice index, output delta). The engine's request ids
+        start with the response's id and end with a part of their own (a client's request_id may repeat)."""
+        n, rid = len(params), f"{rid}.{uuid.uuid4().hex[:8]}"
+        streams = [self.async_engine.generate(ids, params, f"{rid}-{i}", priority) for i, ids in enumerate(prompts)]
         async for prompt_index, (k, out) in merge(streams):
             yield prompt_index * n + k, out
 
@@ -154,7 +195,7 @@ class OpenAIServer:
         """Stop admitting; give the requests in flight `timeout` seconds, then end the rest with an error."""
         self.draining = True
         deadline = asyncio.get_running_loop().time() + timeout
-        while self.async_engine.num_in_flight and asyncio.get_running_loop().time() < deadline:
+        while (self.async_engine.num_in_flight or self.num_admitted) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         if self.async_engine.num_in_flight:
             log.warning("drain timeout: ending %d requests still in flight", self.async_engine.num_in_flight)
@@ -181,6 +222,17 @@ class OpenAIServer:
                 task.cancel()
                 raise asyncio.CancelledError()
         return task.result()
+
+
+class Admission:
+    """Room held for one request's sequences; released once."""
+
+    def __init__(self, server: OpenAIServer, num_sequences: int):
+        self.server, self.num_sequences = server, num_sequences
+
+    def release(self) -> None:
+        self.server.num_admitted -= self.num_sequences
+        self.num_sequences = 0
 
 
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -217,25 +269,29 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object
 # ---- /v1/completions -----------------------------------------------------------------------------
 async def create_completion(server: OpenAIServer, req: CompletionRequest, request: Request):
     server.check_model(req.model)
+    server.check_fields(req)
     raw_prompts = _completion_prompts(req.prompt)
-    prompts = [server.encode(p) for p in raw_prompts]
+    prompts = [server.encode_fim(p, req.suffix) if req.suffix else server.encode(p) for p in raw_prompts]
     max_tokens = req.max_tokens or 16   # OpenAI's default for completions
     for ids in prompts:
         server.check_lengths(len(ids), max_tokens)
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     params = server.sampling_params(req, max_tokens, req.logprobs, echo_logprobs)
-    server.check_capacity(len(prompts) * req.n)
-    rid, created = new_id("cmpl"), now()
-    echo_text = [p if isinstance(p, str) else server.tokenizer.decode(ids) for p, ids in zip(raw_prompts, prompts)] \
-        if req.echo else None
-    stream = server.run_prompts(prompts, params, rid)
-    head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
-    if req.stream:
-        return _sse_response(_completion_chunks(server, req, stream, head, prompts, echo_text))
-    finals = await server.collect(request, stream)
-    choices = [_completion_final(server, req, i, finals[i], prompts[i // req.n], echo_text) for i in sorted(finals)]
-    num_completion = sum(len(o.token_ids) for o in finals.values())
-    return {**head, "choices": choices, "usage": usage(sum(map(len, prompts)), num_completion)}
+
+    async def respond():
+        rid, created = req.request_id or new_id("cmpl"), now()
+        echo_text = [p if isinstance(p, str) else server.tokenizer.decode(ids)
+                     for p, ids in zip(raw_prompts, prompts)] if req.echo else None
+        stream = server.run_prompts(prompts, params, rid, req.priority)
+        head = {"id": rid, "object": "text_completion", "created": created, "model": server.model_name}
+        if req.stream:
+            return _sse_response(_completion_chunks(server, req, stream, head, prompts, echo_text))
+        finals = await server.collect(request, stream)
+        choices = [_completion_final(server, req, i, finals[i], prompts[i // req.n], echo_text) for i in sorted(finals)]
+        num_completion = sum(len(o.token_ids) for o in finals.values())
+        return {**head, "choices": choices, "usage": usage(sum(map(len, prompts)), num_completion)}
+
+    return await server.respond_admitted(len(prompts) * req.n, respond)
 
 
 def _completion_prompts(prompt) -> list:
@@ -285,26 +341,33 @@ async def _completion_chunks(server, req, stream, head, prompts, echo_text) -> A
 # ---- /v1/chat/completions ------------------------------------------------------------------------
 async def create_chat_completion(server: OpenAIServer, req: ChatCompletionRequest, request: Request):
     server.check_model(req.model)
-    messages = [m.as_template_input() for m in req.messages]
+    server.check_fields(req)
     try:
-        prompt_ids = server.tokenizer.encode_chat(messages, req.add_generation_prompt)
+        for i, message in enumerate(req.messages):
+            message.check(i)
+        prompt_ids = server.tokenizer.encode_chat([m.as_template_input() for m in req.messages],
+                                                  req.add_generation_prompt, **(req.chat_template_kwargs or {}))
     except ValueError as exc:
         raise OpenAIError(str(exc), param="messages") from exc
     max_tokens = server.check_lengths(len(prompt_ids), req.max_completion_tokens or req.max_tokens)
     top = (req.top_logprobs or 0) if req.logprobs else None
     params = server.sampling_params(req, max_tokens, top)
-    server.check_capacity(req.n)
-    rid, created = new_id("chatcmpl"), now()
-    stream = server.run_prompts([prompt_ids], params, rid)
-    head = {"id": rid, "created": created, "model": server.model_name}
-    if req.stream:
-        return _sse_response(_chat_chunks(server, req, stream, {**head, "object": "chat.completion.chunk"},
-                                          len(prompt_ids)))
-    finals = await server.collect(request, stream)
-    choices = [chat_choice(i, o, server.logprobs.chat(o.token_ids, o.logprobs) if req.logprobs else None)
-               for i, o in sorted(finals.items())]
-    num_completion = sum(len(o.token_ids) for o in finals.values())
-    return {**head, "object": "chat.completion", "choices": choices, "usage": usage(len(prompt_ids), num_completion)}
+
+    async def respond():
+        rid, created = req.request_id or new_id("chatcmpl"), now()
+        stream = server.run_prompts([prompt_ids], params, rid, req.priority)
+        head = {"id": rid, "created": created, "model": server.model_name}
+        if req.stream:
+            return _sse_response(_chat_chunks(server, req, stream, {**head, "object": "chat.completion.chunk"},
+                                              len(prompt_ids)))
+        finals = await server.collect(request, stream)
+        choices = [chat_choice(i, o, server.logprobs.chat(o.token_ids, o.logprobs) if req.logprobs else None)
+                   for i, o in sorted(finals.items())]
+        num_completion = sum(len(o.token_ids) for o in finals.values())
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": usage(len(prompt_ids), num_completion)}
+
+    return await server.respond_admitted(req.n, respond)
 
 
 async def _chat_chunks(server, req, stream, head, num_prompt) -> AsyncIterator[str]:
@@ -331,6 +394,19 @@ async def _chat_chunks(server, req, stream, head, num_prompt) -> AsyncIterator[s
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 
 
+class EventStream(StreamingResponse):
+    """A server-sent-event response that releases its request's admission when it ends, however it ends."""
+
+    admission: Admission | None = None
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.admission is not None:
+                self.admission.release()
+
+
 def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
     async def body():
         try:
@@ -347,8 +423,8 @@ def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
             yield sse(OpenAIError("internal server error", 500, "internal_error").body())
         yield sse("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(body(), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 # ---- the app ---------------------------------------------------------------------------------------
@@ -369,21 +445,20 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="effinfer", lifespan=lifespan)
     app.state.server = server
     _install_error_handlers(app)
+    # the last added runs first: the key is checked before any of the body is read
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.config.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_keys=server.config.api_keys)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        server.check_auth(request)
         return await create_completion(server, req, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        server.check_auth(request)
         return await create_chat_completion(server, req, request)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        server.check_auth(request)
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": now(),
                                             "owned_by": "effinfer", "max_model_len": server.max_model_len}]}
 
@@ -454,9 +529,36 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(OpenAIError("internal server error", 500, "internal_error").body(), status_code=500)
 
 
+PUBLIC_PATHS = frozenset({"/health", "/metrics", "/"})
+"""Routes open without a key: liveness, Prometheus metrics (for scrapers; they hold counts, no text) and the
+chat page (a static file whose API calls carry the key the user types)."""
+
+
+class AuthMiddleware:
+    """401 for a missing or wrong bearer key on every route but `PUBLIC_PATHS`, before the body is read.
+    Keys are compared in constant time (`hmac.compare_digest`), every key every time."""
+
+    def __init__(self, app, api_keys: list[str]):
+        self.app, self.keys = app, [key.encode() for key in api_keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"] not in PUBLIC_PATHS:
+            if not self.authorized(dict(scope["headers"]).get(b"authorization", b"")):
+                error = OpenAIError("invalid or missing API key", 401, "authentication_error", code="invalid_api_key",
+                                    headers={"WWW-Authenticate": "Bearer"})
+                return await _error_response(error)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def authorized(self, header: bytes) -> bool:
+        token = header[7:] if header[:7].lower() == b"bearer " else b""
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        return any(matches)
+
+
 class BodyLimitMiddleware:
-    """413 for request bodies over the limit, by Content-Length or by counting a chunked body.
-    Plain ASGI (not `BaseHTTPMiddleware`, which hides client disconnects from the handlers)."""
+    """413 for a request body over the limit, by Content-Length or, for a chunked body, once the bytes read
+    pass it. The body is read here in full (at most the limit) and handed on, so the handler never sees
+    part of one. Plain ASGI (not `BaseHTTPMiddleware`, which hides client disconnects from the handlers)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -466,22 +568,32 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            response = JSONResponse(self._error().body(), status_code=413)
-            return await response(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
+            return await _error_response(self._error())(scope, receive, send)
+        chunks, received = [], 0
+        while True:
             message = await receive()
+            if message["type"] != "http.request":   # the client left: let the app see it
+                replay = [message]
+                break
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise self._error()
-            return message
+                return await _error_response(self._error())(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+                break
 
-        await self.app(scope, counting_receive, send)
+        async def replaying_receive():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replaying_receive, send)
 
     def _error(self) -> OpenAIError:
-        return OpenAIError(f"request body exceeds {self.max_bytes} bytes", 413)
+        return OpenAIError(f"request body exceeds {self.max_bytes} bytes", 413, code="request_too_large")
+
+
+def _error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 class DrainingServer:

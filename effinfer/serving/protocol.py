@@ -1,17 +1,20 @@
 """OpenAI-compatible request and response shapes (pydantic), and the OpenAI error object.
 
-Requests accept OpenAI's parameters plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos);
-unknown fields are ignored as OpenAI does. Range checks live in `SamplingParams`, so the server and
-the offline API reject the same values with the same messages.
+Requests accept OpenAI's parameters plus the extras that clients of vLLM-compatible servers send (top_k,
+min_p, repetition_penalty, ignore_eos, min_tokens, bad_words, priority, request_id, ...). Unknown fields are
+kept aside (`unknown_fields`) so that the server can answer 400 naming them, as OpenAI does, or ignore them in
+lenient mode. OpenAI fields this server does not implement are refused by name (`unsupported_fields`), never
+silently dropped. Range checks live in `SamplingParams`, so the server and the offline API reject the same
+values with the same messages.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from effinfer.sampling_params import SamplingParams
 
@@ -33,10 +36,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields that change nothing in the output: accepted and ignored
+IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
+# OpenAI fields whose feature this server does not have: a 400 that names them (a null value passes)
+UNSUPPORTED_FIELDS = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "audio": "audio output", "modalities": "non-text output",
+    "prediction": "predicted outputs", "web_search_options": "web search",
+}
+
+
 class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -50,15 +63,53 @@ class SamplingRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
-    # vLLM extras
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    """Accepted; meaningful only with tools, which this server refuses."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string, as OpenAI sends it) -> bias in [-100, 100] added to its logit."""
+    best_of: int | None = Field(default=None, ge=1)
+    """Accepted when it equals n (or 1); ranking more samples than are returned is not supported."""
+    response_format: dict[str, Any] | None = None
+    """Only {"type": "text"} (structured output is not supported by this server)."""
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    # extras of vLLM-compatible servers
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    min_tokens: int = 0
+    bad_words: list[str] | None = None
+    priority: int = 0
+    """Lower is served first; under memory pressure the highest is preempted first."""
+    request_id: str | None = Field(default=None, min_length=1, max_length=256)
+    """The id the response carries (default: a fresh one)."""
     early_exit_threshold: float | None = None
     """effinfer extra: per-request confidence for early exit (an engine started with --early-exit-heads)."""
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        """(field, feature) for each OpenAI field given whose feature this server does not have."""
+        found = [(name, feature) for name, feature in UNSUPPORTED_FIELDS.items() if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            found.append(("response_format", f"response_format {self.response_format.get('type')!r} "
+                                             "(structured output)"))
+        if self.best_of is not None and self.best_of not in (1, self.n):
+            found.append(("best_of", "best_of larger than n"))
+        return found
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,7 +119,8 @@ class SamplingRequest(BaseModel):
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-            early_exit_threshold=self.early_exit_threshold)
+            early_exit_threshold=self.early_exit_threshold, min_tokens=self.min_tokens,
+            logit_bias=_token_biases(self.logit_bias), bad_words=list(self.bad_words or []))
 
     @property
     def include_usage(self) -> bool:
@@ -82,17 +134,57 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
 
 
+def _token_biases(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        raise ValueError(f"logit_bias={bias!r} is invalid: expected token ids (integers) as keys") from None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """This server's models read text: any other content part (image_url, input_audio, file) is refused."""
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") != "text":
+                    raise ValueError(f"content part type {part.get('type')!r} is not supported: "
+                                     "this server's model reads text only")
+                TextPart.model_validate(part)
+        return content
+
+    def check(self, index: int) -> None:
+        """Content is required except from an assistant that calls tools."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"messages.{index}.content: a message from the {self.role} role needs content")
 
     def as_template_input(self) -> dict:
         content = self.content
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-        return {"role": self.role, "content": content or ""}
+        if isinstance(content, list):
+            content = "".join(part["text"] for part in content)
+        message = {"role": self.role, "content": content or ""}
+        for key in ("name", "tool_call_id", "tool_calls"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -101,6 +193,12 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (e.g. a model's thinking switch)."""
+
+    def unknown_fields(self) -> list[str]:
+        return super().unknown_fields() + [f"messages.{i}.{key}" for i, m in enumerate(self.messages)
+                                           for key in sorted(m.model_extra or {})]
 
 
 class TokenizeRequest(BaseModel):

@@ -84,18 +84,19 @@ def test_body_too_large(live):
 
 
 def test_unknown_route_has_error_object(live):
-    assert_error(httpx.get(live.base_url + "/v1/nothing"), 404)
+    assert_error(httpx.get(live.base_url + "/v1/nothing", headers=AUTH), 404)
+    assert_error(httpx.get(live.base_url + "/v1/nothing"), 401)   # the key is checked first
 
 
 def test_queue_full_is_503_with_retry_after(live):
     server = live.app.state.server
-    server.async_engine.num_in_flight += 96           # as if 96 sequences were already in flight
+    server.num_admitted += 96           # as if 96 sequences were already admitted
     try:
         response = post(live, "/v1/chat/completions", CHAT)
         assert_error(response, 503, code="server_overloaded")
         assert response.headers["retry-after"] == "1"
     finally:
-        server.async_engine.num_in_flight -= 96
+        server.num_admitted -= 96
 
 
 def test_internal_error_fails_one_request_and_server_lives(live, monkeypatch):

@@ -8,12 +8,15 @@ import math
 import httpx
 import pytest
 
+from helpers import API_KEY
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 GREEDY = dict(temperature=0.0, max_tokens=12)
 MESSAGES = [{"role": "user", "content": "Name three fruits."}]
 
 
 def prompt_tokens(live, **body) -> int:
-    return httpx.post(live.base_url + "/tokenize", json=body).json()["count"]
+    return httpx.post(live.base_url + "/tokenize", json=body, headers=AUTH).json()["count"]
 
 
 def test_models_and_health(client, live):
@@ -61,7 +64,7 @@ def test_completion_stream_equals_non_stream(client):
 
 
 def test_token_id_prompt_and_batch_of_prompts(client, live):
-    ids = httpx.post(live.base_url + "/tokenize", json={"prompt": "The capital of France is"}).json()["tokens"]
+    ids = httpx.post(live.base_url + "/tokenize", json={"prompt": "The capital of France is"}, headers=AUTH).json()["tokens"]
     by_ids = client.completions.create(model="smol", prompt=ids, **GREEDY).choices[0].text
     batch = client.completions.create(model="smol", prompt=["The capital of France is", "1, 2, 3,"], **GREEDY)
     assert [c.index for c in batch.choices] == [0, 1]
@@ -120,8 +123,9 @@ def test_vllm_extras_accepted(client):
 
 
 def test_tokenize_detokenize_roundtrip(live):
-    ids = httpx.post(live.base_url + "/tokenize", json={"prompt": "héllo wörld 🤖", "add_special_tokens": False}).json()
-    text = httpx.post(live.base_url + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"]
+    ids = httpx.post(live.base_url + "/tokenize", json={"prompt": "héllo wörld 🤖", "add_special_tokens": False},
+                     headers=AUTH).json()
+    text = httpx.post(live.base_url + "/detokenize", json={"tokens": ids["tokens"]}, headers=AUTH).json()["prompt"]
     assert text == "héllo wörld 🤖"
     assert ids["max_model_len"] == 1024
 

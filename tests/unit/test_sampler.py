@@ -94,3 +94,50 @@ def test_logprobs_are_raw_model_logprobs_with_top_n():
 def test_invalid_values_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+def test_logit_bias_moves_greedy_and_bans():
+    sampler = Sampler()
+    assert sampler(LOGITS, [row(temperature=0.0, logit_bias={3: 5.0})]).token_ids == [3]
+    assert sampler(LOGITS, [row(temperature=0.0, logit_bias={0: -100.0})]).token_ids == [1]
+    assert draw(LOGITS, row(temperature=1.0, logit_bias={0: -100.0, 1: -100.0}), 300)[:2].sum() == 0
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    sampler = Sampler()
+
+    def greedy(output, eos=(0,), **kw):
+        r = row(temperature=0.0, output=output, max_tokens=8, **kw)
+        r.eos_token_ids = list(eos)
+        return sampler(LOGITS, [r]).token_ids[0]
+
+    assert greedy([], min_tokens=2) == 1            # EOS (0) masked
+    assert greedy([5], min_tokens=2, stop_token_ids=[1]) == 2   # EOS and the stop id masked
+    assert greedy([5, 6], min_tokens=2) == 0        # reached: EOS allowed again
+    assert greedy([], min_tokens=0) == 0
+
+
+def test_bad_words_ban_the_last_token_after_their_prefix():
+    from effinfer.decoding.sampler import banned_tokens
+
+    r = row(temperature=0.0, output=[7, 2], bad_words=["x"])
+    r.bad_words_ids = [[0], [2, 1], [9, 3]]
+    assert banned_tokens(r) == [0, 1]                # one-token word always; [2, 1] after a 2; not [9, 3]
+    assert Sampler()(LOGITS, [r]).token_ids == [2]   # 0 and 1 banned: the next best
+
+
+def test_bad_words_ids_with_and_without_a_leading_space():
+    from effinfer.prompts import bad_words_ids
+
+    class Words:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    assert bad_words_ids(Words(), ["ab", " ab"]) == [[97, 98], [32, 97, 98]]
+
+
+@pytest.mark.parametrize("bad", [{"min_tokens": 9}, {"min_tokens": -1}, {"logit_bias": {1: 101.0}},
+                                 {"logit_bias": {-1: 1.0}}, {"bad_words": [""]}])
+def test_new_parameters_are_validated(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(max_tokens=8, **bad)

@@ -49,8 +49,7 @@ class Speculator:
     def verify(self, request, rows_logits: torch.Tensor) -> tuple[list[int], list]:
         """-> (the accepted drafts plus one corrected or bonus token, their logprobs)."""
         drafts = request.spec_ids
-        contexts = [SamplingRow(request.params, request.generator, request.prompt_ids, request.output_ids + drafts[:j])
-                    for j in range(len(drafts) + 1)]
+        contexts = [SamplingRow.of(request, request.output_ids + drafts[:j]) for j in range(len(drafts) + 1)]
         tokens = verify(final_probs(rows_logits, contexts), drafts, request.generator)
         self.proposer.observe(request.request_id, request.num_tokens, drafts, rows_logits)
         accepted = len(tokens) - 1
