@@ -18,6 +18,31 @@ class TokenLogprobs:
 
 
 @dataclass
+class StructuredOutputParams:
+    """Exactly one of these constrains the output (vLLM's `structured_outputs` fields)."""
+
+    json: str | None = None
+    """A JSON schema (as JSON text): the output is a JSON value that validates against it."""
+    json_object: bool = False
+    """The output is a JSON object (OpenAI's JSON mode)."""
+    regex: str | None = None
+    """The output matches this regular expression (Rust `regex` syntax)."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """The output is a sentence of this context-free grammar (Lark, or llama.cpp's GBNF)."""
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured output needs exactly one of json, json_object, regex, choice and grammar "
+                             f"(got {', '.join(given) or 'none'})")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured output choice must be a non-empty list of non-empty strings")
+
+
+@dataclass
 class SamplingParams:
     max_tokens: int = 16
     """Most tokens to generate."""
@@ -46,6 +71,8 @@ class SamplingParams:
     end the request before then."""
     logit_bias: dict[int, float] | None = None
     """Added to the logits of these token ids before sampling (OpenAI's -100..100; -100 bans a token)."""
+    structured: StructuredOutputParams | None = None
+    """Constrain the output to a JSON schema, JSON object, regex, choice or grammar (`decoding.grammar`)."""
     bad_words: list[str] = field(default_factory=list)
     """Words never generated: the last token of each (as the tokenizer writes it, with and without a leading
     space) is masked where the tokens before it have just been generated."""

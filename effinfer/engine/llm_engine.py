@@ -45,6 +45,8 @@ class LLMEngine:
         self.seeds = torch.Generator().manual_seed(config.global_seed)
         """Where requests without a seed draw theirs: the engine's own, because torch.compile saves and restores
         the global random state around a compile (a background one would hand out the same seeds again)."""
+        self.structured = None
+        """`decoding.structured.StructuredOutputs`, made when the first constrained request arrives."""
         self.background_compile = None
         """The `BackgroundCompile` building this engine's compiled decode step while it serves, if any."""
         self._ids = itertools.count()
@@ -81,6 +83,8 @@ class LLMEngine:
         request = Request(request_id, prompt_ids, params, self.loaded.config.eos_token_ids, priority)
         request.generator = _generator(params.seed, self.device, self.seeds)
         request.bad_words_ids = bad_words_ids(self.tokenizer, params.bad_words)
+        if params.structured is not None:
+            self._structured_outputs().start(request)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         self._set_exit_threshold(request)
@@ -89,6 +93,13 @@ class LLMEngine:
             self.outputs.add(request_id, prompt_ids, params)
         self.scheduler.add(request)
         return request
+
+    def _structured_outputs(self):
+        if self.structured is None:
+            from effinfer.decoding.structured import StructuredOutputs
+
+            self.structured = StructuredOutputs(self.tokenizer, self.loaded.config.vocab_size)
+        return self.structured
 
     def _set_exit_threshold(self, request: Request) -> None:
         threshold = request.params.early_exit_threshold
@@ -127,6 +138,9 @@ class LLMEngine:
         """One step in token ids: what a core in its own process runs."""
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running, self.max_model_len)
+            if self.structured is not None:
+                for request in self.scheduler.running:
+                    request.spec_ids = self.structured.allowed_drafts(request, request.spec_ids)
         scheduled = self.scheduler.schedule()
         sampled, logprobs = self.execute(scheduled) if not scheduled.is_empty else ({}, {})
         updated = self.scheduler.update(scheduled, sampled)
@@ -140,8 +154,10 @@ class LLMEngine:
             for request, seq in zip(scheduled.requests, seqs):
                 if seq.is_one_token_decode:
                     seq.exit_threshold = request.exit_threshold
+        sampling = [r for r, seq in zip(scheduled.requests, seqs) if seq.needs_logits and not seq.num_spec]
+        masks = self.structured.masks_async(sampling) if self.structured is not None else None
         logits = self.runner.execute(seqs)
-        sample_rows, sampling, verifying, row = [], [], [], 0
+        sample_rows, verifying, row = [], [], 0
         for request, seq in zip(scheduled.requests, seqs):
             num_rows = self.runner.num_logit_rows(seq)
             if seq.all_logits:
@@ -150,16 +166,22 @@ class LLMEngine:
                 verifying.append((request, logits[row:row + num_rows]))
             elif seq.needs_logits:
                 sample_rows.append(row + num_rows - 1)
-                sampling.append(request)
             row += num_rows
         sampled, logprobs = {}, {}
         if sampling:
-            rows = [SamplingRow.of(r) for r in sampling]
-            out = self.sampler(logits[sample_rows], rows)
+            sample_logits = logits[sample_rows]
+            if masks is not None:
+                self.structured.apply(sample_logits, masks.result())
+            out = self.sampler(sample_logits, [SamplingRow.of(r) for r in sampling])
             for request, token, lp in zip(sampling, out.token_ids, out.logprobs):
                 sampled[request.request_id], logprobs[request.request_id] = [token], [lp]
         for request, rows_logits in verifying:
+            if request.matcher is not None:
+                self.structured.apply(rows_logits, self.structured.draft_masks(request, request.spec_ids))
             sampled[request.request_id], logprobs[request.request_id] = self.speculator.verify(request, rows_logits)
+        for request in scheduled.requests:
+            if request.matcher is not None and request.request_id in sampled:
+                self.structured.accept(request, sampled[request.request_id])
         return sampled, logprobs
 
     @staticmethod

@@ -58,6 +58,10 @@ class Request:
     """Early exit: the confidence its decode tokens need to leave the model early (None: never)."""
     bad_words_ids: list[list[int]] = field(default_factory=list)
     """`params.bad_words` as token sequences (with and without a leading space)."""
+    matcher: object | None = None
+    """Structured output: the llguidance matcher of `params.structured` (`decoding.structured`)."""
+    grammar_end: int | None = None
+    """Structured output: the output length at which the grammar is complete; the request stops there."""
     num_reported_tokens: int = 0
     """Output tokens already handed out in a `CoreOutput`."""
     prompt_logprobs: list | None = None

@@ -168,6 +168,8 @@ class Scheduler:
             return FinishReason.STOP
         if not params.ignore_eos and token in request.eos_token_ids:
             return FinishReason.STOP
+        if request.grammar_end is not None and len(request.output_ids) >= request.grammar_end:
+            return FinishReason.STOP
         if len(request.output_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from effinfer.decoding.grammar import check_grammar
 from effinfer.outputs import RequestOutput
 from effinfer.prompts import check_token_params, encode_prompt
 from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -150,7 +151,12 @@ class OpenAIServer:
             params = req.sampling_params(max_tokens, logprobs, prompt_logprobs)
             check_token_params(params, self.vocab_size)
         except ValueError as exc:
-            raise OpenAIError(str(exc), param=str(exc).split("=")[0].split(" ")[0]) from exc
+            raise OpenAIError(str(exc), param=str(exc).split("=")[0].split(" ")[0].rstrip(":")) from exc
+        if params.structured is not None:
+            try:
+                check_grammar(params.structured)
+            except ValueError as exc:
+                raise OpenAIError(str(exc), param=_constraint_field(req), code="invalid_structured_output") from exc
         return [params.for_sample(k) for k in range(req.n)]
 
     def admit(self, num_sequences: int) -> "Admission":
@@ -222,6 +228,11 @@ class OpenAIServer:
                 task.cancel()
                 raise asyncio.CancelledError()
         return task.result()
+
+
+def _constraint_field(req: SamplingRequest) -> str:
+    return next(name for name in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                                  "guided_choice", "guided_grammar") if getattr(req, name) is not None)
 
 
 class Admission:

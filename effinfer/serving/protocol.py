@@ -10,13 +10,14 @@ values with the same messages.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from effinfer.sampling_params import SamplingParams
+from effinfer.sampling_params import SamplingParams, StructuredOutputParams
 
 
 class OpenAIError(Exception):
@@ -34,6 +35,49 @@ class OpenAIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    name: str = Field(default="schema", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def params(self) -> StructuredOutputParams:
+        if self.type == "json_object":
+            return StructuredOutputParams(json_object=True)
+        if self.json_schema is None:
+            raise ValueError("response_format: type 'json_schema' needs a 'json_schema' object")
+        return StructuredOutputParams(json=json.dumps(self.json_schema.schema_))
+
+
+class StructuredOutputsField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def params(self) -> StructuredOutputParams:
+        given = {"json": self.json_, "json_object": self.json_object or None, "regex": self.regex,
+                 "choice": self.choice, "grammar": self.grammar}
+        return StructuredOutputParams(**_schema_text({k: v for k, v in given.items() if v is not None}))
+
+
+def _schema_text(fields: dict) -> dict:
+    """A JSON schema given as an object becomes JSON text (what `StructuredOutputParams.json` holds)."""
+    if isinstance(fields.get("json"), dict):
+        fields = {**fields, "json": json.dumps(fields["json"])}
+    return fields
 
 
 # OpenAI fields that change nothing in the output: accepted and ignored
@@ -72,8 +116,15 @@ class SamplingRequest(BaseModel):
     """Token id (as a string, as OpenAI sends it) -> bias in [-100, 100] added to its logit."""
     best_of: int | None = Field(default=None, ge=1)
     """Accepted when it equals n (or 1); ranking more samples than are returned is not supported."""
-    response_format: dict[str, Any] | None = None
-    """Only {"type": "text"} (structured output is not supported by this server)."""
+    response_format: ResponseFormat | None = None
+    """OpenAI's structured output: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": true}}."""
+    structured_outputs: StructuredOutputsField | None = None
+    """vLLM's form: exactly one of json (a schema), json_object, regex, choice, grammar (Lark or GBNF)."""
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -104,12 +155,25 @@ class SamplingRequest(BaseModel):
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """(field, feature) for each OpenAI field given whose feature this server does not have."""
         found = [(name, feature) for name, feature in UNSUPPORTED_FIELDS.items() if getattr(self, name) is not None]
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            found.append(("response_format", f"response_format {self.response_format.get('type')!r} "
-                                             "(structured output)"))
         if self.best_of is not None and self.best_of not in (1, self.n):
             found.append(("best_of", "best_of larger than n"))
         return found
+
+    def structured(self) -> StructuredOutputParams | None:
+        """The request's output constraint, from whichever of the three forms it used (at most one)."""
+        forms = []
+        if self.response_format is not None and self.response_format.type != "text":
+            forms.append(("response_format", self.response_format.params()))
+        if self.structured_outputs is not None:
+            forms.append(("structured_outputs", self.structured_outputs.params()))
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        guided = {key: value for key, value in guided.items() if value is not None}
+        if guided:
+            forms.append(("guided_" + next(iter(guided)), StructuredOutputParams(**_schema_text(guided))))
+        if len(forms) > 1:
+            raise ValueError(f"{forms[1][0]}: give one output constraint, not {' and '.join(f for f, _ in forms)}")
+        return forms[0][1] if forms else None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -120,7 +184,8 @@ class SamplingRequest(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             early_exit_threshold=self.early_exit_threshold, min_tokens=self.min_tokens,
-            logit_bias=_token_biases(self.logit_bias), bad_words=list(self.bad_words or []))
+            logit_bias=_token_biases(self.logit_bias), bad_words=list(self.bad_words or []),
+            structured=self.structured())
 
     @property
     def include_usage(self) -> bool:

@@ -65,7 +65,7 @@ def test_vllm_extras_and_ignored_openai_fields_are_accepted(live):
 
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("response_format", {"type": "json_object"}),
+    ("functions", [{"name": "f", "parameters": {}}]),
     ("tool_choice", "required"),
     ("best_of", 3),
 ])
