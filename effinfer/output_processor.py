@@ -75,16 +75,25 @@ class OutputProcessor:
             state.metrics.first_token_time = time.monotonic()
         if core.prompt_logprobs is not None:
             state.prompt_logprobs = core.prompt_logprobs
+        last_is_stop_token = self._ends_on_stop_token(core, state.params)
         for i, token in enumerate(core.new_token_ids):
             state.token_ids.append(token)
             if core.new_logprobs and core.new_logprobs[i] is not None:
                 state.logprobs.append(core.new_logprobs[i])
+            if last_is_stop_token and i == len(core.new_token_ids) - 1:
+                break   # the EOS or stop token that ended the request is not part of the text (as in vLLM)
             old_len = len(state.text)
             state.text += state.detokenizer.add(token)
             stop = self._find_stop(state, old_len) if len(state.token_ids) >= state.params.min_tokens else None
             if stop is not None:
                 return stop
         return None
+
+    def _ends_on_stop_token(self, core: CoreOutput, params: SamplingParams) -> bool:
+        if not (core.finished and core.finish_reason == "stop" and core.new_token_ids):
+            return False
+        last = core.new_token_ids[-1]
+        return last == core.stop_reason or (not params.ignore_eos and last in self.tokenizer.eos_token_ids)
 
     @staticmethod
     def _find_stop(state: RequestState, old_len: int) -> str | None:

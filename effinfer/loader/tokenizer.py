@@ -46,20 +46,29 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            template_vars: dict | None = None) -> str:
         """Render the model's Jinja chat template the way transformers does (same environment and globals);
-        `template_vars` are extra variables a template may read (e.g. a thinking switch)."""
+        `template_vars` are extra variables a template may read (tools, a thinking switch), never overriding
+        the messages or the special tokens. A template that fails on its input is a ValueError."""
         if not self.chat_template:
             raise ValueError("this model has no chat template (it is probably a base model); "
                              "send a plain prompt instead of chat messages")
         _check_messages(messages)
-        template = _jinja_env().from_string(self.chat_template)
-        return template.render({**template_vars, "messages": messages, "add_generation_prompt": add_generation_prompt,
-                                "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
+        import jinja2
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> list[int]:
+        template = _jinja_env().from_string(self.chat_template)
+        try:
+            return template.render({**(template_vars or {}), "messages": messages,
+                                    "add_generation_prompt": add_generation_prompt,
+                                    "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
+        except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"the chat template could not render these messages: {exc}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    template_vars: dict | None = None) -> list[int]:
         # the template writes the special tokens itself, so none are added on top
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **template_vars),
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, template_vars),
                            add_special_tokens=False)
 
     def encode_fim(self, prefix: str, suffix: str) -> list[int]:

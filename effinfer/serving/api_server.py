@@ -13,6 +13,8 @@ flight finish for `drain_timeout` seconds, then ends the rest with an error (str
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hmac
 import logging
 import uuid
@@ -29,13 +31,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from effinfer.decoding.grammar import check_grammar
 from effinfer.outputs import RequestOutput
 from effinfer.prompts import check_token_params, encode_prompt
-from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams
+from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputParams
 from effinfer.serving.async_engine import (EngineClient, EngineDeadError, EngineRequestError, ThreadEngine,
                                            check_failure_policy)
 from effinfer.serving.metrics import ServerMetrics
 from effinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError,
                                        SamplingRequest, TokenizeRequest, new_id, now)
 from effinfer.serving.responses import LogprobFormatter, chat_choice, completion_choice, sse, usage
+from effinfer.serving.tool_calls import ChatDeltas, forced_constraint, parser_for
 
 log = logging.getLogger("effinfer.serving")
 
@@ -128,6 +131,11 @@ class OpenAIServer:
             f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages, {max_tokens} in the completion). "
             "Please reduce the length of the messages or completion.", param="messages", code="context_length_exceeded")
 
+    @functools.cached_property
+    def tool_parser(self):
+        """The reader of the tool calls this model's chat template asks for (None: no known format)."""
+        return parser_for(self.tokenizer.chat_template)
+
     def check_fields(self, req: SamplingRequest) -> None:
         """400 naming the fields this server does not implement, and (unless lenient) the unknown ones."""
         unsupported = req.unsupported_fields()
@@ -142,7 +150,10 @@ class OpenAIServer:
                               code="unknown_parameter")
 
     def sampling_params(self, req: SamplingRequest, max_tokens: int, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> list[SamplingParams]:
+                        prompt_logprobs: int | None = None, forced: StructuredOutputParams | None = None
+                        ) -> list[SamplingParams]:
+        """The request's sampling parameters, one per sample; `forced`: the output constraint that tool_choice
+        "required" or a named function needs."""
         if req.n > self.config.max_n:
             raise OpenAIError(f"n={req.n} exceeds this server's limit of {self.config.max_n}", param="n")
         if logprobs is not None and logprobs > MAX_LOGPROBS:
@@ -152,11 +163,17 @@ class OpenAIServer:
             check_token_params(params, self.vocab_size)
         except ValueError as exc:
             raise OpenAIError(str(exc), param=str(exc).split("=")[0].split(" ")[0].rstrip(":")) from exc
+        if forced is not None:
+            if params.structured is not None:
+                raise OpenAIError(f"{_constraint_field(req)}: give one output constraint; tool_choice "
+                                  f"{req.tool_choice!r} already constrains the answer", param="tool_choice")
+            params = dataclasses.replace(params, structured=forced)
         if params.structured is not None:
             try:
                 check_grammar(params.structured)
             except ValueError as exc:
-                raise OpenAIError(str(exc), param=_constraint_field(req), code="invalid_structured_output") from exc
+                field = "tools" if forced is not None else _constraint_field(req)
+                raise OpenAIError(str(exc), param=field, code="invalid_structured_output") from exc
         return [params.for_sample(k) for k in range(req.n)]
 
     def admit(self, num_sequences: int) -> "Admission":
@@ -354,15 +371,32 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
     server.check_model(req.model)
     server.check_fields(req)
     try:
+        tools, tool_choice = req.tool_settings()
+    except ValueError as exc:
+        raise OpenAIError(str(exc), param="tool_choice") from exc
+    parser = server.tool_parser if tool_choice == "auto" else None
+    if tool_choice == "auto" and parser is None:
+        raise OpenAIError("this model's chat template writes no tool calls that this server can read; use "
+                          "tool_choice 'required' or a named function", param="tools", code="unsupported_parameter")
+    template_vars = {**(req.chat_template_kwargs or {}), **({"tools": tools} if tool_choice != "none" else {})}
+    try:
         for i, message in enumerate(req.messages):
             message.check(i)
         prompt_ids = server.tokenizer.encode_chat([m.as_template_input() for m in req.messages],
-                                                  req.add_generation_prompt, **(req.chat_template_kwargs or {}))
+                                                  req.add_generation_prompt, template_vars)
     except ValueError as exc:
         raise OpenAIError(str(exc), param="messages") from exc
     max_tokens = server.check_lengths(len(prompt_ids), req.max_completion_tokens or req.max_tokens)
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = server.sampling_params(req, max_tokens, top)
+    parallel = req.parallel_tool_calls is not False
+    forced = forced_constraint(tools, tool_choice, parallel) if tools else None
+    params = server.sampling_params(req, max_tokens, top, forced=forced)
+    if parser is not None:   # the call tags are special tokens in some vocabularies (Qwen2.5's <tool_call>)
+        params = [dataclasses.replace(p, skip_special_tokens=False) for p in params]
+
+    def deltas() -> ChatDeltas:
+        names = [t["function"]["name"] for t in tools or []]
+        return ChatDeltas(tool_choice if tools else None, parser(names) if parser else None, parallel)
 
     async def respond():
         rid, created = req.request_id or new_id("chatcmpl"), now()
@@ -370,10 +404,15 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
         head = {"id": rid, "created": created, "model": server.model_name}
         if req.stream:
             return _sse_response(_chat_chunks(server, req, stream, {**head, "object": "chat.completion.chunk"},
-                                              len(prompt_ids)))
+                                              len(prompt_ids), deltas))
         finals = await server.collect(request, stream)
-        choices = [chat_choice(i, o, server.logprobs.chat(o.token_ids, o.logprobs) if req.logprobs else None)
-                   for i, o in sorted(finals.items())]
+        choices = []
+        for i, out in sorted(finals.items()):
+            text = deltas()
+            choice = chat_choice(i, out, server.logprobs.chat(out.token_ids, out.logprobs) if req.logprobs else None)
+            choice["message"] = text.message(out.text)
+            choice["finish_reason"] = text.finish_reason(out.finish_reason)
+            choices.append(choice)
         num_completion = sum(len(o.token_ids) for o in finals.values())
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": usage(len(prompt_ids), num_completion)}
@@ -381,26 +420,30 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
     return await server.respond_admitted(req.n, respond)
 
 
-async def _chat_chunks(server, req, stream, head, num_prompt) -> AsyncIterator[str]:
+async def _chat_chunks(server, req, stream, head, num_prompt, make_deltas) -> AsyncIterator[str]:
     extra = {"usage": None} if req.include_usage else {}
-    started: set[int] = set()
+    texts: dict[int, ChatDeltas] = {}
     num_completion = 0
+
+    def chunk(index, delta, logprobs=None, finish_reason=None, **more):
+        return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish_reason, **more}], **extra})
+
     async for index, out in stream:
-        if index not in started:
-            started.add(index)
-            delta = {"role": "assistant", "content": ""}
-            yield sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
-                       **extra})
+        if index not in texts:
+            texts[index] = make_deltas()
+            yield chunk(index, {"role": "assistant", "content": ""})
+        text = texts[index]
         num_completion += len(out.new_token_ids)
         new_lps = (out.logprobs or [])[len(out.token_ids) - len(out.new_token_ids):]
         logprobs = server.logprobs.chat(out.new_token_ids, new_lps) if req.logprobs else None
-        if out.new_text or logprobs and logprobs["content"]:
-            yield sse({**head, "choices": [{"index": index, "delta": {"content": out.new_text},
-                                            "logprobs": logprobs, "finish_reason": None}], **extra})
+        deltas = text.feed(out.new_text) + (text.finish() if out.finished else [])
+        if logprobs and logprobs["content"] and not deltas:
+            deltas = [{"content": ""}]
+        for k, delta in enumerate(deltas):
+            yield chunk(index, delta, logprobs if k == 0 else None)
         if out.finished:
-            yield sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}],
-                       **extra})
+            yield chunk(index, {}, finish_reason=text.finish_reason(out.finish_reason), stop_reason=out.stop_reason)
     if req.include_usage:
         yield sse({**head, "choices": [], "usage": usage(num_prompt, num_completion)})
 

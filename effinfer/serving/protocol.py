@@ -208,6 +208,18 @@ def _token_biases(bias: dict[str, float] | None) -> dict[int, float] | None:
         raise ValueError(f"logit_bias={bias!r} is invalid: expected token ids (integers) as keys") from None
 
 
+def _arguments_as_object(call: dict) -> dict:
+    """OpenAI sends a call's arguments as JSON text; chat templates write them with `tojson`, so they get the
+    object (else the model would see them quoted twice)."""
+    function = call.get("function")
+    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+        try:
+            return {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+        except json.JSONDecodeError:
+            pass
+    return call
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -246,14 +258,41 @@ class ChatMessage(BaseModel):
         if isinstance(content, list):
             content = "".join(part["text"] for part in content)
         message = {"role": self.role, "content": content or ""}
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
+        if self.tool_calls is not None:
+            message["tool_calls"] = [_arguments_as_object(call) for call in self.tool_calls]
         return message
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments."""
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Default: "auto" with tools, "none" without."""
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
@@ -264,6 +303,24 @@ class ChatCompletionRequest(SamplingRequest):
     def unknown_fields(self) -> list[str]:
         return super().unknown_fields() + [f"messages.{i}.{key}" for i, m in enumerate(self.messages)
                                            for key in sorted(m.model_extra or {})]
+
+    def unsupported_fields(self) -> list[tuple[str, str]]:
+        return [(name, feature) for name, feature in super().unsupported_fields()
+                if name not in ("tools", "tool_choice")]
+
+    def tool_settings(self) -> tuple[list[dict] | None, str | dict]:
+        """(the tools as plain dicts, or None; the effective tool_choice: "none", "auto", "required" or the named
+        choice as a dict). ValueError for a tool_choice without tools or naming a function not among them."""
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+        choice = self.tool_choice or ("auto" if tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.model_dump()
+            if not any(t["function"]["name"] == choice["function"]["name"] for t in tools or []):
+                raise ValueError(f"tool_choice names the function {choice['function']['name']!r}, which is not "
+                                 "among the tools")
+        elif choice == "required" and not tools:
+            raise ValueError("tool_choice 'required' needs tools")
+        return tools, choice
 
 
 class TokenizeRequest(BaseModel):
