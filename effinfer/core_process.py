@@ -53,6 +53,8 @@ class EngineInfo:
     """One line: what runs (weights, kernel, compiled or not) and why; printed at start-up."""
     settings: dict[str, str] = field(default_factory=dict)
     """The resolved choices (quantization, compile, dtype, KV cache dtype): `effinfer:engine_info` in /metrics."""
+    hidden_size: int = 0
+    """The width of the model's hidden states: the length of its embeddings."""
 
 
 # ---- messages ----------------------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def engine_info(engine) -> EngineInfo:
                 "speculative_method": config.spec.speculative_method or "none"}
     return EngineInfo(config.model.model, engine.max_model_len, engine.loaded.config.vocab_size,
                       config.spec.speculative_method, list(early_exit.heads.layers) if early_exit else [],
-                      engine.summary, settings)
+                      engine.summary, settings, engine.loaded.config.hidden_size)
 
 
 # ---- starting and stopping a core (both clients) ------------------------------------------------------

@@ -78,6 +78,14 @@ class LLM:
             raise
         return [GenerationResult(prompt_ids, [finals[i] for i in group]) for prompt_ids, group in zip(encoded, ids)]
 
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling: str = "mean", use_tqdm: bool = False
+              ) -> list[list[float]]:
+        """One L2-normalised vector per prompt: the final hidden states of its tokens pooled ("mean" or "last"),
+        in prompt order. Embedding requests batch with everything else the engine runs."""
+        prompts = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        results = self.generate(prompts, SamplingParams(max_tokens=1, pooling=pooling), use_tqdm=use_tqdm)
+        return [r.outputs[0].embedding for r in results]
+
     def score(self, prompt: Prompt) -> "torch.Tensor":
         """[num_tokens, vocab] log-probabilities of the next token after each prompt position (evaluation)."""
         return score(self._in_process("score()"), self.engine.encode_prompt(prompt))

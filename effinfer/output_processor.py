@@ -126,4 +126,4 @@ class OutputProcessor:
             core.request_id, state.prompt_ids, list(state.token_ids), state.text[:visible], new_ids, new_text,
             list(state.logprobs) if state.params.logprobs is not None else None, finished,
             finish_reason if finished else None, stop_reason if finished else None, metrics,
-            state.prompt_logprobs if state.params.prompt_logprobs is not None else None)
+            state.prompt_logprobs if state.params.prompt_logprobs is not None else None, core.embedding)

@@ -41,6 +41,8 @@ class CoreOutput:
     num_preemptions: int = 0
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """With the request's first output (its whole prompt is computed by then), when it asked for them."""
+    embedding: list[float] | None = None
+    """An embedding request's pooled vector, with its final output."""
 
 
 @dataclass
@@ -63,6 +65,8 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """Per prompt token (None for the first), when the request asked for them."""
+    embedding: list[float] | None = None
+    """An embedding request's pooled, L2-normalised vector (`SamplingParams.pooling`), once finished."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+POOLING = (None, "mean", "last")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class SamplingParams:
     end the request before then."""
     logit_bias: dict[int, float] | None = None
     """Added to the logits of these token ids before sampling (OpenAI's -100..100; -100 bans a token)."""
+    pooling: str | None = None
+    """Embed instead of generate: the prompt's final hidden states pooled ("mean" over its tokens, or the
+    "last" token's), L2-normalised, in `RequestOutput.embedding`; no token is generated."""
     structured: StructuredOutputParams | None = None
     """Constrain the output to a JSON schema, JSON object, regex, choice or grammar (`decoding.grammar`)."""
     bad_words: list[str] = field(default_factory=list)
@@ -113,6 +117,7 @@ class SamplingParams:
                "logit_bias", self.logit_bias, "token ids >= 0 mapped to biases in [-100, 100]")
         _check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words", self.bad_words,
                "non-empty strings")
+        _check(self.pooling in POOLING, "pooling", self.pooling, f"one of {POOLING}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
 
     def for_sample(self, k: int) -> "SamplingParams":

@@ -144,19 +144,26 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         sampled, logprobs = self.execute(scheduled) if not scheduled.is_empty else ({}, {})
         updated = self.scheduler.update(scheduled, sampled)
-        return self._core_outputs(updated, scheduled.finished, logprobs)
+        embedded = [r for r in scheduled.requests if r.embedding is not None and not r.is_finished]
+        for request in embedded:   # an embedding request ends when its prompt has run
+            self.scheduler.finish(request, FinishReason.STOP)
+        return self._core_outputs(updated, scheduled.finished + embedded, logprobs)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> tuple[dict[str, int], dict]:
         """Run the model on the step's packed tokens and sample for requests that reach their end."""
         seqs = [self._scheduled_seq(r, scheduled.num_new_tokens[r.request_id]) for r in scheduled.requests]
-        if self.early_exit is not None and len(seqs) <= self.config.exit.early_exit_max_batch:
+        pooling = any(seq.pooling for seq in seqs)
+        if self.early_exit is not None and len(seqs) <= self.config.exit.early_exit_max_batch and not pooling:
             for request, seq in zip(scheduled.requests, seqs):
                 if seq.is_one_token_decode:
                     seq.exit_threshold = request.exit_threshold
         sampling = [r for r, seq in zip(scheduled.requests, seqs) if seq.needs_logits and not seq.num_spec]
         masks = self.structured.masks_async(sampling) if self.structured is not None else None
-        logits = self.runner.execute(seqs)
+        pooled: dict[int, torch.Tensor] = {}
+        logits = self.runner.execute(seqs, pooled if pooling else None)
+        for i, vector in pooled.items():
+            _pool_into(scheduled.requests[i], seqs[i], vector)
         sample_rows, verifying, row = [], [], 0
         for request, seq in zip(scheduled.requests, seqs):
             num_rows = self.runner.num_logit_rows(seq)
@@ -191,7 +198,9 @@ class LLMEngine:
         completes = start + num_new - num_spec == request.num_tokens
         in_prompt = request.params.prompt_logprobs is not None and start < len(request.prompt_ids)
         tokens = request.token_slice(start, start + num_new - num_spec) + request.spec_ids
-        return ScheduledSeq(tokens, start, request.block_ids, completes, in_prompt, num_spec)
+        pooling = request.params.pooling
+        return ScheduledSeq(tokens, start, request.block_ids, completes and pooling is None, in_prompt, num_spec,
+                            pooling=pooling)
 
     def _core_outputs(self, updated: list[Request], ended: list[Request], logprobs: dict) -> list[CoreOutput]:
         """`updated` got tokens this step; `ended` were finished by the scheduler without one."""
@@ -207,12 +216,24 @@ class LLMEngine:
                 request.request_id, new_ids, new_logprobs[:len(new_ids)] if new_logprobs else None, finished,
                 request.finish_reason.value if finished else None, request.stop_reason if finished else None,
                 max(request.num_cached_tokens, 0), request.first_scheduled_time, request.num_preemptions,
-                prompt_logprobs))
+                prompt_logprobs, request.embedding if finished else None))
             if finished:
                 self.requests.pop(request.request_id, None)
                 if self.speculator is not None:
                     self.speculator.release(request.request_id)
         return outputs
+
+
+def _pool_into(request: Request, seq: ScheduledSeq, vector: torch.Tensor) -> None:
+    """Add a prompt chunk's pooled hidden state; after the last chunk, the request's embedding. A chunk from
+    position 0 starts over (a preempted request recomputes its prompt)."""
+    if seq.num_computed == 0 or request.pooled is None or request.params.pooling == "last":
+        request.pooled = vector
+    else:
+        request.pooled = request.pooled + vector
+    if seq.num_computed + len(seq.token_ids) == len(request.prompt_ids):
+        total = request.pooled / len(request.prompt_ids) if request.params.pooling == "mean" else request.pooled
+        request.embedding = torch.nn.functional.normalize(total, dim=0).tolist()
 
 
 def _record_prompt_logprobs(request: Request, start: int, logits: torch.Tensor) -> None:

@@ -30,6 +30,8 @@ class ScheduledSeq:
     """Draft tokens at the end of `token_ids`: their positions need logits too (verification)."""
     exit_threshold: float | None = None
     """A decode token may exit early when an exit head's confidence exceeds this (None: runs every layer)."""
+    pooling: str | None = None
+    """Embedding requests: pool the final hidden states of these tokens ("mean": their sum; "last": the last)."""
 
     @property
     def is_one_token_decode(self) -> bool:
@@ -55,10 +57,15 @@ class ModelRunner:
         (`AttentionMetadata.kv_bindings`): a side model's."""
 
     @torch.inference_mode()
-    def execute(self, seqs: list[ScheduledSeq]) -> torch.Tensor:
+    def execute(self, seqs: list[ScheduledSeq], pooled: dict | None = None) -> torch.Tensor:
         """-> fp32 logits [num_logit_rows, vocab]: per sequence in order, all its rows if `all_logits`,
-        else its last `num_spec + 1` rows if `needs_logits`, else none."""
+        else its last `num_spec + 1` rows if `needs_logits`, else none. Sequences with `pooling` put their
+        pooled final hidden state (fp32) in `pooled`, by their index in `seqs`."""
         input_ids, positions, meta, logit_rows = self.prepare(seqs)
+        if pooled is not None and any(seq.pooling for seq in seqs):
+            hidden = self.model(input_ids, positions, meta)
+            _pool(hidden, seqs, meta.query_start_loc, pooled)
+            return self.model.compute_logits(hidden[logit_rows])
         if self.early_exit is not None and any(seq.exit_threshold is not None for seq in seqs):
             return self.early_exit.forward(input_ids, positions, meta, seqs, logit_rows)
         if self.compiled_forward is not None and len(seqs) <= COMPILED_MAX_BATCH and all(map(_plain_decode, seqs)):
@@ -94,6 +101,15 @@ class ModelRunner:
         num_blocks = -(-seq_len // self.block_size)
         assert len(block_table) >= num_blocks, "scheduler must allocate blocks before the step"
         return torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
+
+
+def _pool(hidden: torch.Tensor, seqs: list[ScheduledSeq], starts: list[int], pooled: dict) -> None:
+    for i, seq in enumerate(seqs):
+        rows = hidden[starts[i]:starts[i + 1]].float()
+        if seq.pooling == "mean":
+            pooled[i] = rows.sum(dim=0)
+        elif seq.pooling == "last":
+            pooled[i] = rows[-1]
 
 
 def _plain_decode(seq: ScheduledSeq) -> bool:

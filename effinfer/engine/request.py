@@ -58,6 +58,10 @@ class Request:
     """Early exit: the confidence its decode tokens need to leave the model early (None: never)."""
     bad_words_ids: list[list[int]] = field(default_factory=list)
     """`params.bad_words` as token sequences (with and without a leading space)."""
+    pooled: torch.Tensor | None = None
+    """Embedding requests: the sum (mean pooling) or last (last pooling) of the final hidden states so far."""
+    embedding: list[float] | None = None
+    """Embedding requests: the pooled, normalised vector once the whole prompt has run."""
     matcher: object | None = None
     """Structured output: the llguidance matcher of `params.structured` (`decoding.structured`)."""
     grammar_end: int | None = None

@@ -109,8 +109,9 @@ class Scheduler:
         self.waiting.sort(key=Request.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            wants_prompt_logprobs = request.params.prompt_logprobs is not None
-            cached = [] if wants_prompt_logprobs else self.block_manager.find_cached_prefix(request)
+            # prompt logprobs and pooled embeddings need every prompt position computed: no cached prefix
+            whole_prompt = request.params.prompt_logprobs is not None or request.params.pooling is not None
+            cached = [] if whole_prompt else self.block_manager.find_cached_prefix(request)
             num_cached = len(cached) * self.block_manager.block_size
             num_new = request.num_tokens - num_cached
             if num_new > budget and not self.enable_chunked_prefill:

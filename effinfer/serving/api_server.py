@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server (FastAPI) in front of an engine client (`serving.async_engine`).
 
-Routes: POST /v1/completions, POST /v1/chat/completions (streaming and not), GET /v1/models,
+Routes: POST /v1/completions, POST /v1/chat/completions (streaming and not), POST /v1/embeddings, GET /v1/models,
 GET /health, GET /metrics, POST /tokenize, POST /detokenize, GET / (a small chat page).
 Every bad input gets an OpenAI error object with a 4xx status; internal errors a 500 without a
 traceback. Limits on body size, prompt length, max_tokens, n and requests in flight keep one client
@@ -13,10 +13,12 @@ flight finish for `drain_timeout` seconds, then ends the rest with an error (str
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import functools
 import hmac
 import logging
+import struct
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,7 +37,8 @@ from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOut
 from effinfer.serving.async_engine import (EngineClient, EngineDeadError, EngineRequestError, ThreadEngine,
                                            check_failure_policy)
 from effinfer.serving.metrics import ServerMetrics
-from effinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError,
+from effinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                                       OpenAIError,
                                        SamplingRequest, TokenizeRequest, new_id, now)
 from effinfer.serving.responses import LogprobFormatter, chat_choice, completion_choice, sse, usage
 from effinfer.serving.tool_calls import ChatDeltas, forced_constraint, parser_for
@@ -95,13 +98,13 @@ class OpenAIServer:
             raise OpenAIError(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                               404, param="model", code="model_not_found")
 
-    def encode(self, prompt) -> list[int]:
+    def encode(self, prompt, param: str = "prompt") -> list[int]:
         try:
             ids = encode_prompt(self.tokenizer, self.vocab_size, prompt)
         except (ValueError, TypeError) as exc:
-            raise OpenAIError(str(exc), param="prompt") from exc
+            raise OpenAIError(str(exc), param=param) from exc
         if not ids:
-            raise OpenAIError("the prompt is empty (it encodes to no tokens)", param="prompt")
+            raise OpenAIError(f"the {param} is empty (it encodes to no tokens)", param=param)
         return ids
 
     def encode_fim(self, prompt, suffix: str) -> list[int]:
@@ -322,12 +325,12 @@ async def create_completion(server: OpenAIServer, req: CompletionRequest, reques
     return await server.respond_admitted(len(prompts) * req.n, respond)
 
 
-def _completion_prompts(prompt) -> list:
+def _completion_prompts(prompt, param: str = "prompt") -> list:
     """OpenAI's four prompt shapes -> a list of prompts (strings or token-id lists)."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return [prompt]
     if not prompt:
-        raise OpenAIError("prompt must not be empty", param="prompt")
+        raise OpenAIError(f"{param} must not be empty", param=param)
     return list(prompt)
 
 
@@ -366,10 +369,41 @@ async def _completion_chunks(server, req, stream, head, prompts, echo_text) -> A
         yield sse({**head, "choices": [], "usage": usage(sum(map(len, prompts)), num_completion)})
 
 
-# ---- /v1/chat/completions ------------------------------------------------------------------------
-async def create_chat_completion(server: OpenAIServer, req: ChatCompletionRequest, request: Request):
+# ---- /v1/embeddings ------------------------------------------------------------------------------
+async def create_embeddings(server: OpenAIServer, req: EmbeddingRequest, request: Request):
     server.check_model(req.model)
-    server.check_fields(req)
+    unknown = req.unknown_fields()
+    if unknown and server.config.strict_fields:
+        raise OpenAIError(f"unknown fields: {', '.join(unknown)}", param=unknown[0], code="unknown_parameter")
+    width = server.async_engine.info.hidden_size
+    if req.dimensions is not None and req.dimensions != width:
+        raise OpenAIError(f"this model's embeddings have {width} dimensions and it was not trained for shorter "
+                          "ones; leave out dimensions", param="dimensions")
+    prompts = [server.encode(p, "input") for p in _completion_prompts(req.input, "input")]
+    for ids in prompts:
+        server.check_lengths(len(ids), 1)
+    params = [SamplingParams(max_tokens=1, pooling=req.pooling)]
+
+    async def respond():
+        finals = await server.collect(request, server.run_prompts(prompts, params, new_id("embd"), req.priority))
+        data = [{"object": "embedding", "index": i, "embedding": _encoded(finals[i].embedding, req.encoding_format)}
+                for i in range(len(prompts))]
+        num_prompt = sum(map(len, prompts))
+        return {"object": "list", "data": data, "model": server.model_name,
+                "usage": {"prompt_tokens": num_prompt, "total_tokens": num_prompt}}
+
+    return await server.respond_admitted(len(prompts), respond)
+
+
+def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+# ---- /v1/chat/completions ------------------------------------------------------------------------
+def _tool_settings(server: OpenAIServer, req: ChatCompletionRequest):
+    """(tools, effective tool_choice, the parser class of the model's call format for "auto", or None)."""
     try:
         tools, tool_choice = req.tool_settings()
     except ValueError as exc:
@@ -378,6 +412,13 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
     if tool_choice == "auto" and parser is None:
         raise OpenAIError("this model's chat template writes no tool calls that this server can read; use "
                           "tool_choice 'required' or a named function", param="tools", code="unsupported_parameter")
+    return tools, tool_choice, parser
+
+
+async def create_chat_completion(server: OpenAIServer, req: ChatCompletionRequest, request: Request):
+    server.check_model(req.model)
+    server.check_fields(req)
+    tools, tool_choice, parser = _tool_settings(server, req)
     template_vars = {**(req.chat_template_kwargs or {}), **({"tools": tools} if tool_choice != "none" else {})}
     try:
         for i, message in enumerate(req.messages):
@@ -510,6 +551,10 @@ def build_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         return await create_chat_completion(server, req, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        return await create_embeddings(server, req, request)
 
     @app.get("/v1/models")
     async def models(request: Request):

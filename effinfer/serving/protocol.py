@@ -323,6 +323,24 @@ class ChatCompletionRequest(SamplingRequest):
         return tools, choice
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    """base64: the little-endian float32 bytes (what the OpenAI SDK asks for by default)."""
+    dimensions: int | None = Field(default=None, ge=1)
+    """Only the model's own width: these models were not trained for shorter embeddings."""
+    user: str | None = None
+    pooling: Literal["mean", "last"] = "mean"
+    """effinfer extra: mean of the prompt's final hidden states, or the last token's."""
+    priority: int = 0
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None

@@ -216,9 +216,9 @@ def test_a_burst_of_streams_gets_exactly_the_rest_as_503(live, monkeypatch):
     monkeypatch.setattr(server.config, "max_requests_in_flight", 64)
     runner, execute = live.engine.runner, live.engine.runner.execute
 
-    def slow_execute(seqs):
+    def slow_execute(*args):
         time.sleep(0.02)   # keeps the admitted streams running while the burst arrives
-        return execute(seqs)
+        return execute(*args)
 
     monkeypatch.setattr(runner, "execute", slow_execute)
     body = {**CHAT, "max_tokens": 900, "ignore_eos": True, "stream": True}

@@ -104,11 +104,11 @@ def test_internal_error_fails_one_request_and_server_lives(live, monkeypatch):
     original = runner.execute
     calls = {"n": 0}
 
-    def flaky(seqs):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated kernel failure")
-        return original(seqs)
+        return original(*args)
 
     monkeypatch.setattr(runner, "execute", flaky)
     error = assert_error(post(live, "/v1/chat/completions", CHAT), 500)

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the live server from its own OpenAPI schema (schemathesis on hypothesis): 2,000
+"""Property-based fuzzing of the live server from its own OpenAPI schema (schemathesis on hypothesis): 2,160
 generated requests, valid and deliberately invalid, get no 5xx and no hang; every error is an OpenAI error
 object; afterwards the engine holds no request and no block. A tiny random-weight model with a short context
 keeps each generation short."""
@@ -14,9 +14,9 @@ schemathesis = pytest.importorskip("schemathesis", reason="the test extra (schem
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-# examples per operation and generation mode: 2 x (420 + 420 + 80 + 80) = 2,000 requests
+# examples per operation and generation mode: 2 x (420 + 420 + 80 + 80 + 80) = 2,160 requests
 EXAMPLES = {"POST /v1/completions": 420, "POST /v1/chat/completions": 420, "POST /tokenize": 80,
-            "POST /detokenize": 80}
+            "POST /detokenize": 80, "POST /v1/embeddings": 80}
 TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}" \
            "assistant{% endif %}"
 
@@ -43,7 +43,7 @@ def fuzz_server(tmp_path_factory):
 BOUNDS = {"temperature": (0, 2), "top_p": (0.01, 1), "min_p": (0, 1), "presence_penalty": (-2, 2),
           "frequency_penalty": (-2, 2), "repetition_penalty": (0.5, 2), "top_k": (-1, 50), "max_tokens": (1, 8),
           "max_completion_tokens": (1, 8), "n": (1, 4), "best_of": (1, 1), "logprobs": (0, 5),
-          "top_logprobs": (0, 5), "min_tokens": (0, 1), "early_exit_threshold": None}
+          "top_logprobs": (0, 5), "min_tokens": (0, 1), "early_exit_threshold": None, "dimensions": None}
 UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "audio", "modalities", "prediction",
                "web_search_options", "response_format", "suffix"}
 
