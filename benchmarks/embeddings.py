@@ -34,7 +34,7 @@ def main() -> int:
     clean = tree_is_clean(ROOT)
     model = args.model or str(catalog.pull(catalog.DEFAULT_MODEL))
     llm = LLM(model, max_num_seqs=args.batch)
-    requests = sharegpt_requests(llm.tokenizer, args.num_prompts, seed=0, output_len=1,
+    requests = sharegpt_requests(llm.tokenizer, args.num_prompts, seed=0, output_len=4,   # (unused here)
                                  max_prompt_len=args.max_prompt_len)
     texts = [r.prompt for r in requests]
     num_tokens = sum(r.prompt_len for r in requests)
