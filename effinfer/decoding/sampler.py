@@ -43,9 +43,13 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        # logits [num_rows, vocab] fp32
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow], constrain=None) -> SamplerOutput:
+        """`logits` [num_rows, vocab] fp32; `constrain(logits)`, if given, masks a copy in place (structured
+        output) before sampling, while logprobs stay those of the raw distribution."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+        if constrain is not None:
+            logits = logits.clone()
+            constrain(logits)
         token_ids = self.sample(logits, rows)
         return SamplerOutput(token_ids.tolist(), gather_logprobs(raw_logprobs, token_ids, rows))
 
@@ -72,7 +76,15 @@ def final_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 
 def _penalized(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    return adjust_logits(logits.clone(), rows) if any(r.params.adjusts_logits for r in rows) else logits
+    if not any(r.params.adjusts_logits for r in rows):
+        return logits
+    adjusted = adjust_logits(logits.clone(), rows)
+    # bans that rule out every token a grammar allows would leave nothing to sample: such a row keeps the
+    # grammar's choice alone
+    emptied = torch.isneginf(adjusted).all(dim=-1)
+    if bool(emptied.any()):
+        adjusted[emptied] = logits[emptied]
+    return adjusted
 
 
 def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -24,7 +24,6 @@ class StructuredOutputs:
                                                 eos_token=tokenizer.eos_token_ids)
         self.vocab_size = vocab_size
         self.num_words = (vocab_size + 31) // 32
-        self.bits = torch.arange(32, dtype=torch.int32)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="effinfer-grammar")
 
     def start(self, request) -> None:
@@ -54,8 +53,10 @@ class StructuredOutputs:
         matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
 
     def apply(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
-        """In place: -inf wherever a row's mask bit is 0."""
-        allowed = ((masks.unsqueeze(-1) >> self.bits) & 1).view(masks.shape[0], -1)[:, :logits.shape[-1]]
+        """In place: -inf wherever a row's mask bit is 0 (the masks, made on the CPU, move to the logits' device)."""
+        masks = masks.to(logits.device, non_blocking=True)
+        bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((masks.unsqueeze(-1) >> bits) & 1).view(masks.shape[0], -1)[:, :logits.shape[-1]]
         logits.masked_fill_(allowed == 0, float("-inf"))
 
     def accept(self, request, tokens: list[int]) -> None:
@@ -82,6 +83,3 @@ class StructuredOutputs:
                 consumed += 1
         matcher.rollback(consumed)
         return masks
-
-    def close(self) -> None:
-        self.worker.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import itertools
 
 import torch
@@ -161,7 +163,11 @@ class LLMEngine:
         sampling = [r for r, seq in zip(scheduled.requests, seqs) if seq.needs_logits and not seq.num_spec]
         masks = self.structured.masks_async(sampling) if self.structured is not None else None
         pooled: dict[int, torch.Tensor] = {}
-        logits = self.runner.execute(seqs, pooled if pooling else None)
+        try:
+            logits = self.runner.execute(seqs, pooled if pooling else None)
+        finally:   # the worker must be done with the matchers before anything else touches them
+            if masks is not None:
+                concurrent.futures.wait([masks])
         for i, vector in pooled.items():
             _pool_into(scheduled.requests[i], seqs[i], vector)
         sample_rows, verifying, row = [], [], 0
@@ -176,16 +182,17 @@ class LLMEngine:
             row += num_rows
         sampled, logprobs = {}, {}
         if sampling:
-            sample_logits = logits[sample_rows]
-            if masks is not None:
-                self.structured.apply(sample_logits, masks.result())
-            out = self.sampler(sample_logits, [SamplingRow.of(r) for r in sampling])
+            constrain = functools.partial(self.structured.apply, masks=masks.result()) if masks is not None else None
+            out = self.sampler(logits[sample_rows], [SamplingRow.of(r) for r in sampling], constrain)
             for request, token, lp in zip(sampling, out.token_ids, out.logprobs):
                 sampled[request.request_id], logprobs[request.request_id] = [token], [lp]
         for request, rows_logits in verifying:
+            constrain = None
             if request.matcher is not None:
-                self.structured.apply(rows_logits, self.structured.draft_masks(request, request.spec_ids))
-            sampled[request.request_id], logprobs[request.request_id] = self.speculator.verify(request, rows_logits)
+                masks_at = self.structured.draft_masks(request, request.spec_ids)
+                constrain = functools.partial(self.structured.apply, masks=masks_at)
+            sampled[request.request_id], logprobs[request.request_id] = self.speculator.verify(request, rows_logits,
+                                                                                               constrain)
         for request in scheduled.requests:
             if request.matcher is not None and request.request_id in sampled:
                 self.structured.accept(request, sampled[request.request_id])

@@ -184,6 +184,9 @@ class OpenAIServer:
         of streams cannot pass the in-flight limit before their engine requests start."""
         if self.draining:
             raise OpenAIError("the server is shutting down", 503, "server_error", code="server_shutting_down")
+        if num_sequences > self.config.max_requests_in_flight:   # would never fit: retrying cannot help
+            raise OpenAIError(f"this request has {num_sequences} sequences (prompts x n); the server runs at most "
+                              f"{self.config.max_requests_in_flight} at once: split it", code="too_many_sequences")
         if self.num_admitted + num_sequences > self.config.max_requests_in_flight:
             raise OpenAIError("the server is at capacity; retry shortly", 503, "server_overloaded",
                               code="server_overloaded", headers={"Retry-After": "1"})
@@ -381,7 +384,9 @@ async def create_embeddings(server: OpenAIServer, req: EmbeddingRequest, request
                           "ones; leave out dimensions", param="dimensions")
     prompts = [server.encode(p, "input") for p in _completion_prompts(req.input, "input")]
     for ids in prompts:
-        server.check_lengths(len(ids), 1)
+        if len(ids) >= server.max_model_len:
+            raise OpenAIError(f"an input has {len(ids)} tokens; this model's context holds {server.max_model_len - 1} "
+                              "for an embedding", param="input", code="context_length_exceeded")
     params = [SamplingParams(max_tokens=1, pooling=req.pooling)]
 
     async def respond():

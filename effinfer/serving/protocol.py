@@ -80,8 +80,6 @@ def _schema_text(fields: dict) -> dict:
     return fields
 
 
-# OpenAI fields that change nothing in the output: accepted and ignored
-IGNORED_FIELDS = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
 # OpenAI fields whose feature this server does not have: a 400 that names them (a null value passes)
 UNSUPPORTED_FIELDS = {
     "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
@@ -111,7 +109,7 @@ class SamplingRequest(BaseModel):
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
-    """Accepted; meaningful only with tools, which this server refuses."""
+    """False: at most one tool call per answer (chat with tools)."""
     logit_bias: dict[str, float] | None = None
     """Token id (as a string, as OpenAI sends it) -> bias in [-100, 100] added to its logit."""
     best_of: int | None = Field(default=None, ge=1)
@@ -142,7 +140,7 @@ class SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     min_tokens: int = 0
     bad_words: list[str] | None = None
-    priority: int = 0
+    priority: int = Field(default=0, ge=-2**31, le=2**31 - 1)
     """Lower is served first; under memory pressure the highest is preempted first."""
     request_id: str | None = Field(default=None, min_length=1, max_length=256)
     """The id the response carries (default: a fresh one)."""
@@ -313,13 +311,14 @@ class ChatCompletionRequest(SamplingRequest):
         choice as a dict). ValueError for a tool_choice without tools or naming a function not among them."""
         tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
         choice = self.tool_choice or ("auto" if tools else "none")
+        if not tools and choice != "none":
+            raise ValueError(f"tool_choice {self.tool_choice if isinstance(self.tool_choice, str) else 'function'!r} "
+                             "needs tools")
         if isinstance(choice, NamedToolChoice):
             choice = choice.model_dump()
-            if not any(t["function"]["name"] == choice["function"]["name"] for t in tools or []):
+            if not any(t["function"]["name"] == choice["function"]["name"] for t in tools):
                 raise ValueError(f"tool_choice names the function {choice['function']['name']!r}, which is not "
                                  "among the tools")
-        elif choice == "required" and not tools:
-            raise ValueError("tool_choice 'required' needs tools")
         return tools, choice
 
 
@@ -335,7 +334,7 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
     pooling: Literal["mean", "last"] = "mean"
     """effinfer extra: mean of the prompt's final hidden states, or the last token's."""
-    priority: int = 0
+    priority: int = Field(default=0, ge=-2**31, le=2**31 - 1)
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 
@@ -36,43 +35,23 @@ class ToolCall:
 
 class HermesParser:
     """Hermes-style calls (Qwen2.5, Hermes, many others): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
-    Small models often drop the tags: an answer that is, whole, one such JSON object naming a given tool is read
-    as that call too."""
+    Small models often drop the tags: an answer that is, whole, one such JSON object is read as that call too.
+    Only calls that name one of the request's tools count; anything else stays text."""
 
     start, end = "<tool_call>", "</tool_call>"
-    block = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
-    def __init__(self, tool_names: list[str] | None = None):
-        self.tool_names = set(tool_names or ())
-
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """-> (the text outside the calls, or None if there is none; the calls). A block that is not a call
-        (not JSON, no name) stays in the text."""
-        bare = self.bare_call(text)
-        if bare is not None:
-            return None, [bare]
-        calls, kept, last = [], [], 0
-        for match in self.block.finditer(text):
-            call = self.read_call(match.group(1))
-            if call is not None:
-                kept.append(text[last:match.start()])
-                last = match.end()
-                calls.append(call)
-        kept.append(text[last:])
-        content = "".join(kept).strip()
-        return (content or None), calls
+    def __init__(self, tool_names: list[str]):
+        self.tool_names = set(tool_names)
 
     def bare_call(self, text: str) -> ToolCall | None:
-        call = self.read_call(text.strip()) if text.strip().startswith("{") else None
-        return call if call is not None and call.name in self.tool_names else None
+        return self.read_call(text.strip()) if text.strip().startswith("{") else None
 
-    @staticmethod
-    def read_call(payload: str) -> ToolCall | None:
+    def read_call(self, payload: str) -> ToolCall | None:
         try:
             value = json.loads(payload)
         except json.JSONDecodeError:
             return None
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        if not isinstance(value, dict) or value.get("name") not in self.tool_names:
             return None
         arguments = value.get("arguments", value.get("parameters", {}))
         return ToolCall(value["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))

@@ -61,6 +61,27 @@ def test_each_kind_of_constraint_holds(llm, structured, check):
         assert result.outputs[0].finish_reason == "stop"
 
 
+def test_logprobs_under_a_constraint_are_those_of_the_raw_distribution(llm):
+    """The mask decides what is sampled, not what is reported: every logprob is finite, and the top ones are the
+    unconstrained model's (the constraint's tokens need not be among them)."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5,
+                            structured=StructuredOutputParams(regex=r"[0-9]{8}"))
+    constrained = llm.generate([ASK], params, use_tqdm=False)[0].outputs[0]
+    free = llm.generate([ASK], SamplingParams(max_tokens=1, temperature=0.0, logprobs=5), use_tqdm=False)[0].outputs[0]
+    assert all(lp.logprob > float("-inf") and all(v > float("-inf") for _, v in lp.top) for lp in constrained.logprobs)
+    assert constrained.logprobs[0].top == free.logprobs[0].top
+    assert constrained.logprobs[0].logprob < constrained.logprobs[0].top[0][1]    # a digit, not the model's first
+
+
+def test_bans_that_empty_the_grammar_leave_its_choice(llm):
+    assert all(len(llm.tokenizer.encode(w, add_special_tokens=False)) == 1 for w in ("yes", "no"))  # one-token words
+    for words, expected in ((["yes"], {"no"}), (["yes", "no"], {"yes", "no"})):
+        params = SamplingParams(max_tokens=8, temperature=0.0, bad_words=words,
+                                structured=StructuredOutputParams(choice=["yes", "no"]))
+        result = llm.generate([ASK], params, use_tqdm=False)[0]
+        assert result.text in expected and result.outputs[0].finish_reason == "stop"
+
+
 def test_ignore_eos_still_stops_at_the_end_of_the_grammar(llm):
     params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True,
                             structured=StructuredOutputParams(choice=["alpha", "beta"]))

@@ -76,6 +76,16 @@ def test_unsupported_openai_fields_are_refused_by_name(live, path, field, value)
     assert "not supported" in error["message"]
 
 
+@pytest.mark.parametrize("path, body, param_or_code", [
+    ("/v1/completions", {**PROMPT, "prompt": ["a"] * 13, "n": 8}, "too_many_sequences"),   # 104 > 96 ever
+    ("/v1/chat/completions", {**CHAT, "priority": 2**70}, "priority"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice"),
+])
+def test_requests_that_could_never_run_are_400(live, path, body, param_or_code):
+    error = error_of(post(live, path, body), 400)
+    assert param_or_code in (error["param"], error["code"])
+
+
 def test_models_reports_the_context_length(live):
     model = httpx.get(live.base_url + "/v1/models", headers=AUTH).json()["data"][0]
     assert model["max_model_len"] == 1024

@@ -50,7 +50,7 @@ def test_float_encoding_token_ids_and_last_pooling(live):
 @pytest.mark.parametrize("body, param", [
     ({"input": ""}, "input"), ({"input": []}, "input"), ({"input": "hi", "dimensions": 8}, "dimensions"),
     ({"input": "hi", "encoding_format": "hex"}, "encoding_format"), ({"input": "hi", "colour": 1}, "colour"),
-    ({"input": "word " * 1500}, "messages"),
+    ({"input": "word " * 1500}, "input"),
 ])
 def test_bad_embedding_requests_are_400(live, body, param):
     response = httpx.post(live.base_url + "/v1/embeddings", json={"model": "smol", **body}, headers=AUTH, timeout=60)
@@ -74,12 +74,17 @@ def test_embeddings_batch_with_generation(live):
     assert live.wait_idle()
 
 
-def test_llm_embed(smollm2_path):
+def test_llm_embed_in_prompt_chunks(smollm2_path):
+    """A prompt longer than the step's token budget runs in chunks; the pooled vector is the same."""
     from effinfer import LLM
 
-    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.05)
-    vectors = llm.embed(TEXTS)
-    assert len(vectors) == 3 and all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)
-    assert np.abs(np.array(vectors[2]) - reference(llm.engine, TEXTS[2])).max() < 1e-5
+    llm = LLM(str(smollm2_path), dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.05,
+              max_num_batched_tokens=16)
+    texts = TEXTS + [" ".join(TEXTS * 4)]
+    assert len(llm.engine.encode_prompt(texts[-1])) > 3 * 16
+    vectors = llm.embed(texts) + llm.embed(texts[-1:], pooling="last")
+    assert len(vectors) == 5 and all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)
+    for got, (text, pooling) in zip(vectors[2:], [(TEXTS[2], "mean"), (texts[3], "mean"), (texts[3], "last")]):
+        assert np.abs(np.array(got) - reference(llm.engine, text, pooling)).max() < 1e-5
     with pytest.raises(ValueError, match="pooling"):
         llm.embed(TEXTS, pooling="max")

@@ -38,3 +38,18 @@ def test_loglikelihoods_match_in_process_scores(live, in_process):
         served_greedy = all(lp == max(top.values()) for lp, top in zip(served, tops))
         expected_greedy = all(int(scores[p - 1].argmax()) == ids[p] for p in range(len(ctx), len(ids)))
         assert served_greedy == expected_greedy
+
+
+def test_chat_generation_matches_in_process(live, in_process):
+    """lm-eval's `local-chat-completions` generate_until request: messages, greedy, its stop sequences, a seed."""
+    from effinfer import SamplingParams
+
+    messages = [{"role": "user", "content": "Question: What is the capital of Italy?\nAnswer:"}]
+    payload = {"model": "smol", "messages": messages, "max_tokens": 32, "temperature": 0, "stop": ["\n\n"],
+               "seed": 1234}
+    response = httpx.post(live.base_url + "/v1/chat/completions", json=payload, timeout=120,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200, response.text
+    expected = in_process.generate([messages], SamplingParams(max_tokens=32, temperature=0.0, stop=["\n\n"]),
+                                   use_tqdm=False)[0].text
+    assert response.json()["choices"][0]["message"]["content"] == expected

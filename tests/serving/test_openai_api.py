@@ -64,7 +64,8 @@ def test_completion_stream_equals_non_stream(client):
 
 
 def test_token_id_prompt_and_batch_of_prompts(client, live):
-    ids = httpx.post(live.base_url + "/tokenize", json={"prompt": "The capital of France is"}, headers=AUTH).json()["tokens"]
+    ids = httpx.post(live.base_url + "/tokenize", json={"prompt": "The capital of France is"},
+                     headers=AUTH).json()["tokens"]
     by_ids = client.completions.create(model="smol", prompt=ids, **GREEDY).choices[0].text
     batch = client.completions.create(model="smol", prompt=["The capital of France is", "1, 2, 3,"], **GREEDY)
     assert [c.index for c in batch.choices] == [0, 1]

@@ -104,3 +104,20 @@ def test_none_and_bad_choices(qwen_client):
 def test_a_template_without_tool_calls_says_so(client):
     with pytest.raises(openai.BadRequestError, match="writes no tool calls"):
         client.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], max_tokens=4)
+
+
+def test_fill_in_the_middle_uses_the_models_fim_tokens(qwen_client):
+    """`suffix` on completions: Qwen2.5-Coder's <|fim_prefix|> ... <|fim_suffix|> ... <|fim_middle|> prompt."""
+    from effinfer.loader import catalog
+    from effinfer.loader.gguf import GGUFFile
+    from effinfer.loader.tokenizer import load_gguf_tokenizer
+
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(2, 3))\n"
+    path = catalog.pull("qwen2.5-coder-0.5b-instruct", show_progress=False)
+    tokenizer = load_gguf_tokenizer(path, GGUFFile(path).arch_config().eos_token_ids, catalog.cache_dir() / "tokenizers")
+    completion = qwen_client.completions.create(model="qwen", prompt=prefix, suffix=suffix, max_tokens=16,
+                                                temperature=0.0)
+    # the three FIM tokens around the prefix and the suffix, nothing else
+    expected = 3 + len(tokenizer.encode(prefix, False)) + len(tokenizer.encode(suffix, False))
+    assert completion.usage.prompt_tokens == expected
+    assert "return" in completion.choices[0].text and "a + b" in completion.choices[0].text

@@ -16,18 +16,26 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
          {"type": "function", "function": {"name": "get_time"}}]
 
 
+NAMES = ["get_weather", "get_time"]
+
+
+def hermes(names=NAMES):
+    return HermesParser(names)
+
+
 def test_hermes_calls_and_the_text_around_them():
-    content, calls = HermesParser().parse(TEXT)
-    assert content == "Let me check."
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
-                                                                   ("get_time", {"zone": "CET"})]
-    assert HermesParser().parse("no calls here") == ("no calls here", [])
-    assert HermesParser().parse("<tool_call>not json</tool_call>")[1] == []     # stays text
+    message = ChatDeltas("auto", hermes()).message(TEXT)
+    assert message["content"] == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    assert ChatDeltas("auto", hermes()).message("no calls here") == {"role": "assistant", "content": "no calls here"}
+    for not_a_call in ("<tool_call>not json</tool_call>", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'):
+        assert ChatDeltas("auto", hermes()).message(not_a_call) == {"role": "assistant", "content": not_a_call}
 
 
 @pytest.mark.parametrize("piece", [1, 2, 3, 7, 1000])
 def test_streamed_in_any_pieces_gives_the_same_calls(piece):
-    stream, content, calls = ToolCallStream(HermesParser()), "", []
+    stream, content, calls = ToolCallStream(hermes()), "", []
     for i in range(0, len(TEXT), piece):
         text, new = stream.feed(TEXT[i:i + piece])
         content, calls = content + text, calls + new
@@ -37,15 +45,16 @@ def test_streamed_in_any_pieces_gives_the_same_calls(piece):
 
 
 def test_a_partial_tag_is_held_back_then_released():
-    stream = ToolCallStream(HermesParser())
+    stream = ToolCallStream(hermes())
     assert stream.feed("a <tool") == ("a ", [])
     assert stream.feed("box> b") == ("<toolbox> b", [])
 
 
 def test_a_whole_answer_that_is_a_bare_call_to_a_given_tool():
     bare = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
-    assert HermesParser(["get_weather"]).parse(bare)[1][0].name == "get_weather"
-    assert HermesParser(["other"]).parse(bare) == (bare, [])                     # not a tool: text
+    assert ChatDeltas("auto", hermes(["get_weather"])).message(bare)["tool_calls"][0]["function"]["name"] == \
+        "get_weather"
+    assert ChatDeltas("auto", hermes(["other"])).message(bare)["content"] == bare      # not a tool: text
     for piece in (1, 5, 100):
         stream, content = ToolCallStream(HermesParser(["get_weather"])), ""
         for i in range(0, len(bare), piece):
@@ -58,10 +67,7 @@ def test_a_whole_answer_that_is_a_bare_call_to_a_given_tool():
 
 
 def test_deltas_of_auto_calls_and_single_call_mode():
-    message = ChatDeltas("auto", HermesParser()).message(TEXT)
-    assert message["content"] == "Let me check." and [c["function"]["name"] for c in message["tool_calls"]] == [
-        "get_weather", "get_time"]
-    single = ChatDeltas("auto", HermesParser(), parallel=False)
+    single = ChatDeltas("auto", hermes(), parallel=False)
     assert len(single.message(TEXT)["tool_calls"]) == 1 and single.finish_reason("stop") == "tool_calls"
     plain = ChatDeltas()
     assert plain.message(TEXT) == {"role": "assistant", "content": TEXT} and plain.finish_reason("stop") == "stop"

@@ -46,11 +46,16 @@ class Speculator:
         for request, drafts in zip(decoding, self.proposer.propose_batch(batch)):
             request.spec_ids = drafts
 
-    def verify(self, request, rows_logits: torch.Tensor) -> tuple[list[int], list]:
-        """-> (the accepted drafts plus one corrected or bonus token, their logprobs)."""
+    def verify(self, request, rows_logits: torch.Tensor, constrain=None) -> tuple[list[int], list]:
+        """-> (the accepted drafts plus one corrected or bonus token, their logprobs). `constrain(logits)` masks
+        a copy of the rows in place (structured output); logprobs stay those of the raw rows."""
         drafts = request.spec_ids
         contexts = [SamplingRow.of(request, request.output_ids + drafts[:j]) for j in range(len(drafts) + 1)]
-        tokens = verify(final_probs(rows_logits, contexts), drafts, request.generator)
+        masked = rows_logits
+        if constrain is not None:
+            masked = rows_logits.clone()
+            constrain(masked)
+        tokens = verify(final_probs(masked, contexts), drafts, request.generator)
         self.proposer.observe(request.request_id, request.num_tokens, drafts, rows_logits)
         accepted = len(tokens) - 1
         self.stats["draft_tokens"] += len(drafts)
