@@ -80,10 +80,10 @@ def _penalized(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         return logits
     adjusted = adjust_logits(logits.clone(), rows)
     # bans that rule out every token a grammar allows would leave nothing to sample: such a row keeps the
-    # grammar's choice alone
-    emptied = torch.isneginf(adjusted).all(dim=-1)
-    if bool(emptied.any()):
-        adjusted[emptied] = logits[emptied]
+    # grammar's choice alone (only constrained rows can be emptied so)
+    for i in (i for i, r in enumerate(rows) if r.params.structured is not None):
+        if bool(torch.isneginf(adjusted[i]).all()):
+            adjusted[i] = logits[i]
     return adjusted
 
 

@@ -22,7 +22,6 @@ class StructuredOutputs:
         self._llguidance = llguidance
         self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
                                                 eos_token=tokenizer.eos_token_ids)
-        self.vocab_size = vocab_size
         self.num_words = (vocab_size + 31) // 32
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="effinfer-grammar")
 
