@@ -38,8 +38,7 @@ from effinfer.serving.async_engine import (EngineClient, EngineDeadError, Engine
                                            check_failure_policy)
 from effinfer.serving.metrics import ServerMetrics
 from effinfer.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                                       OpenAIError,
-                                       SamplingRequest, TokenizeRequest, new_id, now)
+                                       OpenAIError, OpenAIRequest, SamplingRequest, TokenizeRequest, new_id, now)
 from effinfer.serving.responses import LogprobFormatter, chat_choice, completion_choice, sse, usage
 from effinfer.serving.tool_calls import ChatDeltas, forced_constraint, parser_for
 
@@ -146,6 +145,9 @@ class OpenAIServer:
             name, feature = unsupported[0]
             raise OpenAIError(f"{feature} is not supported by this server (field {name!r})", param=name,
                               code="unsupported_parameter")
+        self.check_unknown_fields(req)
+
+    def check_unknown_fields(self, req: OpenAIRequest) -> None:
         unknown = req.unknown_fields()
         if unknown and self.config.strict_fields:
             raise OpenAIError(f"unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} (start the "
@@ -375,9 +377,7 @@ async def _completion_chunks(server, req, stream, head, prompts, echo_text) -> A
 # ---- /v1/embeddings ------------------------------------------------------------------------------
 async def create_embeddings(server: OpenAIServer, req: EmbeddingRequest, request: Request):
     server.check_model(req.model)
-    unknown = req.unknown_fields()
-    if unknown and server.config.strict_fields:
-        raise OpenAIError(f"unknown fields: {', '.join(unknown)}", param=unknown[0], code="unknown_parameter")
+    server.check_unknown_fields(req)
     width = server.async_engine.info.hidden_size
     if req.dimensions is not None and req.dimensions != width:
         raise OpenAIError(f"this model's embeddings have {width} dimensions and it was not trained for shorter "

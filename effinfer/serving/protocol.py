@@ -88,10 +88,17 @@ UNSUPPORTED_FIELDS = {
 }
 
 
-class SamplingRequest(BaseModel):
-    """Fields shared by completions and chat completions."""
+class OpenAIRequest(BaseModel):
+    """A request body whose unknown fields are kept aside, for the server to refuse by name or ignore."""
 
     model_config = ConfigDict(extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class SamplingRequest(OpenAIRequest):
+    """Fields shared by completions and chat completions."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -146,9 +153,6 @@ class SamplingRequest(BaseModel):
     """The id the response carries (default: a fresh one)."""
     early_exit_threshold: float | None = None
     """effinfer extra: per-request confidence for early exit (an engine started with --early-exit-heads)."""
-
-    def unknown_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         """(field, feature) for each OpenAI field given whose feature this server does not have."""
@@ -322,9 +326,7 @@ class ChatCompletionRequest(SamplingRequest):
         return tools, choice
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class EmbeddingRequest(OpenAIRequest):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -335,9 +337,6 @@ class EmbeddingRequest(BaseModel):
     pooling: Literal["mean", "last"] = "mean"
     """effinfer extra: mean of the prompt's final hidden states, or the last token's."""
     priority: int = Field(default=0, ge=-2**31, le=2**31 - 1)
-
-    def unknown_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
 
 
 class TokenizeRequest(BaseModel):

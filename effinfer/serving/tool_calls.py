@@ -131,8 +131,9 @@ def _partial_tag_length(text: str, tag: str) -> int:
 
 def forced_constraint(tools: list[dict], tool_choice, parallel: bool) -> StructuredOutputParams | None:
     """The structured output that `"required"` or a named function needs (None for "auto" and "none")."""
-    if isinstance(tool_choice, dict):
-        return StructuredOutputParams(json=json.dumps(_parameters(_tool(tools, tool_choice["function"]["name"]))))
+    if isinstance(tool_choice, dict):   # its name is among the tools (ChatCompletionRequest.tool_settings)
+        tool = next(t for t in tools if t["function"]["name"] == tool_choice["function"]["name"])
+        return StructuredOutputParams(json=json.dumps(_parameters(tool)))
     if tool_choice != "required":
         return None
     calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
@@ -148,13 +149,6 @@ def forced_calls(text: str, tool_choice) -> list[ToolCall]:
     if isinstance(tool_choice, dict):
         return [ToolCall(tool_choice["function"]["name"], text)]
     return [ToolCall(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
-
-
-def _tool(tools: list[dict], name: str) -> dict:
-    for tool in tools:
-        if tool["function"]["name"] == name:
-            return tool
-    raise ValueError(f"tool_choice names the function {name!r}, which is not among the tools")
 
 
 def _parameters(tool: dict) -> dict:
