@@ -161,15 +161,15 @@ class ChatDeltas:
     call streamed as they come, other calls whole once complete). `message(text)` is the non-streaming form."""
 
     def __init__(self, tool_choice=None, parser: HermesParser | None = None, parallel: bool = True):
-        self.named = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
+        self.named = ToolCall(tool_choice["function"]["name"], "") if isinstance(tool_choice, dict) else None
+        """The one call a named tool_choice makes: its arguments are the answer."""
         self.required = tool_choice == "required"
         self.calls = ToolCallStream(parser) if parser is not None and tool_choice == "auto" else None
         self.parallel, self.num_calls, self.text = parallel, 0, ""
-        self.named_id = ToolCall("", "").id
 
     def feed(self, text: str) -> list[dict]:
         if self.named is not None:
-            out = [] if self.num_calls else [{"tool_calls": [ToolCall(self.named, "", self.named_id).as_dict(0)]}]
+            out = [] if self.num_calls else [{"tool_calls": [self.named.as_dict(0)]}]
             self.num_calls = 1
             return out + ([{"tool_calls": [{"index": 0, "function": {"arguments": text}}]}] if text else [])
         if self.required:
