@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from effinfer.bench.provenance import RunProvenance, add_allow_dirty_arg  # noqa: E402
 
 
 def main() -> int:
@@ -31,9 +33,11 @@ def main() -> int:
     parser.add_argument("commit_b")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each commit, alternating")
     parser.add_argument("--result-file", required=True)
+    add_allow_dirty_arg(parser)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, compare_args = parser.parse_args(argv[:split]), argv[split + 1:]   # after --: `bench compare` arguments
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)   # this script's own code; each run's is its commit's
     commits = [_resolve(args.commit_a), _resolve(args.commit_b)]
     runs: dict[str, list[dict]] = {c: [] for c in commits}
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +51,7 @@ def main() -> int:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     summary = _summarize(commits, runs)
-    record = {"benchmark": "ab_commits", "commits": commits, "repeats": args.repeats, "compare_args": compare_args,
+    record = {"benchmark": "ab_commits", **run.environment(), "commits": commits, "repeats": args.repeats, "compare_args": compare_args,
               "summary": summary, "runs": runs}
     Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result_file).write_text(json.dumps(record, indent=1))

@@ -54,6 +54,9 @@ def llamacpp_sweep(args, model: str) -> dict:
 
 
 def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from effinfer.bench.provenance import add_allow_dirty_arg
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="a catalog name or a GGUF file")
     p.add_argument("--config", default="name=default", help="effinfer's configuration, as `bench compare --config`")
@@ -64,17 +67,19 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="threads of both")
     p.add_argument("--llamacpp-bin", default=str(Path.home() / ".cache/llamacpp-tools/llamacpp-build/bin"))
     p.add_argument("--result-file", default=None)
+    add_allow_dirty_arg(p)
     p.add_argument("--plot", default=None, metavar="PNG")
     args = p.parse_args()
     args.batch_sizes = ",".join(item.strip() for item in args.batch_sizes.split(",") if item.strip())
-    sys.path.insert(0, str(ROOT))
     from effinfer.bench.compare import parse_config
-    from effinfer.bench.report import keep_record, tree_is_clean
+    from effinfer.bench.provenance import RunProvenance, llamacpp_build
+    from effinfer.bench.report import keep_record
+    from effinfer.bench.stats import ratio_interval
     from effinfer.loader import catalog
 
     if not (Path(args.llamacpp_bin) / "llama-batched-bench").is_file():
         sys.exit(f"no llama-batched-bench in {args.llamacpp_bin} (build it with ../shared/tools/build_llamacpp.sh)")
-    clean = tree_is_clean(ROOT)
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     model = str(catalog.pull(args.model)) if args.model in catalog.CATALOG else args.model
     name = parse_config(args.config).name
     runs = {f"effinfer {name}": [], PEER: []}
@@ -88,15 +93,17 @@ def main() -> int:
                for label, results in runs.items()}
     ours = medians[f"effinfer {name}"]
     ratios = {k: ours[k] / medians[PEER][k] for k in medians[PEER] if k in ours}
+    intervals = {k: ratio_interval([r[k] for r in runs[f"effinfer {name}"]], [r[k] for r in runs[PEER]]).bounds()
+                 for k in ratios}     # paired rounds: the ratio of means' 95% interval (None from one round)
     for b in args.batch_sizes.split(","):
         print(f"b{b}: output {ratios[f'b{b}_output_tok_s']:.2f}x, decode {ratios[f'b{b}_decode_tok_s']:.2f}x llama.cpp")
-    result = {"workloads": ["sweep"], "metrics": medians, "ratios_to_peer": ratios, "runs": runs,
-              "command": " ".join(sys.argv)}
+    result = {"workloads": ["sweep"], "metrics": medians, "ratios_to_peer": ratios, "ratio_ci95": intervals,
+              "runs": runs, "llamacpp_build": llamacpp_build(Path(args.llamacpp_bin) / "llama-batched-bench")}
     if args.plot:
         from effinfer.bench.plots import plot_sweep
 
         print(plot_sweep(result, args.plot))
-    keep_record(args.result_file, "batched_vs_llamacpp", vars(args), result, clean)
+    keep_record(args.result_file, "batched_vs_llamacpp", vars(args), result, run, inputs={"model": model})
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from effinfer import LLM, SamplingParams  # noqa: E402
-from effinfer.bench.report import environment  # noqa: E402
+from effinfer.bench.provenance import RunProvenance, add_allow_dirty_arg  # noqa: E402
 from tiny_models import save_tiny_folder  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 2, 9], [100, 3, 3, 41, 77, 12, 8, 1, 9, 200, 31], [7], list(range(20, 60))]
@@ -34,8 +34,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="cuda_check.json")
+    add_allow_dirty_arg(p)
     args = p.parse_args()
-    record = {"benchmark": "cuda_check", **environment(), "device": args.device,
+    run = RunProvenance.begin(args.out, args.allow_dirty)
+    record = {"benchmark": "cuda_check", **run.environment(), "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "correctness": {}, "speed": {}}
     with tempfile.TemporaryDirectory() as tmp:

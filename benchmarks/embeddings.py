@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
+    from effinfer.bench.provenance import add_allow_dirty_arg
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the bundled default model")
     p.add_argument("--num-prompts", type=int, default=256)
@@ -25,13 +27,15 @@ def main() -> int:
     p.add_argument("--max-prompt-len", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--result-file", default=None)
+    add_allow_dirty_arg(p)
     args = p.parse_args()
     from effinfer import LLM
-    from effinfer.bench.report import keep_record, tree_is_clean
+    from effinfer.bench.provenance import RunProvenance
+    from effinfer.bench.report import keep_record
     from effinfer.bench.workloads import sharegpt_requests
     from effinfer.loader import catalog
 
-    clean = tree_is_clean(ROOT)
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     model = args.model or str(catalog.pull(catalog.DEFAULT_MODEL))
     llm = LLM(model, max_num_seqs=args.batch)
     requests = sharegpt_requests(llm.tokenizer, args.num_prompts, seed=0, output_len=4,   # (unused here)
@@ -49,10 +53,10 @@ def main() -> int:
         print(f"round {r + 1}: {rounds[-1]['embeddings_per_s']:.1f} embeddings/s, "
               f"{rounds[-1]['prompt_tokens_per_s']:.0f} prompt tokens/s", flush=True)
     metrics = {key: statistics.median(x[key] for x in rounds) for key in rounds[0]}
-    metrics.update(mean_prompt_tokens=num_tokens / len(texts), rounds=rounds, command=" ".join(sys.argv))
+    metrics.update(mean_prompt_tokens=num_tokens / len(texts), rounds=rounds)
     print(f"median: {metrics['embeddings_per_s']:.1f} embeddings/s ({metrics['mean_prompt_tokens']:.0f} tokens each)")
     keep_record(args.result_file, "embeddings", {**vars(args), "model": model, "engine": llm.engine.summary},
-                metrics, clean)
+                metrics, run)
     return 0
 
 

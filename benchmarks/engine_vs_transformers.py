@@ -22,16 +22,19 @@ from pathlib import Path
 import torch
 
 from effinfer import LLM, SamplingParams
-from effinfer.bench.report import environment
+from effinfer.bench.offline import measure_bandwidth
+from effinfer.bench.provenance import RunProvenance, add_allow_dirty_arg
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-valid.tokens.txt"
 
 
 def main() -> None:
     args = parse_args()
+    run = RunProvenance.begin(args.out, args.allow_dirty)
     torch.set_num_threads(args.threads)
-    record = {"benchmark": "engine_vs_transformers", **environment(), "model": args.model, "seed": args.seed,
-              "transformers": transformers_version(), "results": {}}
+    record = {"benchmark": "engine_vs_transformers", **run.environment(args.seed), "model": args.model,
+              "transformers": transformers_version(), "results": {},
+              "machine_bandwidth_gb_s": measure_bandwidth()}
     for dtype in args.dtypes.split(","):
         # prefix caching off: every run computes its whole prompt, as transformers does
         llm = LLM(args.model, dtype=dtype, max_num_seqs=64, max_num_batched_tokens=2048,
@@ -62,6 +65,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default="benchmarks/results/engine_vs_transformers.json")
+    add_allow_dirty_arg(p)
     return p.parse_args()
 
 
@@ -171,7 +175,8 @@ def print_table(record: dict) -> None:
             print(f"{dtype:<9} {k:<22} {r['effinfer'][k]:>10.1f} {theirs or float('nan'):>13.1f} "
                   f"{ratio or float('nan'):>6.2f}x")
         e = r["effinfer"]
-        print(f"{dtype:<9} decode bandwidth {e['decode_bandwidth_gb_s']:.1f} GB/s (machine ~30 GB/s); "
+        print(f"{dtype:<9} decode bandwidth {e['decode_bandwidth_gb_s']:.1f} GB/s (machine, measured in this run: "
+              f"{record['machine_bandwidth_gb_s']:.1f} GB/s); "
               f"matmul-only ceiling {e['matmul_ceiling_tok_s']:.0f} tok/s")
 
 

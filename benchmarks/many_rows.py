@@ -49,6 +49,8 @@ def ways(layers: list, x: dict) -> dict:
 
 
 def main() -> int:
+    from effinfer.bench.provenance import add_allow_dirty_arg
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="8,16,32,64,128,256,512")
     p.add_argument("--layers", type=int, default=6)
@@ -59,13 +61,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--result-file", default=None)
+    add_allow_dirty_arg(p)
     args = p.parse_args()
     from effinfer import kernels
-    from effinfer.bench.report import keep_record, tree_is_clean
+    from effinfer.bench.provenance import RunProvenance
+    from effinfer.bench.report import keep_record
 
     if kernels.int4_mm() is None or kernels.int8_gemm() is None:
         sys.exit("effinfer's int4/int8 kernels are not available here (a C++ compiler and AVX512-VNNI are needed)")
-    clean = tree_is_clean(ROOT)
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     h, i = args.hidden, args.intermediate
@@ -90,7 +94,7 @@ def main() -> int:
         results.append(row)
         print(f"{rows:>4} rows: " + "  ".join(f"{n} {row[f'{n}_ms']:7.2f}" for n in contestants) +
               f"  (ms per pass; int4 kernel {row['bf16_ms'] / row['int4 kernel_ms']:.2f}x bf16)", flush=True)
-    keep_record(args.result_file, "many_rows", vars(args), {"rows": results, "command": " ".join(sys.argv)}, clean)
+    keep_record(args.result_file, "many_rows", vars(args), {"rows": results}, run)
     return 0
 
 

@@ -41,6 +41,8 @@ def contestants(q, pages, tables, lens, scale: float) -> dict:
 
 
 def main() -> int:
+    from effinfer.bench.provenance import add_allow_dirty_arg
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="128,512,2048")
     p.add_argument("--batches", default="1,16")
@@ -51,13 +53,15 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--result-file", default=None)
+    add_allow_dirty_arg(p)
     args = p.parse_args()
     from effinfer import kernels
-    from effinfer.bench.report import keep_record, tree_is_clean
+    from effinfer.bench.provenance import RunProvenance
+    from effinfer.bench.report import keep_record
 
     if kernels.paged_decode_attention() is None:
         sys.exit("effinfer's paged attention kernel is not available here (it needs a C++ compiler and AVX-512)")
-    clean = tree_is_clean(ROOT)
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     torch.manual_seed(0)
     rows = []
     for context in map(int, args.contexts.split(",")):
@@ -79,7 +83,7 @@ def main() -> int:
                 f"{n} {row[f'{n}_us']:8.1f} us" for n in ways) +
                 f"   in place: {row['compiled gather_us'] / row['in place_us']:.2f}x compiled gather, "
                 f"{row['eager gather_us'] / row['in place_us']:.2f}x eager", flush=True)
-    keep_record(args.result_file, "paged_attention", vars(args), {"rows": rows, "command": " ".join(sys.argv)}, clean)
+    keep_record(args.result_file, "paged_attention", vars(args), {"rows": rows}, run)
     return 0
 
 

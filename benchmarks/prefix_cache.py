@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from effinfer import LLM, SamplingParams
+from effinfer.bench.provenance import RunProvenance, add_allow_dirty_arg
 
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-valid.tokens.txt"
 
@@ -28,7 +29,9 @@ def main() -> None:
     p.add_argument("--prefix-len", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/prefix_cache.json")
+    add_allow_dirty_arg(p)
     args = p.parse_args()
+    run = RunProvenance.begin(args.out, args.allow_dirty)
     torch.set_num_threads(args.threads)
     engines = {mode: LLM(args.model, dtype=args.dtype, max_num_seqs=32, max_num_batched_tokens=2048,
                          enable_prefix_caching=(mode == "on"), show_progress=False) for mode in ("off", "on")}
@@ -43,8 +46,8 @@ def main() -> None:
         for mode in ("off", "on"):
             results[mode].append(run_once(engines[mode], prompts))
     summary = {mode: {k: statistics.mean(r[k] for r in runs) for k in runs[0]} for mode, runs in results.items()}
-    record = {"benchmark": "prefix_cache", "model": args.model, "dtype": args.dtype, "threads": args.threads,
-              "num_requests": args.num_requests, "prefix_tokens": args.prefix_len, "torch": torch.__version__,
+    record = {"benchmark": "prefix_cache", **run.environment(inputs={"model": llm.engine.loaded.path, "text": TEXT}),
+              "model": args.model, "dtype": args.dtype, "num_requests": args.num_requests, "prefix_tokens": args.prefix_len,
               "resolved_config": llm.config.to_dict(), "summary": summary,
               "ttft_speedup": summary["off"]["mean_ttft_s"] / summary["on"]["mean_ttft_s"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -56,12 +56,12 @@ def main() -> int:
     parser.add_argument("--llamacpp-bin", default=str(Path.home() / ".cache/llamacpp-tools/llamacpp-build/bin"),
                         help="folder with llama-server and llama-bench")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (effinfer: PyTorch's default)")
-    parser.add_argument("--allow-dirty", action="store_true", help="measure an uncommitted tree (no record is kept)")
-    args = parser.parse_args()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    if dirty and not args.allow_dirty:
-        sys.exit("the tree has uncommitted changes: commit first (a record names the commit it measured)")
     sys.path.insert(0, str(ROOT))
+    from effinfer.bench.provenance import RunProvenance, add_allow_dirty_arg, llamacpp_build
+
+    add_allow_dirty_arg(parser)
+    args = parser.parse_args()
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     from effinfer.loader import catalog
 
     model_file = catalog.pull(catalog.DEFAULT_MODEL, show_progress=False)
@@ -80,13 +80,10 @@ def main() -> int:
         in_process[PEER] = llama_bench(llamacpp / "llama-bench", model_file, args.threads)
     summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if isinstance(rs[0][key], float)}
                for name, rs in runs.items()}
-    record = {"benchmark": "serve_default", **environment(dirty), "command": " ".join(sys.argv),
-              "num_prompts": args.num_prompts, "output_len": args.output_len, "runs": runs,
+    record = {"benchmark": "serve_default", **run.environment(inputs={"model": model_file}),
+              "llamacpp_build": llamacpp_build(llamacpp / "llama-server"), "num_prompts": args.num_prompts, "output_len": args.output_len, "runs": runs,
               "median": summary, "in_process_latency": in_process}
     print_table(summary, in_process)
-    if dirty:
-        print("(uncommitted tree: no record written)")
-        return 0
     Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result_file).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.result_file}")
@@ -185,12 +182,6 @@ def llama_bench(binary: Path, model_file: Path, threads: int) -> dict:
     rows = json.loads(out)
     rate = {("pp512" if row["n_prompt"] else "tg128"): float(row["avg_ts"]) for row in rows}
     return {"pp512_tok_s": rate["pp512"], "tg128_tok_s": rate["tg128"]}
-
-
-def environment(dirty: str) -> dict:
-    from effinfer.bench.report import environment as bench_environment
-
-    return {**bench_environment(), "dirty": bool(dirty)}
 
 
 def free_port() -> int:

@@ -49,6 +49,8 @@ def run(llm, concurrency: int, max_tokens: int, constrained: bool) -> dict:
 
 
 def main() -> int:
+    from effinfer.bench.provenance import add_allow_dirty_arg
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="default: the bundled default model")
     p.add_argument("--concurrency", default="1,32")
@@ -56,12 +58,14 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="compiled decode steps (default: LLM's default)")
     p.add_argument("--result-file", default=None)
+    add_allow_dirty_arg(p)
     args = p.parse_args()
     from effinfer import LLM
-    from effinfer.bench.report import keep_record, tree_is_clean
+    from effinfer.bench.provenance import RunProvenance
+    from effinfer.bench.report import keep_record
     from effinfer.loader import catalog
 
-    clean = tree_is_clean(ROOT)
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     model = args.model or str(catalog.pull(catalog.DEFAULT_MODEL))
     llm = LLM(model, **({"compile": True} if args.compile else {}))
     rows = []
@@ -82,7 +86,7 @@ def main() -> int:
               f"(TPOT {row['unconstrained_tpot_ms']:.1f} ms), JSON schema {row['json_schema_output_tok_s']:7.1f} tok/s "
               f"(TPOT {row['json_schema_tpot_ms']:.1f} ms): {row['ratio_output_tok_s']:.3f}x", flush=True)
     keep_record(args.result_file, "structured_output", {**vars(args), "model": model, "engine": llm.engine.summary},
-                {"rows": rows, "command": " ".join(sys.argv)}, clean)
+                {"rows": rows}, run)
     return 0
 
 

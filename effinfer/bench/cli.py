@@ -6,6 +6,7 @@ import argparse
 
 from effinfer.cli_args import LazyChoices, add_engine_args, engine_kwargs
 from effinfer.config import EngineConfig, all_option_names
+from effinfer.bench.provenance import add_allow_dirty_arg
 from effinfer.bench.tasks import TASKS
 from effinfer.bench.workloads import PROMPT_SETS
 from effinfer.loader import catalog
@@ -38,6 +39,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--label", default=None, help="name of the system under test in reports (default: the URL)")
     b.add_argument("--result-file", default="bench-serve.json")
+    add_allow_dirty_arg(b)
     b.add_argument("--plot", default=None, metavar="DIR", help="also write this run's charts into DIR")
     b.set_defaults(func=cmd_bench_serve)
     b = bench.add_parser("plot", help="PNG charts from `bench serve` records (or the speed/quality chart of `bench compare`)")
@@ -50,6 +52,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--repetitions", type=int, default=5)
     b.add_argument("--bench-seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-latency.json")
+    add_allow_dirty_arg(b)
     add_system_args(b)
     b.set_defaults(func=cmd_bench_latency)
     b = bench.add_parser("quality", help="perplexity on a text; KL divergence and greedy agreement vs a reference")
@@ -57,6 +60,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--reference-model", default=None, help="reference for KL/agreement (default: --model)")
     b.add_argument("--reference-dtype", default=None, help="e.g. float32; a reference runs when either is given")
     b.add_argument("--result-file", default="bench-quality.json")
+    add_allow_dirty_arg(b)
     add_system_args(b)
     b.set_defaults(func=cmd_bench_quality)
     b = bench.add_parser("compare", help="several configurations, interleaved, as ratios to the first")
@@ -70,7 +74,13 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--prompts", default="random", choices=PROMPT_SETS,
                    help="throughput prompts: random tokens, edit (output repeats a --text passage), code "
                         "(HumanEval), chat (ShareGPT)")
-    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least; see --target-ci)")
+    b.add_argument("--target-ci", type=float, default=None, metavar="FRACTION",
+                   help="add rounds until every throughput ratio's 95%% interval is within +-FRACTION of it "
+                        "(e.g. 0.05), up to --max-rounds and --time-cap")
+    b.add_argument("--max-rounds", type=int, default=20)
+    b.add_argument("--time-cap", type=float, default=1800.0, metavar="SECONDS",
+                   help="--target-ci: start no new round after this long")
     add_stop_at_eos_arg(b)
     b.add_argument("--prompt-len", type=int, default=512)
     b.add_argument("--gen-len", type=int, default=128)
@@ -81,8 +91,14 @@ def add_bench_parser(sub) -> None:
                    help="sweep: requests run at once, each --input-len + --output-len tokens")
     b.add_argument("--bench-seed", type=int, default=0)
     b.add_argument("--result-file", default="bench-compare.json")
+    add_allow_dirty_arg(b)
     add_engine_args(b)
     b.set_defaults(func=cmd_bench_compare)
+    b = bench.add_parser("report", help="render the docs' marked tables from benchmarks/results/ (--check: compare only)")
+    b.add_argument("files", nargs="*", help="Markdown files (default: README.md, benchmarks/README.md, docs/techniques.md)")
+    b.add_argument("--results", default=None, help="the records' folder (default: the repository's benchmarks/results)")
+    b.add_argument("--check", action="store_true", help="write nothing; exit 1 if a table differs from its records")
+    b.set_defaults(func=cmd_bench_report)
     b = bench.add_parser("throughput", help="offline: a request set through the in-process engine")
     b.add_argument("--num-prompts", type=int, default=64)
     b.add_argument("--input-len", type=int, default=128)
@@ -91,7 +107,9 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--prompts", default="random", choices=PROMPT_SETS, help="random tokens, edit, code or chat")
     b.add_argument("--text", default=None, help="edit prompts: a UTF-8 text to take passages from")
     b.add_argument("--bench-seed", type=int, default=0)
+    b.add_argument("--repetitions", type=int, default=3, help="runs of the request set (mean and 95%% interval)")
     b.add_argument("--result-file", default="bench-throughput.json")
+    add_allow_dirty_arg(b)
     add_stop_at_eos_arg(b)
     add_system_args(b)
     b.set_defaults(func=cmd_bench_throughput)
@@ -101,11 +119,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from effinfer.bench.metrics import summarize
+    from effinfer.bench.provenance import RunProvenance
     from effinfer.bench.report import print_serve_table, write_record
     from effinfer.bench.serve import ServeConfig, run_serve_benchmark
     from effinfer.bench.workloads import WORKLOADS, random_requests, sharegpt_requests
     from effinfer.loader.source import load_tokenizer
 
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     slos = dict(_parse_slo(item) for item in args.goodput)
     tokenizer = load_tokenizer(args.tokenizer)
     shape = {}
@@ -122,7 +142,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     results, duration = asyncio.run(run_serve_benchmark(requests, cfg))
     metrics = summarize(results, duration, slos)
     config = {**vars(args), "func": None, "workload_shape": shape, "slos_ms": slos}
-    write_record(args.result_file, "serve", config, metrics)
+    write_record(args.result_file, "serve", config, metrics, run, args.seed, {"dataset": args.dataset_path})
     print_serve_table(metrics)
     if args.plot:
         from effinfer.bench.plots import plot_serve
@@ -132,6 +152,21 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             print(path)
     print(f"\nJSON record: {args.result_file}")
     return 0 if metrics["completed"] else 1
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from effinfer.bench.tables import RESULTS_DIR, doc_paths, report
+
+    paths = [Path(f) for f in args.files] or doc_paths()
+    differing = report(paths, Path(args.results) if args.results else RESULTS_DIR, check=args.check)
+    if args.check:
+        for path in differing:
+            print(f"{path}: a table differs from its records (run `effinfer bench report`)")
+        return 1 if differing else 0
+    print("\n".join(f"rewrote {p}" for p in differing) or "every table matches its records")
+    return 0
 
 
 def cmd_bench_plot(args: argparse.Namespace) -> int:
@@ -180,8 +215,11 @@ def add_system_args(b: argparse.ArgumentParser) -> None:
 
 
 def make_bench_system(args: argparse.Namespace):
+    """The system under test, after the run's provenance is taken (`args.run`: the tree as the code loads)."""
+    from effinfer.bench.provenance import RunProvenance
     from effinfer.bench.systems import make_system
 
+    args.run = RunProvenance.begin(args.result_file, args.allow_dirty)
     options = {"system": args.system}
     if args.quant:
         options["quant"] = args.quant
@@ -200,13 +238,16 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
-    from effinfer.bench.offline import run_throughput
+    from effinfer.bench.offline import run_throughput_repeated
     from effinfer.bench.workloads import prompt_set
 
     system = make_bench_system(args)
     requests = prompt_set(system.tokenizer, args.prompts, args.num_prompts, args.input_len, args.output_len,
                           args.bench_seed, args.text, args.range_ratio)
-    _finish_offline_bench(args, system, "throughput", run_throughput(system, requests, args.stop_at_eos))
+    if args.repetitions < 1:
+        raise ValueError(f"--repetitions must be at least 1, got {args.repetitions}")
+    metrics = run_throughput_repeated(system, requests, args.stop_at_eos, args.repetitions)
+    _finish_offline_bench(args, system, "throughput", metrics)
     return 0
 
 
@@ -236,9 +277,11 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from effinfer.bench.compare import WORKLOADS, batch_sizes, parse_config, print_compare_table, run_compare
+    from effinfer.bench.provenance import RunProvenance
     from effinfer.bench.report import write_record
     from effinfer.bench.systems import make_system
 
+    run = RunProvenance.begin(args.result_file, args.allow_dirty)
     configs = [parse_config(text) for text in args.configs]
     if len({c.name for c in configs}) != len(configs):
         raise ValueError("configuration names must differ (set name=... in each --config)")
@@ -260,9 +303,12 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
             if config.scheduler.max_num_seqs < largest_batch:
                 raise ValueError(f"the sweep's batch size {largest_batch} is above {c.name}'s max_num_seqs="
                                  f"{config.scheduler.max_num_seqs}; raise it or drop that batch size")
-    result = run_compare(configs, lambda options: make_system(options, base), workloads, args.rounds, args)
-    bench_args = {k: v for k, v in vars(args).items() if k not in all_option_names() and k != "func"}
-    write_record(args.result_file, "compare", {"bench": bench_args}, result)
+    if args.target_ci is not None and not 0 < args.target_ci < 1:
+        raise ValueError(f"--target-ci is a fraction of the ratio (e.g. 0.05), got {args.target_ci}")
+    result = run_compare(configs, lambda options: make_system(options, base), workloads, args.rounds, args,
+                         args.target_ci, args.max_rounds, args.time_cap)
+    write_record(args.result_file, "compare", {"bench": _bench_args(args)}, result, run, args.bench_seed,
+                 {"text": args.text})
     print_compare_table(result)
     if args.plot:
         from effinfer.bench.plots import plot_compare
@@ -283,10 +329,16 @@ def _task_list(text: str | None) -> list[str]:
 def _finish_offline_bench(args, system, kind: str, metrics: dict) -> None:
     from effinfer.bench.report import write_record
 
-    bench_args = {k: v for k, v in vars(args).items() if k not in all_option_names() and k != "func"}
-    write_record(args.result_file, kind, {"bench": bench_args, **system.describe()}, metrics)
+    inputs = {**system.input_files(), "text": getattr(args, "text", None)}
+    write_record(args.result_file, kind, {"bench": _bench_args(args), **system.describe()}, metrics, args.run,
+                 getattr(args, "bench_seed", None), inputs)
     _print_metrics(metrics)
     print(f"\nJSON record: {args.result_file}")
+
+
+def _bench_args(args: argparse.Namespace) -> dict:
+    """The benchmark's own arguments (engine options are in the record's resolved engine config)."""
+    return {k: v for k, v in vars(args).items() if k not in all_option_names() and k not in ("func", "run")}
 
 
 def _print_metrics(metrics: dict, indent: str = "") -> None:

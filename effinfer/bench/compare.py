@@ -10,11 +10,12 @@ and greedy agreement measured against the baseline. A configuration with `system
 from __future__ import annotations
 
 import gc
-import os
-import statistics
+import time
 from dataclasses import dataclass
 
-from effinfer.bench.offline import run_latency, run_sweep, run_throughput
+from effinfer.bench.offline import current_rss_mb, run_latency, run_sweep, run_throughput
+from effinfer.bench.provenance import describe_inputs
+from effinfer.bench.stats import mean_interval, ratio_interval
 from effinfer.bench.workloads import prompt_set
 
 
@@ -51,35 +52,88 @@ WORKLOADS = ("latency", "throughput", "sweep", "quality")
 SWEEP_BATCH_SIZES = "1,2,4,8,16,32,64"
 
 
-def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], rounds: int, args) -> dict:
+def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], rounds: int, args,
+                target_ci: float | None = None, max_rounds: int = 20, time_cap_s: float = 1800.0) -> dict:
     """Build every configuration once; measure speed interleaved for `rounds` rounds, quality once.
-    One round of speed alone builds, measures and drops one configuration at a time, so that large
-    models (a 1.5B target with its draft) need the memory of one configuration, not of all."""
+    With `target_ci` (a relative half-width, 0.05 for +-5%), rounds are added until every headline ratio's
+    95% interval is that narrow, or `max_rounds` or `time_cap_s` is reached. One round of speed alone builds,
+    measures and drops one configuration at a time, so that large models (a 1.5B target with its draft) need
+    the memory of one configuration, not of all."""
     systems, load, described = {}, {}, {}
     runs: dict[str, list[dict]] = {c.name: [] for c in configs}
     speed = [w for w in workloads if w != "quality"]
-    one_at_a_time = rounds == 1 and "quality" not in workloads
+    one_at_a_time = rounds == 1 and not target_ci and "quality" not in workloads
+    base_rss = current_rss_mb()
     for c in configs:
         before = current_rss_mb()
         systems[c.name] = make_system(c.options)
         load[c.name] = {"load_rss_mb": current_rss_mb() - before, "weight_mb": systems[c.name].weight_bytes() / 2**20}
-        described[c.name] = systems[c.name].describe()
+        described[c.name] = {**systems[c.name].describe(), "inputs": describe_inputs(systems[c.name].input_files())}
         if one_at_a_time:
             runs[c.name].append(_measure_all(systems.pop(c.name), speed, args))
             gc.collect()
-    interleaved_rounds = rounds if speed and not one_at_a_time else 0
-    for _ in range(interleaved_rounds):
+    start = time.perf_counter()
+    done = 0
+    while speed and not one_at_a_time and done < max_rounds:
+        if done >= rounds and (not target_ci or _widest(runs, configs[0].name) <= target_ci
+                               or time.perf_counter() - start > time_cap_s):
+            break
         for c in configs:
             runs[c.name].append(_measure_all(systems[c.name], speed, args))
-    means = {name: {**load[name], **(_mean_metrics(results) if results else {})} for name, results in runs.items()}
+        done += 1
+    means = {name: {**load[name], **(_summarize_rounds(results) if results else {})} for name, results in runs.items()}
+    for name, m in means.items():   # this configuration's own memory: the process before any was built, its
+        if "peak_rss_increase_mb" in m:   # load, and the most its measurements rose above where they began
+            m["peak_rss_mb"] = base_rss + m["load_rss_mb"] + max(r["peak_rss_increase_mb"] for r in runs[name])
     if "quality" in workloads:
         _add_quality(systems, [c.name for c in configs], means, args)
     baseline = means[configs[0].name]
-    ratios = {name: {k: v / baseline[k] for k, v in m.items() if isinstance(v, (int, float)) and baseline.get(k)}
+    ratios = {name: {k: v / baseline[k] for k, v in m.items() if _is_number(v) and baseline.get(k)}
               for name, m in means.items()}
-    return {"workloads": workloads, "rounds": rounds, "baseline": configs[0].name,
-            "configs": {c.name: {"options": c.options, **described[c.name]} for c in configs},
-            "metrics": means, "ratios": ratios}
+    return {"workloads": workloads, "rounds": max(map(len, runs.values())), "baseline": configs[0].name,
+            "target_ci": target_ci, "configs": {c.name: {"options": c.options, **described[c.name]} for c in configs},
+            "metrics": means, "ratios": ratios, "ratio_ci95": _ratio_intervals(runs, configs[0].name),
+            "per_round": runs}
+
+
+HEADLINE_SUFFIXES = ("_tok_s", "_throughput")
+"""Speed metrics whose ratio intervals `--target-ci` narrows (throughputs and tokens/s, not memory or time)."""
+
+
+def _headline(key: str) -> bool:
+    return key.endswith(HEADLINE_SUFFIXES)
+
+
+def _ratio_intervals(runs: dict[str, list[dict]], baseline: str) -> dict[str, dict[str, list[float]]]:
+    """{config: {metric: [low, high]}}: 95% intervals of each speed ratio to the baseline over paired rounds."""
+    out = {}
+    base = runs[baseline]
+    for name, results in runs.items():
+        if name == baseline or len(results) < 2 or len(results) != len(base):
+            continue
+        keys = [k for k, v in results[0].items() if _is_number(v) and k in base[0]]
+        intervals = {k: ratio_interval([r[k] for r in results], [r[k] for r in base]) for k in keys}
+        out[name] = {k: i.bounds() for k, i in intervals.items() if i.low is not None}
+    return out
+
+
+def _widest(runs: dict[str, list[dict]], baseline: str) -> float:
+    """The widest relative half-width among the headline intervals: the baseline's own speeds and every other
+    configuration's ratios to it (inf until there are two rounds)."""
+    base = runs[baseline]
+    if len(base) < 2:
+        return float("inf")
+    widths = []
+    for name, results in runs.items():
+        for key in (k for k, v in results[0].items() if _headline(k) and _is_number(v)):
+            values = [r[key] for r in results]
+            i = mean_interval(values) if name == baseline else ratio_interval(values, [r[key] for r in base])
+            widths.append(float("inf") if i.low is None else i.relative_half_width())
+    return max(widths, default=0.0)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _measure_all(system, workloads: list[str], args) -> dict:
@@ -123,30 +177,34 @@ def _add_quality(systems: dict, names: list[str], means: dict, args) -> None:
                 m.update(quality.divergence(baseline, systems[name], wins))
         accuracy = quality.task_accuracy(systems[name], args.task_names, args.limit or None)
         m.update({k: v for k, v in accuracy.items() if k != "tasks"})
-        m.update({f"{task}_acc": r["acc"] for task, r in accuracy.get("tasks", {}).items()})
+        for task, r in accuracy.get("tasks", {}).items():
+            m.update({f"{task}_acc": r["acc"], f"{task}_acc_stderr": r["acc_stderr"]})
 
 
-def _mean_metrics(results: list[dict]) -> dict:
-    keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return {k: statistics.mean(r[k] for r in results) for k in keys}
-
-
-def current_rss_mb() -> float:
-    """Resident memory now (not the peak), from /proc; 0 where the platform has no /proc."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
+def _summarize_rounds(results: list[dict]) -> dict:
+    """Each metric's mean over the rounds; for the speeds, also a 95% interval (`{key}_ci95`) from two rounds on."""
+    out = {}
+    for key in (k for k, v in results[0].items() if _is_number(v)):
+        interval = mean_interval([r[key] for r in results])
+        out[key] = interval.value
+        if _headline(key) and interval.low is not None:
+            out[f"{key}_ci95"] = interval.bounds()
+    return out
 
 
 def print_compare_table(result: dict) -> None:
+    """Each metric's mean per configuration with its ratio to the baseline and, after two rounds or more, the
+    ratio's 95% interval: `86.1 (1.22x [1.15, 1.29])`."""
     names = list(result["metrics"])
-    keys = list(dict.fromkeys(k for n in names for k, v in result["metrics"][n].items() if isinstance(v, (int, float))))
-    print(f"{'metric':<28}" + "".join(f"{n[:20]:>22}" for n in names))
+    keys = list(dict.fromkeys(k for n in names for k, v in result["metrics"][n].items() if _is_number(v)))
+    intervals = result.get("ratio_ci95", {})
+    print(f"{'metric':<28}" + "".join(f"{n[:28]:>32}" for n in names))
     for key in keys:
         cells = []
         for n in names:
             value, ratio = result["metrics"][n].get(key), result["ratios"][n].get(key)
-            cells.append("-" if value is None else f"{value:.4g}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
-        print(f"{key[:28]:<28}" + "".join(f"{c:>22}" for c in cells))
+            bounds = intervals.get(n, {}).get(key)
+            ratio_text = "" if ratio is None else f" ({ratio:.2f}x" + (f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else "") + ")"
+            cells.append("-" if value is None else f"{value:.4g}{ratio_text}")
+        print(f"{key[:28]:<28}" + "".join(f"{c:>32}" for c in cells))
+    print(f"({result['rounds']} interleaved round(s); [intervals]: 95% over paired rounds)")

@@ -5,6 +5,7 @@ Per request: TTFT (arrival to first token), E2EL (arrival to last token), TPOT =
 successive streamed chunks, pooled over all requests (a chunk carrying k tokens is one gap).
 Goodput counts the requests per second that meet every given SLO (ms thresholds on ttft/tpot/e2el).
 Failed requests are counted, never dropped silently, and are excluded from the latency statistics.
+The mean and median TTFT, TPOT and E2EL carry 95% bootstrap intervals over the requests (`..._ms_ci95`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from effinfer.bench.stats import bootstrap_interval
 
 PERCENTILES = (50, 90, 99)
 
@@ -56,6 +59,9 @@ def summarize(results: list[RequestResult], duration: float, slos_ms: dict[str, 
     }
     for name, values in series.items():
         out.update(_stats(name, values))
+        if name != "itl" and len(values) > 1:     # per request: bootstrap over the requests
+            for stat, fn in (("mean", np.mean), ("median", np.median)):
+                out[f"{stat}_{name}_ms_ci95"] = bootstrap_interval(np.asarray(values) * 1000.0, fn).bounds()
     if slos_ms:
         out["goodput"] = sum(_meets(r, slos_ms) for r in ok) / duration
     return out

@@ -18,6 +18,7 @@ import torch
 
 from effinfer.compression.quant import get_kv_dtype
 from effinfer.engine.kv_cache import bytes_per_block
+from effinfer.bench.stats import mean_interval
 from effinfer.bench.workloads import BenchRequest, random_requests
 from effinfer.utils import progress
 
@@ -42,14 +43,35 @@ def run_latency(system, prompt_len: int = 512, gen_len: int = 128, repetitions: 
     bytes_per_token = system.weight_bytes() + kv_bytes_per_token(system) * (16 + gen_len / 2)
     machine = {"machine_bandwidth_gb_s": measure_bandwidth()} if measure_machine else {}
     return {
-        f"pp{prompt_len}_tok_s": statistics.mean(pp), f"pp{prompt_len}_tok_s_std": statistics.pstdev(pp),
-        f"tg{gen_len}_tok_s": statistics.mean(tg), f"tg{gen_len}_tok_s_std": statistics.pstdev(tg),
+        **speed_stats(f"pp{prompt_len}_tok_s", pp), **speed_stats(f"tg{gen_len}_tok_s", tg),
         "warmup_s": warmup_s, "repetitions": repetitions,
         "decode_bytes_per_token": bytes_per_token,
         "decode_bandwidth_gb_s": bytes_per_token * statistics.mean(tg) / 1e9,
         **machine,
         **resources,
     }
+
+
+def speed_stats(name: str, values: list[float]) -> dict:
+    """A speed's mean, its spread over repetitions and a 95% t-interval (`{name}_ci95`; none from one run)."""
+    interval = mean_interval(values)
+    out = {name: interval.value, f"{name}_std": interval.std or 0.0}
+    if interval.low is not None:
+        out[f"{name}_ci95"] = interval.bounds()
+    return out
+
+
+def run_throughput_repeated(system, requests: list[BenchRequest], stop_at_eos: bool, repetitions: int) -> dict:
+    """`run_throughput` `repetitions` times: the first run's record, with the throughputs' means and intervals
+    over all runs (each run starts with an empty prefix cache, so each computes every prompt)."""
+    runs = [run_throughput(system, requests, stop_at_eos) for _ in range(repetitions)]
+    out = dict(runs[0])
+    for key in ("duration", "request_throughput", "output_throughput", "total_token_throughput"):
+        out.update(speed_stats(key, [r[key] for r in runs]))
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    out["repetitions"] = repetitions
+    out["runs"] = [{"duration": r["duration"], "output_throughput": r["output_throughput"]} for r in runs]
+    return out
 
 
 def run_throughput(system, requests: list[BenchRequest], stop_at_eos: bool = False) -> dict:
@@ -148,9 +170,15 @@ def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 3) -> float:
 
 
 class ResourceMeter:
-    """Peak resident memory, CPU utilization and energy between construction and `report`."""
+    """Peak resident memory, CPU utilization and energy between construction and `report`.
+
+    The peak is this interval's own: Linux's high-water mark of the process is reset when the meter starts
+    (`/proc/self/clear_refs`), so a second configuration measured in the same process does not report the
+    first one's peak. `peak_rss_increase_mb` is how far above the resident memory at the start it rose."""
 
     def __init__(self):
+        self.peak_is_own = reset_peak_rss()
+        self.start_rss_mb = current_rss_mb()
         self.wall, self.cpu = time.perf_counter(), time.process_time()
         self.energy_uj = _read_rapl()
 
@@ -161,10 +189,39 @@ class ResourceMeter:
             joules, method = (end_uj - self.energy_uj) / 1e6, "measured (RAPL package counter)"
         else:
             joules, method = cpu * ASSUMED_WATTS_PER_CORE, f"estimate: CPU seconds x {ASSUMED_WATTS_PER_CORE} W per busy core"
-        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak = peak_rss_mb() if self.peak_is_own else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"peak_rss_mb": peak, "peak_rss_increase_mb": max(0.0, peak - self.start_rss_mb),
+                "peak_rss_method": "this interval's peak (VmHWM reset)" if self.peak_is_own else "process lifetime peak",
                 "cpu_utilization": cpu / wall if wall else 0.0,
                 "energy_j_per_1k_tokens": joules / num_tokens * 1000 if num_tokens else 0.0,
                 "energy_method": method}
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's resident high-water mark (Linux >= 4.0); False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (not the peak), from /proc; 0 where the platform has no /proc."""
+    return _status_kb("VmRSS") / 1024
+
+
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0
 
 
 def _read_rapl() -> int | None:

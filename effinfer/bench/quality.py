@@ -37,26 +37,72 @@ def windows(token_ids: list[int], window: int, stride: int, max_tokens: int | No
         begin += stride
 
 
+CALIBRATION_BINS = 10
+
+
 def perplexity(system, wins: list[Window]) -> dict:
-    nll, count = 0.0, 0
+    """Perplexity with a 95% interval (windows as the units: the scored tokens of one window are not independent
+    of each other), and the model's own uncertainty: the mean entropy of its next-token distributions and its
+    expected calibration error (how far the top token's probability is from how often the top token is right)."""
+    nll, counts, entropy = [], [], 0.0
+    confidence, correct = [], []
     for w in wins:
         logprobs = system.score(w.token_ids)           # row j predicts token j + 1
         targets = torch.tensor(w.token_ids[w.first_scored:])
         rows = logprobs[w.first_scored - 1:len(w.token_ids) - 1]
-        nll -= float(rows.gather(1, targets[:, None]).sum())
-        count += len(targets)
-    return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "scored_tokens": count}
+        nll.append(-float(rows.gather(1, targets[:, None]).sum()))
+        counts.append(len(targets))
+        entropy -= float((rows.exp() * rows.nan_to_num(neginf=0.0)).sum())
+        top_logprob, top = rows.max(-1)
+        confidence.append(top_logprob.exp())
+        correct.append((top == targets).float())
+    count = sum(counts)
+    mean_nll = sum(nll) / count
+    low, high = _ratio_mean_interval(nll, counts)
+    confidence, correct = torch.cat(confidence), torch.cat(correct)
+    return {"perplexity": math.exp(mean_nll), "perplexity_ci95": [math.exp(low), math.exp(high)],
+            "nll_per_token": mean_nll, "scored_tokens": count, "scored_windows": len(wins),
+            "mean_entropy_nats": entropy / count, "top1_accuracy": float(correct.mean()),
+            "expected_calibration_error": calibration_error(confidence, correct)}
+
+
+def _ratio_mean_interval(sums: list[float], counts: list[int]) -> tuple[float, float]:
+    """95% interval of sum(sums) / sum(counts) over units of unequal size (the ratio estimator's standard error);
+    one unit gives a zero-width interval."""
+    n, mean = len(sums), sum(sums) / sum(counts)
+    if n < 2:
+        return mean, mean
+    residual = sum((s - mean * c) ** 2 for s, c in zip(sums, counts))
+    se = math.sqrt(residual / (n * (n - 1))) / (sum(counts) / n)
+    return mean - 1.96 * se, mean + 1.96 * se
+
+
+def calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error: positions binned by top-token probability (equal widths); the bins' gaps
+    between mean confidence and accuracy, weighted by their share of positions."""
+    index = (confidence * bins).long().clamp(max=bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            total += float(members.sum()) * abs(float(confidence[members].mean() - correct[members].mean()))
+    return total / max(1, confidence.numel())
 
 
 def divergence(reference, candidate, wins: list[Window]) -> dict:
-    kl_sum, agree, count = 0.0, 0, 0
+    """Mean KL(reference || candidate) per position with its standard error over the windows, and the share of
+    positions where both pick the same top token."""
+    kl_sums, counts, agree = [], [], 0
     for w in wins:
         ref = reference.score(w.token_ids)[w.first_scored - 1:len(w.token_ids) - 1]
         cand = candidate.score(w.token_ids)[w.first_scored - 1:len(w.token_ids) - 1]
-        kl_sum += float((ref.exp() * (ref - cand)).sum())
+        kl_sums.append(float((ref.exp() * (ref - cand)).sum()))
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        count += ref.shape[0]
-    return {"kl_divergence": kl_sum / count, "greedy_agreement": agree / count, "compared_positions": count}
+        counts.append(ref.shape[0])
+    count = sum(counts)
+    low, high = _ratio_mean_interval(kl_sums, counts)
+    return {"kl_divergence": sum(kl_sums) / count, "kl_divergence_ci95": [low, high],
+            "greedy_agreement": agree / count, "compared_positions": count}
 
 
 def text_windows(tokenizer, path: str, window: int, stride: int, max_tokens: int | None) -> list[Window]:

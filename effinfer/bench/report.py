@@ -4,41 +4,28 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 
-
-def environment() -> dict:
-    import torch
-
-    return {"commit": _commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.machine(), "cpu": _cpu_name(), "num_cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+from effinfer.bench.provenance import RunProvenance
 
 
-def write_record(path: str | os.PathLike, kind: str, config: dict, metrics: dict) -> dict:
-    record = {"benchmark": kind, **environment(), "config": config, **metrics}
+def write_record(path: str | os.PathLike, kind: str, config: dict, metrics: dict, run: RunProvenance,
+                 seed: int | None = None, inputs: dict | None = None) -> dict:
+    """One JSON record: what ran (`run`, taken when it began; the seed; the input files with their sha256),
+    the settings and every metric."""
+    record = {"benchmark": kind, **run.environment(seed, inputs), "config": config, **metrics}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=2, default=str))
     return record
 
 
-def tree_is_clean(root: str | os.PathLike) -> bool:
-    """Whether the git tree at `root` has no uncommitted change: a record names the commit it measured, so a
-    benchmark checks this when it starts (the code it runs is loaded then)."""
-    out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root)
-    return out.returncode == 0 and not out.stdout.strip()
-
-
-def keep_record(path: str | os.PathLike | None, kind: str, config: dict, metrics: dict, clean: bool) -> None:
-    """Write the record if a path was given and the tree was clean when the run began; else say why not."""
-    if path and clean:
-        write_record(path, kind, config, metrics)
+def keep_record(path: str | os.PathLike | None, kind: str, config: dict, metrics: dict, run: RunProvenance,
+                seed: int | None = None, inputs: dict | None = None) -> None:
+    """Write the record if a path was given (`RunProvenance.begin` has already refused a dirty tree's record
+    for the repository's results)."""
+    if path:
+        write_record(path, kind, config, metrics, run, seed, inputs)
         print(f"wrote {path}")
-    elif path:
-        print("(uncommitted tree: no record written)")
 
 
 def print_serve_table(m: dict) -> None:
@@ -54,20 +41,3 @@ def print_serve_table(m: dict) -> None:
         print(f"{name.upper():<8}" + "".join(f"{m[f'{s}_{name}_ms']:>10.1f}" for s in ("mean", "median", "p90", "p99")))
     for error in m.get("errors", []):
         print(f"error: {error}")
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"

@@ -52,6 +52,10 @@ class System(ABC):
     def describe(self) -> dict:
         return {"system": self.name}
 
+    def input_files(self) -> dict:
+        """{role: path} of the files this system read (records keep their sha256)."""
+        return {}
+
     def spec_stats(self) -> dict:
         """Speculative decoding counters (draft_tokens, accepted_tokens, verify_steps), if any."""
         return {}
@@ -114,8 +118,25 @@ class EngineSystem(System):
         tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def input_files(self):
+        config = self.llm.engine.config
+        return {"model": self.llm.engine.loaded.path, "draft_model": config.spec.speculative_model,
+                "speculative_corpus": config.spec.speculative_corpus, "early_exit_heads": config.exit.early_exit_heads,
+                "prune_calibration_text": config.prune.prune_calibration_text}
+
     def describe(self):
-        return {"system": "effinfer", "engine": self.llm.config.to_dict()}
+        from effinfer.layers.linear import kernel_report
+
+        engine = self.llm.engine
+        return {"system": "effinfer", "engine": self.llm.config.to_dict(), "summary": engine.summary,
+                "kernels": {"linear": kernel_report(engine.model), "decode_attention": _decode_attention(engine.model)}}
+
+
+def _decode_attention(model) -> str:
+    caches = [m.kv_cache for m in model.modules() if getattr(m, "kv_cache", None) is not None]
+    if not caches:
+        return "none"
+    return "effinfer paged_decode_attention (pages read in place)" if caches[0].decode_kernel else "pages gathered + matmul"
 
 
 class TransformersSystem(System):
@@ -130,7 +151,7 @@ class TransformersSystem(System):
         folder = path.parent if path.is_file() else path
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype), **kwargs).eval()
-        self.tokenizer, self.dtype, self.batch_size = tokenizer, dtype, batch_size
+        self.tokenizer, self.dtype, self.batch_size, self.path = tokenizer, dtype, batch_size, path
         self.pad_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0
         self.version = transformers.__version__
 
@@ -165,6 +186,9 @@ class TransformersSystem(System):
 
     def weight_bytes(self):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def input_files(self):
+        return {"model": self.path}
 
     def describe(self):
         return {"system": "transformers", "transformers": self.version, "dtype": self.dtype,
@@ -239,6 +263,9 @@ class LlamaCppSystem(System):
 
     def weight_bytes(self):
         return self.path.stat().st_size
+
+    def input_files(self):
+        return {"model": self.path}
 
     def describe(self):
         return {"system": "llamacpp", "llama_cpp_python": self.version, "gguf": str(self.path),

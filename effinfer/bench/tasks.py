@@ -97,7 +97,9 @@ def _mmlu(archive: zipfile.ZipFile, limit: int | None) -> list[Question]:
 
 
 def accuracy(system, questions: list[Question]) -> dict:
-    """acc and acc_per_char of `system` on the questions (every choice scored in one batch)."""
+    """acc and acc_per_char of `system` on the questions (every choice scored in one batch), with standard errors."""
+    from effinfer.bench.stats import proportion_se
+
     sequences, starts, owners = [], [], []
     for qi, q in enumerate(questions):
         context_ids = system.tokenizer.encode(q.context)
@@ -122,4 +124,5 @@ def accuracy(system, questions: list[Question]) -> dict:
         correct += max(range(len(s)), key=s.__getitem__) == q.label
         correct_norm += max(range(len(norm)), key=norm.__getitem__) == q.label
     n = len(questions)
-    return {"acc": correct / n, "acc_per_char": correct_norm / n, "questions": n, "scored_sequences": len(sequences)}
+    return {"acc": correct / n, "acc_stderr": proportion_se(correct, n), "acc_per_char": correct_norm / n,
+            "acc_per_char_stderr": proportion_se(correct_norm, n), "questions": n, "scored_sequences": len(sequences)}

@@ -60,6 +60,11 @@ def paged_decode_attention():
     return torch.ops.effinfer_kernels.paged_decode_attention.default
 
 
+def kernel_isa() -> str:
+    """The instruction set effinfer's quantized kernels run with here ("not built" where they did not build)."""
+    return torch.ops.effinfer_kernels.int4_isa() if _loaded() else "not built"
+
+
 def _loaded() -> bool:
     global _built
     if _built is None:

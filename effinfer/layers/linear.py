@@ -51,6 +51,26 @@ class QuantMethod(ABC):
     def describe(self) -> dict:
         return {"method": self.name}
 
+    def kernels(self, layer: "QuantLinear") -> tuple[str, str]:
+        """What multiplies this layer as built: (few rows, as in decode; many rows, as in prefill and large
+        batches). Bench records keep it, so a figure says which code made it."""
+        return DEQUANTIZE, DEQUANTIZE
+
+
+DEQUANTIZE = "dequantize + matmul"
+
+
+def kernel_report(model: nn.Module) -> list[dict]:
+    """Each quantized layer format in `model` with its layer count and the kernels its layers run."""
+    counts: dict[tuple, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            fmt = " ".join(f"{k}={v}" if k != "method" else str(v) for k, v in module.method.describe().items())
+            key = (fmt, *module.method.kernels(module))
+            counts[key] = counts.get(key, 0) + 1
+    return [{"format": fmt, "layers": n, "few_rows": few, "many_rows": many}
+            for (fmt, few, many), n in counts.items()]
+
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, method: QuantMethod):

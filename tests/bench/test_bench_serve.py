@@ -23,8 +23,12 @@ def test_bench_serve_writes_a_complete_record(live, tmp_path):
     assert record["total_output_tokens"] == 12 * 8
     assert 12 * 40 <= record["total_input_tokens"] <= 12 * 60          # re-tokenized text stays close to 48
     for key in ("mean_ttft_ms", "p99_tpot_ms", "median_itl_ms", "p90_e2el_ms", "output_throughput", "goodput",
-                "commit", "cpu", "torch", "config"):
+                "commit", "dirty", "command", "cpu", "cpu_flags", "versions", "seed", "config"):
         assert key in record, key
+    assert len(record["commit"]) == 40 and record["versions"]["torch"]
+    assert record["command"].startswith("effinfer bench serve --base-url")
+    low, high = record["mean_ttft_ms_ci95"]
+    assert low <= record["mean_ttft_ms"] <= high
     assert record["goodput"] == record["request_throughput"]
     assert "TTFT" in result.stdout
     assert live.wait_idle()

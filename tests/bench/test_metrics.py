@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from effinfer.bench.metrics import RequestResult, summarize
+from effinfer.bench.provenance import file_sha256
 from effinfer.bench.serve import arrival_delays
 
 
@@ -74,13 +75,24 @@ def test_bench_latency_and_throughput_records(smollm2_path, tmp_path):
     assert record["config"]["engine"]["model"]["dtype"] == "float32" and record["energy_method"]
     out = tmp_path / "throughput.json"
     result = subprocess.run([sys.executable, "-m", "effinfer.cli", "bench", "throughput", "--num-prompts", "6",
-                             "--input-len", "20", "--output-len", "5", "--result-file", str(out), *common],
+                             "--input-len", "20", "--output-len", "5", "--repetitions", "2", "--result-file", str(out),
+                             *common],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
     assert record["num_requests"] == 6 and record["total_output_tokens"] == 30 and record["total_input_tokens"] == 120
-    assert record["output_throughput"] == pytest.approx(30 / record["duration"])
-    assert record["peak_rss_mb"] > 100
+    runs = record["runs"]
+    assert len(runs) == 2 and all(r["output_throughput"] == pytest.approx(30 / r["duration"]) for r in runs)
+    assert record["output_throughput"] == pytest.approx((runs[0]["output_throughput"] + runs[1]["output_throughput"]) / 2)
+    low, high = record["output_throughput_ci95"]
+    assert low <= record["output_throughput"] <= high and record["output_throughput_std"] >= 0
+    assert record["peak_rss_mb"] > 100 and record["seed"] == 0
+    assert record["inputs"]["model"]["sha256"] == file_sha256(smollm2_path)
+    assert record["command"].startswith("effinfer bench throughput") and len(record["commit"]) == 40
+    kernels = record["config"]["kernels"]
+    # the file's own blocks: qkv, o, gate_up and down in each of 30 layers, and the output head
+    assert kernels["decode_attention"] and sum(k["layers"] for k in kernels["linear"]) == 30 * 4 + 1
+    assert all(k["format"] and k["few_rows"] and k["many_rows"] for k in kernels["linear"])
 
 
 def test_bench_plot_draws_serve_records(tmp_path):
@@ -182,6 +194,9 @@ def test_one_round_compare_measures_each_config_alone_on_every_workload(monkeypa
             return 0
 
         def describe(self):
+            return {}
+
+        def input_files(self):
             return {}
 
         def __del__(self):

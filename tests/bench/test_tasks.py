@@ -72,7 +72,8 @@ def test_accuracy_and_per_char_normalisation(smollm2_fp32):
                  tasks.Question("Pick:", [" cc", " d"], 0)]
     system = ScriptedSystem(smollm2_fp32.tokenizer, {" a": -3.0, " bbbbbbbbbb": -4.0, " cc": -1.0, " d": -4.0})
     result = tasks.accuracy(system, questions)
-    assert result == {"acc": 0.5, "acc_per_char": 1.0, "questions": 2, "scored_sequences": 4}
+    assert result == {"acc": 0.5, "acc_stderr": pytest.approx(0.5 ** 1.5), "acc_per_char": 1.0,
+                      "acc_per_char_stderr": 0.0, "questions": 2, "scored_sequences": 4}
 
 
 def test_engine_batched_scores_equal_single_sequence_scores(smollm2_fp32):

@@ -26,6 +26,9 @@ class W8A8(Int8WeightOnly):
         acc = torch._int_mm(xq, layer.qweight.t())
         return (acc.float() * x_scale * layer.scales.float()).to(x.dtype)
 
+    def kernels(self, layer):
+        return super().kernels(layer)[0], "torch._int_mm (int8 activations x int8 weights)"
+
 
 def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """SmoothQuant's per-input-channel scale s (the layer then computes (W diag(s)) (x / s))."""

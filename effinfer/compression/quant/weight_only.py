@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from effinfer.kernels import int4_gemv, int4_layout, int4_mm, int8_gemm, int8_gemv
-from effinfer.layers.linear import QuantMethod
+from effinfer.kernels import int4_gemv, int4_layout, int4_mm, int8_gemm, int8_gemv, kernel_isa
+from effinfer.layers.linear import DEQUANTIZE, QuantMethod
 
 KERNEL_MAX_ROWS = 16
 """Above this many tokens in a step, int8 runs its GEMM (or, without one, dequantizes and runs a bf16 GEMM): its
@@ -94,6 +94,12 @@ class Int8WeightOnly(QuantMethod):
 
     def dequantize(self, layer):
         return layer.qweight.to(layer.scales.dtype) * layer.scales[:, None]
+
+    def kernels(self, layer):
+        if layer.qweight.device.type != "cpu":
+            return DEQUANTIZE, DEQUANTIZE
+        few = f"effinfer int8_gemv ({kernel_isa()})" if hasattr(layer, "gemv") else "aten _weight_int8pack_mm"
+        return few, f"effinfer int8_gemm ({kernel_isa()})" if hasattr(layer, "gemm") else DEQUANTIZE
 
 
 class Int4WeightOnly(QuantMethod):
@@ -181,6 +187,15 @@ class Int4WeightOnly(QuantMethod):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.packed, self.group_size,
                                                                layer.scales_and_zeros.to(x.dtype))
         return F.linear(x, self.dequantize(layer).to(x.dtype))
+
+    def kernels(self, layer):
+        if hasattr(layer, "gemv"):
+            many = "effinfer int4_gemm" if layer.out_features % 16 == 0 else "effinfer int4_dequantize + matmul"
+            return f"effinfer int4_gemv ({kernel_isa()})", f"{many} ({kernel_isa()})"
+        if hasattr(layer, "packed"):
+            aten = "aten _weight_int4pack_mm_for_cpu"
+            return aten, aten if layer.out_features % 64 else DEQUANTIZE
+        return DEQUANTIZE, DEQUANTIZE
 
     def dequantize(self, layer):
         if hasattr(layer, "gemv"):

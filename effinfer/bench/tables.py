@@ -1,0 +1,150 @@
+"""`effinfer bench report`: the docs' tables rendered from the records in `benchmarks/results/`.
+
+A table in a Markdown file is a marked region,
+
+    <!-- table: serve_default -->
+    (generated: do not edit)
+    <!-- /table -->
+
+whose body `effinfer bench report` rewrites from the record(s) its renderer names, with a line that says
+which record, made at which commit, by which command. `--check` rewrites nothing and fails when a region
+differs from what its records give (a test runs it), so a number in the docs is the number in its record.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+from effinfer.bench.provenance import REPO_ROOT, RESULTS_DIR
+
+DOCS = ("README.md", "benchmarks/README.md", "docs/techniques.md")
+"""The files whose marked regions `bench report` renders (relative to the repository root)."""
+
+REGION = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+TABLES: dict[str, Callable[[Path], str]] = {}
+
+
+def table(name: str):
+    def register(render: Callable[[Path], str]):
+        TABLES[name] = render
+        return render
+    return register
+
+
+def render_text(text: str, results: Path = RESULTS_DIR) -> str:
+    """`text` with every marked region's body rendered afresh from the records in `results`."""
+    def body(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r} (known: {', '.join(sorted(TABLES))})")
+        return match[1] + TABLES[name](results).rstrip("\n") + "\n" + match[4]
+    return REGION.sub(body, text)
+
+
+def report(paths: list[Path], results: Path = RESULTS_DIR, check: bool = False) -> list[str]:
+    """Render (or, with `check`, compare) each file's regions; returns the files that differ(ed)."""
+    differing = []
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        rendered = render_text(text, results)
+        if rendered != text:
+            differing.append(str(path))
+            if not check:
+                path.write_text(rendered, encoding="utf-8")
+    return differing
+
+
+def doc_paths() -> list[Path]:
+    return [REPO_ROOT / name for name in DOCS if (REPO_ROOT / name).is_file()]
+
+
+def load(results: Path, name: str) -> dict:
+    path = results / name
+    if not path.is_file():
+        raise FileNotFoundError(f"the table's record {path} is missing")
+    return json.loads(path.read_text())
+
+
+def source(name: str, record: dict) -> str:
+    """The line under a table: its record, the commit it measured and the command that made it."""
+    commit = str(record.get("commit", "unknown"))[:10]
+    dirty = " (uncommitted changes)" if record.get("dirty") else ""
+    date = str(record.get("date", ""))[:10]
+    command = record.get("command")
+    made = f", made by `{command}`" if command else ""
+    return f"\n_Record: `results/{name}` at {commit}{dirty}, {date}{made}._\n"
+
+
+def markdown_table(header: list[str], align: str, rows: list[list[str]]) -> str:
+    """`align`: one character per column, l or r."""
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def number(value: float | None, digits: int = 1) -> str:
+    """1,052 / 94.5 / 0.958: thousands separated; `digits` after the point below 1,000."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:,.{digits}f}"
+
+
+@table("serve_default")
+def serve_default_table(results: Path) -> str:
+    record = load(results, "serve_default.json")
+    labels = {"default": "default: engine process, `quantization=auto` (the file's Q4_1 blocks), compiled in the background",
+              "default, cold compile cache": "the same, first start (empty compile cache)",
+              "eager (--no-compile)": "`--no-compile` (eager decode steps)",
+              "bf16 (--quantization none)": "`--quantization none` (bf16), compiled in the background",
+              "default, engine on a thread (--no-engine-process)":
+                  "default, engine on a thread of the HTTP process (`--no-engine-process`)"}
+    rows = []
+    for name, m in record["median"].items():
+        latency = record["in_process_latency"].get(name)
+        rows.append([
+            labels.get(name, name), f"{number(m['start_to_first_answer_s'])} s",
+            f"{number(m['start_to_compiled_s'])} s" if "start_to_compiled_s" in m else "-",
+            number(m["output_tok_s"]), f"{number(m['mean_tpot_ms'])} ms",
+            f"{m['resident_mb']:,.0f} / {m['proportional_mb']:,.0f} MB",
+            f"{number(latency['pp512_tok_s'])} / {number(latency['tg128_tok_s'])}" if latency else "-"])
+    header = ["configuration", "start to first answer", "start to compiled", "served output tok/s", "TPOT",
+              "RSS / PSS", "in-process pp512 / tg128 tok/s"]
+    return markdown_table(header, "lrrrrrr", rows) + source("serve_default.json", record)
+
+
+@table("paged_attention")
+def paged_attention_table(results: Path) -> str:
+    record = load(results, "paged_attention.json")
+    ways = ["in place", "compiled gather", "eager gather"]
+    rows = []
+    for row in record["rows"]:
+        times = [row[f"{w}_us"] for w in ways]
+        best = min(times)
+        cells = [f"**{number(t, 0)}**" if t == best else number(t, 0) for t in times]
+        rows.append([f"{row['context']} x {row['batch']}", *cells])
+    return (markdown_table(["context x sequences", *ways], "lrrr", rows)
+            + source("paged_attention.json", record))
+
+
+@table("structured_output")
+def structured_output_table(results: Path) -> str:
+    record = load(results, "structured_output.json")
+    rows = [[str(r["concurrency"]),
+             f"{number(r['unconstrained_output_tok_s'])} ({number(r['unconstrained_tpot_ms'])} ms)",
+             f"{number(r['json_schema_output_tok_s'])} ({number(r['json_schema_tpot_ms'])} ms)",
+             f"{r['ratio_output_tok_s']:.3f}x"] for r in record["rows"]]
+    header = ["concurrent", "unconstrained tok/s (TPOT)", "JSON schema tok/s (TPOT)", "constrained / unconstrained"]
+    return markdown_table(header, "rrrr", rows) + source("structured_output.json", record)
+
+
+@table("embeddings")
+def embeddings_table(results: Path) -> str:
+    record = load(results, "embeddings.json")
+    rows = [[f"{record['mean_prompt_tokens']:.0f}", str(record["config"]["batch"]), number(record["embeddings_per_s"]),
+             number(record["prompt_tokens_per_s"])]]
+    header = ["mean prompt tokens", "batch", "embeddings/s", "prompt tokens/s"]
+    return markdown_table(header, "rrrr", rows) + source("embeddings.json", record)
