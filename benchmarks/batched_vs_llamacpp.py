@@ -4,7 +4,7 @@ round (effinfer, llama.cpp, effinfer, ...) so that a shared machine's drifts hit
 Per batch size B (B requests of --input-len prompt tokens, each to --output-len tokens, at once): output
 tokens/s with prefill included and of decode alone. effinfer: `effinfer bench compare --workload sweep` with
 the given configuration (the default: the file's own blocks). llama.cpp: `llama-batched-bench` (built by
-`../shared/tools/build_llamacpp.sh`), whose S_TG is its decode rate and B x TG / T its output rate with
+`make peers`), whose S_TG is its decode rate and B x TG / T its output rate with
 prefill. The record keeps every run and the median of each; `--plot` draws both as `bench compare`'s sweep.
 
     python benchmarks/batched_vs_llamacpp.py --rounds 2 --result-file benchmarks/results/batched_vs_llamacpp.json \
@@ -38,19 +38,10 @@ def effinfer_sweep(args, model: str) -> dict:
 
 
 def llamacpp_sweep(args, model: str) -> dict:
+    from effinfer.bench.llamacpp_tools import batched_bench
+
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    context = max(sizes) * (args.input_len + args.output_len) + 256
-    command = [str(Path(args.llamacpp_bin) / "llama-batched-bench"), "-m", model, "-c", str(context), "-b", "2048",
-               "-ub", "512", "-npp", str(args.input_len), "-ntg", str(args.output_len), "-npl", args.batch_sizes,
-               "-t", str(args.threads), "--output-format", "jsonl"]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    metrics = {}
-    for line in out.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            metrics[f"b{row['pl']}_decode_tok_s"] = row["speed_tg"]
-            metrics[f"b{row['pl']}_output_tok_s"] = row["pl"] * row["tg"] / row["t"]
-    return metrics
+    return batched_bench(Path(model), sizes, args.input_len, args.output_len, args.threads)
 
 
 def main() -> int:
@@ -65,20 +56,19 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="threads of both")
-    p.add_argument("--llamacpp-bin", default=str(Path.home() / ".cache/llamacpp-tools/llamacpp-build/bin"))
     p.add_argument("--result-file", default=None)
     add_allow_dirty_arg(p)
     p.add_argument("--plot", default=None, metavar="PNG")
     args = p.parse_args()
     args.batch_sizes = ",".join(item.strip() for item in args.batch_sizes.split(",") if item.strip())
     from effinfer.bench.compare import parse_config
-    from effinfer.bench.provenance import RunProvenance, llamacpp_build
+    from effinfer.bench import llamacpp_tools
+    from effinfer.bench.provenance import RunProvenance
     from effinfer.bench.report import keep_record
     from effinfer.bench.stats import ratio_interval
     from effinfer.loader import catalog
 
-    if not (Path(args.llamacpp_bin) / "llama-batched-bench").is_file():
-        sys.exit(f"no llama-batched-bench in {args.llamacpp_bin} (build it with ../shared/tools/build_llamacpp.sh)")
+    llamacpp_tools.tool("llama-batched-bench")      # (says how to build it when it is missing)
     run = RunProvenance.begin(args.result_file, args.allow_dirty)
     model = str(catalog.pull(args.model)) if args.model in catalog.CATALOG else args.model
     name = parse_config(args.config).name
@@ -98,7 +88,7 @@ def main() -> int:
     for b in args.batch_sizes.split(","):
         print(f"b{b}: output {ratios[f'b{b}_output_tok_s']:.2f}x, decode {ratios[f'b{b}_decode_tok_s']:.2f}x llama.cpp")
     result = {"workloads": ["sweep"], "metrics": medians, "ratios_to_peer": ratios, "ratio_ci95": intervals,
-              "runs": runs, "llamacpp_build": llamacpp_build(Path(args.llamacpp_bin) / "llama-batched-bench")}
+              "runs": runs, "llamacpp_build": llamacpp_tools.build()}
     if args.plot:
         from effinfer.bench.plots import plot_sweep
 

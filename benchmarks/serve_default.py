@@ -6,7 +6,7 @@ development range, `effinfer bench serve`), and the same configuration's in-proc
 latency` pp512/tg128, with `--compile` where the server compiles: its steady state). The peer a user would
 pick runs beside it with its own instruments on the same GGUF file: `llama-server` (`--parallel 1`, served
 through the same `effinfer bench serve`) and `llama-bench` (pp512/tg128), both built by
-`../shared/tools/build_llamacpp.sh` (`--llamacpp-bin`; left out of the record when absent).
+`make peers` (left out of the record when absent).
 
 Each round starts every configuration's server afresh, in turn (A, B, C, A, B, C, ...), so drifts of a shared
 machine hit all alike; the record keeps every run and the median of each configuration. The tree must be
@@ -53,11 +53,10 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=8, help="ShareGPT prompts per served run, one at a time")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--result-file", required=True)
-    parser.add_argument("--llamacpp-bin", default=str(Path.home() / ".cache/llamacpp-tools/llamacpp-build/bin"),
-                        help="folder with llama-server and llama-bench")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (effinfer: PyTorch's default)")
     sys.path.insert(0, str(ROOT))
-    from effinfer.bench.provenance import RunProvenance, add_allow_dirty_arg, llamacpp_build
+    from effinfer.bench import llamacpp_tools
+    from effinfer.bench.provenance import RunProvenance, add_allow_dirty_arg
 
     add_allow_dirty_arg(parser)
     args = parser.parse_args()
@@ -65,10 +64,9 @@ def main() -> int:
     from effinfer.loader import catalog
 
     model_file = catalog.pull(catalog.DEFAULT_MODEL, show_progress=False)
-    llamacpp = Path(args.llamacpp_bin)
     servers = {name: [*EFFINFER, "serve", *flags] for name, flags in CONFIGS.items()}
-    if (llamacpp / "llama-server").is_file():
-        servers[PEER] = [str(llamacpp / "llama-server"), "-m", str(model_file), "-t", str(args.threads), "--parallel", "1"]
+    if llamacpp_tools.available("llama-server"):
+        servers[PEER] = [str(llamacpp_tools.tool("llama-server")), "-m", str(model_file), "-t", str(args.threads), "--parallel", "1"]
     runs = {name: [] for name in servers}
     for round_index in range(args.rounds):
         for name, command in servers.items():
@@ -76,13 +74,14 @@ def main() -> int:
             runs[name].append(serve_run(command, args.num_prompts, args.output_len, cold=name == COLD))
     in_process = {name: latency_run(flags) for name, flags in CONFIGS.items()
                   if "--no-engine-process" not in flags and name != COLD}
-    if (llamacpp / "llama-bench").is_file():
-        in_process[PEER] = llama_bench(llamacpp / "llama-bench", model_file, args.threads)
+    if llamacpp_tools.available("llama-bench"):
+        in_process[PEER] = llamacpp_tools.llama_bench(model_file, 512, 128, 3, args.threads)
     summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if isinstance(rs[0][key], float)}
                for name, rs in runs.items()}
     record = {"benchmark": "serve_default", **run.environment(inputs={"model": model_file}),
-              "llamacpp_build": llamacpp_build(llamacpp / "llama-server"), "num_prompts": args.num_prompts, "output_len": args.output_len, "runs": runs,
-              "median": summary, "in_process_latency": in_process}
+              "llamacpp_build": llamacpp_tools.build() if llamacpp_tools.available("llama-bench") else None,
+              "num_prompts": args.num_prompts, "output_len": args.output_len, "runs": runs, "median": summary,
+              "in_process_latency": in_process}
     print_table(summary, in_process)
     Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result_file).write_text(json.dumps(record, indent=2))
@@ -174,14 +173,6 @@ def latency_run(flags: list[str]) -> dict:
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         record = json.loads(result.read_text())
     return {key: record[key] for key in ("pp512_tok_s", "tg128_tok_s")}
-
-
-def llama_bench(binary: Path, model_file: Path, threads: int) -> dict:
-    out = subprocess.run([str(binary), "-m", str(model_file), "-p", "512", "-n", "128", "-t", str(threads), "-r", "3",
-                          "-o", "json"], check=True, capture_output=True, text=True).stdout
-    rows = json.loads(out)
-    rate = {("pp512" if row["n_prompt"] else "tg128"): float(row["avg_ts"]) for row in rows}
-    return {"pp512_tok_s": rate["pp512"], "tg128_tok_s": rate["tg128"]}
 
 
 def free_port() -> int:

@@ -12,8 +12,8 @@ import sys
 import time
 import typing
 
-from effinfer.cli_args import (LazyChoices, add_engine_args, add_sampling_args, arg_type, engine_kwargs, make_llm,
-                               sampling_params_from)
+from effinfer.cli_args import (LazyChoices, add_config_file_arg, add_engine_args, add_sampling_args, arg_type,
+                               engine_kwargs, make_llm, sampling_params_from)
 from effinfer.compression.prune import PRUNE_METHODS
 from effinfer.config import EngineConfig, field_docs
 from effinfer.loader import catalog
@@ -55,12 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_sampling_args(p)
+    add_config_file_arg(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (binds 127.0.0.1 unless told otherwise)")
     add_server_args(p)
+    add_config_file_arg(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("tune", help="search the configurations for the fastest within a quality bound; writes a "
+                                    "config file for `serve --config`, a report and a Pareto plot")
+    add_tune_args(p)
+    p.set_defaults(func=cmd_tune)
     add_bench_parser(sub)
     p = sub.add_parser("quantize", help="calibrated checkpoint (GPTQ, AWQ 4-bit; SmoothQuant W8A8), saved to a folder that loads as a model")
     p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat with history (empty line or Ctrl-D to quit)")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_args(p, max_tokens=512, temperature=0.7)
+    add_config_file_arg(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_chat)
     return parser
@@ -133,7 +140,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServerConfig):
         if f.name == "api_keys":
             g.add_argument("--api-key", action="append", dest="api_keys", default=[],
-                           help="accepted bearer token (repeat for several); none means no authentication")
+                           help=f"{docs['api_keys']} Repeat --api-key for several.")
         elif hints[f.name] is bool:
             g.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
                            dest=f.name, help=docs.get(f.name))
@@ -248,6 +255,63 @@ def _group_fit_names() -> list[str]:
     from effinfer.compression.quant.group_search import GROUP_FITS
 
     return list(GROUP_FITS)
+
+
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    from effinfer.bench.provenance import add_allow_dirty_arg
+
+    p.add_argument("model", nargs="?", default=catalog.DEFAULT_MODEL)
+    p.add_argument("--text", required=True, help="a UTF-8 text: the quality bound is KL vs bf16 on its first tokens")
+    p.add_argument("--workload", default="latency", choices=["latency", "throughput"],
+                   help="latency: one request at a time (prompt + decode time); throughput: a batch (output tokens/s)")
+    p.add_argument("--max-kl", type=float, default=0.01, help="quality bound: mean KL divergence vs bf16 per token")
+    p.add_argument("--quality-tokens", type=int, default=2048)
+    p.add_argument("--prompt-len", type=int, default=512, help="latency: prompt tokens")
+    p.add_argument("--gen-len", type=int, default=128, help="latency: generated tokens")
+    p.add_argument("--num-prompts", type=int, default=32, help="throughput: requests at once")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--finalists", type=int, default=2, help="eager formats carried into the interleaved final")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the final")
+    p.add_argument("--no-compile-candidates", dest="compile", action="store_false",
+                   help="do not try compiled steps (each takes minutes on a cold compile cache)")
+    p.add_argument("--time-budget", type=float, default=1800.0, metavar="SECONDS")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", default="tuned.json", help="the winner's engine options (`effinfer serve --config`)")
+    p.add_argument("--report", default="tune-report.json", help="every candidate, measured or dropped, and why")
+    p.add_argument("--plot", default="tune-pareto.png", help="speed against KL (PNG)")
+    add_allow_dirty_arg(p)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from effinfer.bench.provenance import RunProvenance
+    from effinfer.bench.report import write_record
+    from effinfer.tools.tune import Tuner, TuneSettings, pareto_plot, write_config
+
+    run = RunProvenance.begin(args.report, args.allow_dirty)
+    base = {k: v for k, v in {"num_threads": args.num_threads, "cache_dir": args.cache_dir, "show_progress": False}.items()
+            if v is not None}
+    settings = TuneSettings(args.model, args.text, args.workload, args.max_kl, args.quality_tokens, args.prompt_len,
+                            args.gen_len, args.num_prompts, args.input_len, args.output_len, args.finalists,
+                            args.rounds, args.compile, args.time_budget, base)
+    log_to_stderr()
+    result = Tuner(settings).run()
+    if result["best"] is None:
+        print("error: no configuration met the quality bound and ran; raise --max-kl or the time budget", file=sys.stderr)
+        return 1
+    write_config(result["best_options"], args.out)
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "allow_dirty")}
+    write_record(args.report, "tune", config, result, run, inputs={"text": args.text})
+    print(f"best: {result['best']} -> {args.out}  (report {args.report}, plot {pareto_plot(result, args.plot)})")
+    for row in result["candidates"]:
+        ratio = row.get("speedup_vs_default")
+        note = f"{ratio['ratio']:.2f}x the default" + (f" [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}]"
+                                                       if ratio["ci95"] else "") if ratio else row["dropped"]
+        kl = f"KL {row['kl']:.4f}" if row["kl"] is not None else "KL -"
+        print(f"  {row['name'][:60]:<60} {kl:<12} {note}")
+    print(f"serve it: effinfer serve --config {args.out}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -74,8 +74,48 @@ def arg_type(hint):
     return args[0] if args else hint
 
 
+def add_config_file_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                   help="engine options from a JSON file of option names and values, as `effinfer tune` writes; "
+                        "a flag given on the command line (at other than its default) takes precedence")
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k in all_option_names()}
+    """The engine options of parsed flags, over those of a `--config` file where the flag was left at its default."""
+    kwargs = {k: v for k, v in vars(args).items() if k in all_option_names()}
+    path = getattr(args, "config_file", None)
+    if path:
+        defaults = option_defaults()
+        for key, value in read_config_file(path).items():
+            if kwargs.get(key, defaults[key]) == defaults[key]:
+                kwargs[key] = value
+    return kwargs
+
+
+def read_config_file(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    try:
+        options = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{path} must hold a JSON object of engine options, e.g. {{\"quantization\": \"int8\"}}")
+    unknown = sorted(set(options) - all_option_names())
+    if unknown:
+        raise ValueError(f"{path}: unknown engine option(s) {', '.join(unknown)} (see docs/configuration.md)")
+    return options
+
+
+def option_defaults() -> dict:
+    """Each engine option's default, as its flag has it."""
+    out = {}
+    for cls in (*SUB_CONFIGS.values(), EngineConfig):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+    return out
 
 
 def make_llm(args: argparse.Namespace):

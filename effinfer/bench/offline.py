@@ -30,6 +30,10 @@ RAPL_FILE = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 def run_latency(system, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5, seed: int = 0,
                 measure_machine: bool = True) -> dict:
+    own = system.own_measurement("latency", prompt_len=prompt_len, gen_len=gen_len, repetitions=repetitions)
+    if own is not None:        # a peer timed by its own tool, in its own process (no resource meter here)
+        machine = {"machine_bandwidth_gb_s": measure_bandwidth()} if measure_machine else {}
+        return {**own, "decode_bandwidth_gb_s": system.weight_bytes() * own[f"tg{gen_len}_tok_s"] / 1e9, **machine}
     prompts = [r.prompt for r in random_requests(system.tokenizer, repetitions + 1, prompt_len, 1, seed, as_text=False)]
     warmup_start = time.perf_counter()
     _prefill_rate(system, prompts[0])
@@ -68,13 +72,16 @@ def run_throughput_repeated(system, requests: list[BenchRequest], stop_at_eos: b
     out = dict(runs[0])
     for key in ("duration", "request_throughput", "output_throughput", "total_token_throughput"):
         out.update(speed_stats(key, [r[key] for r in runs]))
-    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    if "peak_rss_mb" in runs[0]:      # (a peer timed by its own tool runs in a process of its own)
+        out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     out["repetitions"] = repetitions
     out["runs"] = [{"duration": r["duration"], "output_throughput": r["output_throughput"]} for r in runs]
     return out
 
 
 def run_throughput(system, requests: list[BenchRequest], stop_at_eos: bool = False) -> dict:
+    if system.own_measurement("throughput") is not None:
+        return _own_throughput(system, requests, stop_at_eos)
     system.forget_cache()
     meter = ResourceMeter()
     spec_before = system.spec_stats()
@@ -97,6 +104,9 @@ def run_sweep(system, batch_sizes: list[int], input_len: int, output_len: int, s
     >= B and a KV pool that holds B sequences (else preemption slows what is measured)."""
     if output_len < 2:
         raise ValueError(f"the sweep needs output_len >= 2 (decode steps to time), got {output_len}")
+    own = system.own_measurement("sweep", batch_sizes=batch_sizes, input_len=input_len, output_len=output_len)
+    if own is not None:
+        return own
     warmup = [r.prompt for r in random_requests(system.tokenizer, min(batch_sizes), input_len, 1, seed, as_text=False)]
     _timed_batch(system, warmup, 2)   # first-touch costs (KV blocks, kernel scratch) out of the first size's figures
     out = {}
@@ -113,6 +123,21 @@ def run_sweep(system, batch_sizes: list[int], input_len: int, output_len: int, s
         out[f"b{size}_output_tok_s"] = whole_tokens / whole_s
         out[f"b{size}_decode_tok_s"] = (whole_tokens - first_tokens) / (whole_s - first_s)
     return out
+
+
+def _own_throughput(system, requests: list[BenchRequest], stop_at_eos: bool) -> dict:
+    """A request set run by a peer's own batched tool: all at once, one shape (its own random prompts)."""
+    shapes = {(r.prompt_len, r.output_len) for r in requests}
+    if len(shapes) != 1 or stop_at_eos:
+        raise ValueError(f"{system.name} runs one batch of equal requests to their full length: use random prompts "
+                         "with --range-ratio 0 and without --stop-at-eos")
+    (input_len, output_len), size = shapes.pop(), len(requests)
+    m = system.own_measurement("sweep", batch_sizes=[size], input_len=input_len, output_len=output_len)
+    out_rate = m[f"b{size}_output_tok_s"]
+    duration = size * output_len / out_rate
+    return {"duration": duration, "num_requests": size, "total_input_tokens": size * input_len,
+            "total_output_tokens": size * output_len, "request_throughput": size / duration,
+            "output_throughput": out_rate, "total_token_throughput": size * (input_len + output_len) / duration}
 
 
 def _timed_batch(system, prompts: list[list[int]], output_len: int) -> tuple[float, int]:

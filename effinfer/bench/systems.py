@@ -6,9 +6,11 @@ perplexity, KL divergence and multiple-choice accuracy). The peers run the same 
 with the same prompts (token ids from effinfer's tokenizer) and the same thread count:
 
 - `transformers`: Hugging Face `generate()` / forward, request sets as static left-padded batches;
+- `llamacpp-native`: llama.cpp's own tools (llama-bench, llama-batched-bench; `make peers` builds them),
+  what a llama.cpp user measures with: latency, request sets and the sweep, not quality;
 - `llamacpp`: llama.cpp through `llama-cpp-python` (optional extra), one sequence at a time (its
-  Python API has no batched decode). `quant=Q4_0` (or Q8_0, Q4_K_M, ...) requantizes the file with
-  llama.cpp's own quantizer into the cache first.
+  Python API has no batched decode), for quality (scoring) beside the others.
+  `quant=Q4_0` (or Q8_0, Q4_K_M, ...) requantizes the file with llama.cpp's own quantizer into the cache first.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from effinfer.sampling_params import SamplingParams
 
-PEER_SYSTEMS = ("transformers", "llamacpp")
+PEER_SYSTEMS = ("transformers", "llamacpp", "llamacpp-native")
 
 
 class System(ABC):
@@ -55,6 +57,11 @@ class System(ABC):
     def input_files(self) -> dict:
         """{role: path} of the files this system read (records keep their sha256)."""
         return {}
+
+    def own_measurement(self, workload: str, **shape) -> dict | None:
+        """A peer timed by its own instruments returns a workload's metrics here (asked with no shape: whether
+        it does); None: the benchmark times it through the methods above."""
+        return None
 
     def spec_stats(self) -> dict:
         """Speculative decoding counters (draft_tokens, accepted_tokens, verify_steps), if any."""
@@ -130,6 +137,48 @@ class EngineSystem(System):
         engine = self.llm.engine
         return {"system": "effinfer", "engine": self.llm.config.to_dict(), "summary": engine.summary,
                 "kernels": {"linear": kernel_report(engine.model), "decode_attention": _decode_attention(engine.model)}}
+
+
+class LlamaCppNativeSystem(System):
+    """llama.cpp timed by its own tools on the same file (`llamacpp_tools`): latency by llama-bench, request sets
+    and the sweep by llama-batched-bench, on random tokens as those tools make them. Scoring (quality) needs the
+    Python binding, `system=llamacpp`."""
+
+    name = "llamacpp-native"
+
+    def __init__(self, path: Path, tokenizer, num_threads: int, quant: str | None = None, cache_dir: Path | None = None):
+        from effinfer.bench import llamacpp_tools
+
+        self.tools, self.tokenizer, self.threads, self.quant, self.source = llamacpp_tools, tokenizer, num_threads, quant, path
+        llamacpp_tools.tool("llama-bench")       # named now if missing, before any measuring starts
+        self.path = llamacpp_tools.requantize(path, quant, cache_dir or path.parent, num_threads) if quant else path
+
+    def own_measurement(self, workload, **shape):
+        if not shape:
+            return {}
+        if workload == "latency":
+            return self.tools.llama_bench(self.path, shape["prompt_len"], shape["gen_len"], shape["repetitions"],
+                                          self.threads)
+        if workload == "sweep":
+            return self.tools.batched_bench(self.path, shape["batch_sizes"], shape["input_len"], shape["output_len"],
+                                            self.threads)
+        raise ValueError(f"llamacpp-native has no {workload} measurement")
+
+    def _in_process_only(self, *args, **kwargs):
+        raise ValueError("llamacpp-native runs llama.cpp's own tools, which do not score text or stream tokens here; "
+                         "use system=llamacpp (llama-cpp-python) for quality")
+
+    prefill = decode_times = run_batch = score = _in_process_only
+
+    def weight_bytes(self):
+        return self.path.stat().st_size
+
+    def input_files(self):
+        return {"model": self.source, "requantized_model": self.path if self.quant else None}
+
+    def describe(self):
+        return {"system": "llamacpp-native", "llamacpp_build": self.tools.build(), "gguf": str(self.path),
+                "quant": self.quant, "n_threads": self.threads}
 
 
 def _decode_attention(model) -> str:
@@ -317,12 +366,15 @@ def make_system(options: dict, base_kwargs: dict) -> System:
     if kind == "transformers":
         return TransformersSystem(path, tokenizer, options.pop("dtype", base_kwargs.get("dtype", "bfloat16")),
                                   **_leftover(options, kind))
+    if kind == "llamacpp-native":
+        return LlamaCppNativeSystem(path, tokenizer, threads, quant=options.pop("quant", None),
+                                    cache_dir=catalog.cache_dir(cache_dir) / "llamacpp", **_leftover(options, kind))
     return LlamaCppSystem(path, tokenizer, threads, quant=options.pop("quant", None),
                           cache_dir=catalog.cache_dir(cache_dir) / "llamacpp", **_leftover(options, kind))
 
 
 def _leftover(options: dict, kind: str) -> dict:
-    allowed = {"transformers": {"batch_size"}, "llamacpp": {"n_ctx"}}[kind]
+    allowed = {"transformers": {"batch_size"}, "llamacpp": {"n_ctx"}, "llamacpp-native": set()}[kind]
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"option(s) {', '.join(sorted(unknown))} do not apply to the {kind} peer "

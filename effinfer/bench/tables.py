@@ -1,4 +1,5 @@
-"""`effinfer bench report`: the docs' tables rendered from the records in `benchmarks/results/`.
+"""`effinfer bench report`: the docs' tables rendered from the records in `benchmarks/results/` (and the option
+reference, `docs/configuration.md`, from the config dataclasses that the flags come from).
 
 A table in a Markdown file is a marked region,
 
@@ -20,7 +21,7 @@ from typing import Callable
 
 from effinfer.bench.provenance import REPO_ROOT, RESULTS_DIR
 
-DOCS = ("README.md", "benchmarks/README.md", "docs/techniques.md")
+DOCS = ("README.md", "benchmarks/README.md", "docs/techniques.md", "docs/configuration.md")
 """The files whose marked regions `bench report` renders (relative to the repository root)."""
 
 REGION = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
@@ -148,3 +149,30 @@ def embeddings_table(results: Path) -> str:
              number(record["prompt_tokens_per_s"])]]
     header = ["mean prompt tokens", "batch", "embeddings/s", "prompt tokens/s"]
     return markdown_table(header, "rrrr", rows) + source("embeddings.json", record)
+
+
+@table("configuration")
+def configuration_table(results: Path) -> str:
+    """Every engine and server option: its flag, default, choices and meaning (the flags' --help says the same)."""
+    import dataclasses
+
+    from effinfer.config import SUB_CONFIGS, EngineConfig, field_docs, option_choices
+    from effinfer.serving.api_server import ServerConfig
+
+    choices = option_choices()
+    groups = {**{f"engine: {name}": cls for name, cls in SUB_CONFIGS.items()}, "engine": EngineConfig,
+              "server (`effinfer serve`)": ServerConfig}
+    parts = []
+    for title, cls in groups.items():
+        docs, rows = field_docs(cls), []
+        for f in dataclasses.fields(cls):
+            if cls is EngineConfig and f.name in SUB_CONFIGS:
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            flag = "--api-key" if f.name == "api_keys" else "--" + f.name.replace("_", "-")
+            names = choices.get(f.name)
+            meaning = " ".join(docs.get(f.name, "").split()).replace("|", "\\|")
+            rows.append([f"`{flag}`", f"`{default!r}`" if default not in (None, []) else "-",
+                         ", ".join(names) if names else "", meaning])
+        parts.append(f"### {title}\n\n" + markdown_table(["flag", "default", "choices", "meaning"], "llll", rows))
+    return "\n".join(parts)

@@ -50,14 +50,17 @@ class ServerConfig:
     host: str = "127.0.0.1"
     """Address to bind; 127.0.0.1 unless you mean to expose the server."""
     port: int = 8000
+    """TCP port to listen on."""
     api_keys: list[str] = field(default_factory=list)
     """Accepted bearer tokens for /v1 routes; empty means no authentication."""
     served_model_name: str | None = None
     """The model id clients send and /v1/models lists (default: the model argument)."""
     max_body_bytes: int = 4 << 20
+    """Largest request body accepted (bytes); a larger one gets 413 before it is read whole."""
     max_tokens_limit: int | None = None
     """Largest max_tokens a request may ask for (default: the context length)."""
     max_n: int = 16
+    """Most choices (`n`) one request may ask for."""
     strict_fields: bool = True
     """Unknown request fields get 400 naming them (as OpenAI answers); off: they are ignored (lenient mode)."""
     max_requests_in_flight: int = 256

@@ -37,8 +37,9 @@ def test_transformers_peer(smollm2_path, engine_ppl):
     _check_system(system, engine_ppl)
 
 
+@pytest.mark.slow     # `make test-slow` installs the binding (it compiles llama.cpp); the native tools run in `make test`
 def test_llamacpp_peer(smollm2_path, engine_ppl):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra (make test-slow installs it)")
     system = make_system({"system": "llamacpp"}, {"model": str(smollm2_path)})
     _check_system(system, engine_ppl)    # same Q4_1 weights, llama.cpp's own kernels
 

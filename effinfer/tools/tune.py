@@ -1,0 +1,305 @@
+"""`effinfer tune`: search the configurations effinfer offers for the fastest one within a quality bound.
+
+Three stages, cheapest first, each pruning what cannot win:
+
+1. quality: every weight format x KV-cache format is scored against the model in bf16 (mean KL divergence of
+   the next-token distributions on a text, `bench quality`'s measure); those above `max_kl` are dropped. The
+   lossless options (compiled steps, batch limits, speculative decoding) do not change quality, so they are
+   not scored;
+2. speed, eager: each surviving format is measured once on the workload (one configuration loaded at a time);
+3. finalists: the best eager formats, each also with compiled steps (and, for throughput, larger step budgets),
+   measured interleaved with the default configuration for several rounds (`bench compare`), so that the
+   winner's ratio to the default carries a 95% interval.
+
+The winner is written as a JSON file of engine options that `effinfer serve --config FILE` loads; a report
+(every candidate, its quality and speed, which stage dropped it and why) and a Pareto plot (speed against
+KL) go beside it. A time budget bounds the search: when it runs out the best measured so far is chosen.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WEIGHT_FORMATS = ({"quantization": "none"}, {"quantization": "auto"}, {"quantization": "int8"},
+                  {"quantization": "w8a8"}, {"quantization": "int4", "group_size": 32},
+                  {"quantization": "int4", "group_size": 64})
+KV_FORMATS = ({"kv_cache_dtype": "auto"}, {"kv_cache_dtype": "int8"})
+STEP_BUDGETS = (1024, 2048)
+"""Throughput finalists also try these `max_num_batched_tokens` (prefill chunks per step) beside the default."""
+WORKLOADS = ("latency", "throughput")
+
+
+@dataclass
+class TuneSettings:
+    model: str
+    text: str
+    """A UTF-8 text for the quality bound (KL against bf16 is measured on its first `quality_tokens` tokens)."""
+    workload: str = "latency"
+    """latency: one request of `prompt_len` tokens to `gen_len` (its time, prefill + decode, is minimised);
+    throughput: `num_prompts` requests of `input_len` + `output_len` at once (output tokens/s maximised)."""
+    max_kl: float = 0.01
+    quality_tokens: int = 2048
+    prompt_len: int = 512
+    gen_len: int = 128
+    num_prompts: int = 32
+    input_len: int = 128
+    output_len: int = 128
+    finalists: int = 2
+    rounds: int = 3
+    compile: bool = True
+    """Try compiled steps for the finalists (minutes per configuration on a cold compile cache)."""
+    time_budget_s: float = 1800.0
+    base_options: dict = field(default_factory=dict)
+    """Options every candidate shares (threads, cache dir, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"unknown workload {self.workload!r}; choose from {', '.join(WORKLOADS)}")
+        if not self.max_kl > 0:
+            raise ValueError(f"max_kl must be positive, got {self.max_kl}")
+        if not Path(self.text).is_file():
+            raise FileNotFoundError(2, "No such file", self.text)
+
+
+@dataclass
+class Candidate:
+    options: dict
+    kl: float | None = None
+    perplexity: float | None = None
+    speed: dict = field(default_factory=dict)
+    """Per round: the workload's metrics (latency: request_latency_s, pp/tg; throughput: output_throughput)."""
+    dropped: str = ""
+    """Why the search left it (quality above the bound, slower than the finalists, out of time, a failure)."""
+
+    @property
+    def name(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.options.items()) or "default"
+
+
+class Tuner:
+    def __init__(self, settings: TuneSettings, make_system=None, log=print):
+        from effinfer.bench.systems import make_system as default_make_system
+
+        self.s, self.log = settings, log
+        self.make_system = make_system or (lambda options: default_make_system(options, {"model": settings.model,
+                                                                                         **settings.base_options}))
+        self.started = time.perf_counter()
+        self.candidates: list[Candidate] = []
+
+    # -- the search ----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        survivors = self.quality_stage()
+        ranked = self.eager_stage(survivors)
+        finalists = self.final_stage(ranked)
+        best = max(finalists, key=lambda c: self.score(c)) if finalists else None
+        return self.result(best)
+
+    def quality_stage(self) -> list[Candidate]:
+        from effinfer.bench import quality
+
+        reference = self.make_system({"quantization": "none", "kv_cache_dtype": "auto"})
+        windows = quality.text_windows(reference.tokenizer, self.s.text, 512, 256, self.s.quality_tokens)
+        formats = [{**w, **kv} for w in WEIGHT_FORMATS for kv in KV_FORMATS]
+        seen, survivors = {}, []
+        for i, options in enumerate(formats):
+            candidate = Candidate(options)
+            self.candidates.append(candidate)
+            if self.out_of_time():
+                candidate.dropped = "time budget spent before its quality was measured"
+                continue
+            try:
+                system = reference if options == {"quantization": "none", "kv_cache_dtype": "auto"} else self.make_system(options)
+            except (ValueError, RuntimeError) as exc:     # a format this model or machine cannot run
+                candidate.dropped = f"does not load: {exc}"
+                continue
+            built_as = (system.llm.engine.loaded.quantization, options.get("group_size"), options["kv_cache_dtype"]) \
+                if hasattr(system, "llm") else None
+            if built_as is not None and built_as in seen:      # auto chose the same as another entry
+                candidate.dropped = f"the same build as {seen[built_as]}"
+                continue
+            seen[built_as] = candidate.name
+            m = quality.divergence(reference, system, windows)
+            candidate.kl = m["kl_divergence"]
+            candidate.perplexity = quality.perplexity(system, windows)["perplexity"]
+            self.log(f"[quality {i + 1}/{len(formats)}] {candidate.name}: KL {candidate.kl:.4f}, "
+                     f"perplexity {candidate.perplexity:.2f}")
+            if candidate.kl > self.s.max_kl:
+                candidate.dropped = f"KL {candidate.kl:.4f} above the bound {self.s.max_kl}"
+            else:
+                survivors.append(candidate)
+            if system is not reference:
+                del system
+                gc.collect()
+        return survivors
+
+    def eager_stage(self, survivors: list[Candidate]) -> list[Candidate]:
+        measured = []
+        for i, candidate in enumerate(survivors):
+            if self.out_of_time():
+                candidate.dropped = "time budget spent before its speed was measured"
+                continue
+            self.measure(candidate)
+            if candidate.speed:
+                measured.append(candidate)
+                self.log(f"[speed {i + 1}/{len(survivors)}] {candidate.name}: {self.describe_speed(candidate)}")
+        measured.sort(key=self.score, reverse=True)
+        for candidate in measured[self.s.finalists:]:
+            candidate.dropped = "slower than the finalists (eager)"
+        return measured[:self.s.finalists]
+
+    def final_stage(self, finalists: list[Candidate]) -> list[Candidate]:
+        """The finalists and their variants, interleaved with the default configuration round by round."""
+        variants = []
+        for c in finalists:      # lossless variants: their quality is their format's
+            extra = [{"compile": True}] if self.s.compile else []
+            if self.s.workload == "throughput":
+                extra += [{"max_num_batched_tokens": b} for b in STEP_BUDGETS]
+            variants += [Candidate({**c.options, **e}, c.kl, c.perplexity) for e in extra]
+        self.candidates += variants
+        same_format = next((c for c in self.candidates if c.options == {"quantization": "auto", "kv_cache_dtype": "auto"}), None)
+        default = Candidate({}, same_format and same_format.kl, same_format and same_format.perplexity)
+        self.candidates.append(default)
+        group = [default, *finalists, *variants]
+        for c in group:
+            c.speed = {}                  # fresh rounds, interleaved: drift hits all alike
+        systems = {}
+        for c in group:
+            if self.out_of_time():
+                c.dropped = "time budget spent before it was built"
+                continue
+            try:
+                systems[c.name] = self.make_system(c.options)
+            except (ValueError, RuntimeError) as exc:
+                c.dropped = f"does not load: {exc}"
+        for r in range(self.s.rounds):
+            if r and self.out_of_time():
+                break
+            for c in group:
+                if c.name in systems:
+                    self.measure(c, systems[c.name])
+            self.log(f"[final round {r + 1}/{self.s.rounds}] " + "; ".join(
+                f"{c.name}: {self.describe_speed(c)}" for c in group if c.speed))
+        return [c for c in group if c.speed and c.kl is not None and c.kl <= self.s.max_kl]
+
+    # -- measuring -----------------------------------------------------------------------------------------
+    def measure(self, candidate: Candidate, system=None) -> None:
+        from effinfer.bench.offline import run_latency, run_throughput
+        from effinfer.bench.workloads import random_requests
+
+        own = system is None
+        try:
+            system = system or self.make_system(candidate.options)
+            if self.s.workload == "latency":
+                m = run_latency(system, self.s.prompt_len, self.s.gen_len, repetitions=1, measure_machine=False)
+                pp, tg = m[f"pp{self.s.prompt_len}_tok_s"], m[f"tg{self.s.gen_len}_tok_s"]
+                row = {"request_latency_s": self.s.prompt_len / pp + self.s.gen_len / tg,
+                       f"pp{self.s.prompt_len}_tok_s": pp, f"tg{self.s.gen_len}_tok_s": tg}
+            else:
+                requests = random_requests(system.tokenizer, self.s.num_prompts, self.s.input_len, self.s.output_len,
+                                           seed=0, as_text=False)
+                row = {"output_throughput": run_throughput(system, requests)["output_throughput"]}
+        except (ValueError, RuntimeError) as exc:
+            candidate.dropped = f"failed to run: {exc}"
+            return
+        finally:
+            if own:
+                system = None
+                gc.collect()
+        for key, value in row.items():
+            candidate.speed.setdefault(key, []).append(value)
+
+    def score(self, candidate: Candidate) -> float:
+        """Higher is better: output tokens/s, or requests per second for one request at a time."""
+        if self.s.workload == "latency":
+            return 1.0 / _mean(candidate.speed["request_latency_s"])
+        return _mean(candidate.speed["output_throughput"])
+
+    def describe_speed(self, candidate: Candidate) -> str:
+        if self.s.workload == "latency":
+            return (f"{_mean(candidate.speed['request_latency_s']):.2f} s per request (pp {_mean(candidate.speed[f'pp{self.s.prompt_len}_tok_s']):.0f}, "
+                    f"tg {_mean(candidate.speed[f'tg{self.s.gen_len}_tok_s']):.1f} tok/s)")
+        return f"{_mean(candidate.speed['output_throughput']):.1f} output tok/s"
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() - self.started > self.s.time_budget_s
+
+    # -- the outcome ---------------------------------------------------------------------------------------
+    def result(self, best: Candidate | None) -> dict:
+        from effinfer.bench.stats import mean_interval, ratio_interval
+
+        default = next((c for c in self.candidates if c.options == {} and c.speed), None)
+        rows = []
+        for c in self.candidates:
+            speeds = {k: mean_interval(v) for k, v in c.speed.items()}
+            row = {"name": c.name, "options": c.options, "kl": c.kl, "perplexity": c.perplexity,
+                   "speed": {k: {"mean": i.value, "ci95": i.bounds(), "rounds": i.n} for k, i in speeds.items()},
+                   "dropped": c.dropped}
+            mine, theirs = c.speed.get(self._key(), []), default.speed[self._key()] if default else []
+            if mine and len(mine) == len(theirs):      # measured in the same interleaved rounds as the default
+                # speed-up: tokens/s over the default's, or (latency) the default's time over this one's
+                ratio = ratio_interval(theirs, mine) if self.s.workload == "latency" else ratio_interval(mine, theirs)
+                row["speedup_vs_default"] = {"ratio": ratio.value, "ci95": ratio.bounds()}
+            rows.append(row)
+        options = {**self._inherited(best.options)} if best else {}
+        return {"workload": self.s.workload, "max_kl": self.s.max_kl, "best": best.name if best else None,
+                "best_options": options, "elapsed_s": time.perf_counter() - self.started,
+                "candidates": rows}
+
+    def _key(self) -> str:
+        return "request_latency_s" if self.s.workload == "latency" else "output_throughput"
+
+    def _inherited(self, options: dict) -> dict:
+        """The winner's options with the model: a file that `effinfer serve --config` runs as measured."""
+        return {"model": self.s.model, **options}
+
+
+def pareto_plot(result: dict, path: str | Path) -> Path:
+    """Speed against KL divergence for every candidate measured; the Pareto front joined, the winner marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "request_latency_s" if result["workload"] == "latency" else "output_throughput"
+    points = []
+    for row in result["candidates"]:
+        if key in row["speed"] and row["kl"] is not None:
+            value = row["speed"][key]["mean"]
+            points.append((max(row["kl"], 1e-6), 1 / value if key == "request_latency_s" else value, row["name"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    front, best_speed = [], -math.inf
+    for kl, speed, name in sorted(points):
+        ax.scatter(kl, speed, color="tab:blue" if name != result["best"] else "tab:red", zorder=3)
+        ax.annotate(name, (kl, speed), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if speed > best_speed:
+            front.append((kl, speed))
+            best_speed = speed
+    if front:
+        ax.plot(*zip(*front), color="tab:red", linestyle="--", label="Pareto front")
+    ax.axvline(result["max_kl"], color="gray", linestyle=":", label=f"bound: KL {result['max_kl']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL divergence vs bf16 (lower is closer)")
+    ax.set_ylabel("requests/s (one at a time)" if key == "request_latency_s" else "output tokens/s")
+    ax.set_title(f"effinfer tune: {result['workload']} (winner in red)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def write_config(options: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(options, indent=2) + "\n")
+    return path
