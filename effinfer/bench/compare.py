@@ -105,29 +105,31 @@ def _headline(key: str) -> bool:
 
 
 def _ratio_intervals(runs: dict[str, list[dict]], baseline: str) -> dict[str, dict[str, list[float]]]:
-    """{config: {metric: [low, high]}}: 95% intervals of each speed ratio to the baseline over paired rounds."""
+    """{config: {metric: [low, high]}}: 95% intervals of each headline speed's ratio to the baseline over paired
+    rounds."""
     out = {}
     base = runs[baseline]
     for name, results in runs.items():
         if name == baseline or len(results) < 2 or len(results) != len(base):
             continue
-        keys = [k for k, v in results[0].items() if _is_number(v) and k in base[0]]
+        keys = [k for k, v in results[0].items() if _headline(k) and _is_number(v) and k in base[0]]
         intervals = {k: ratio_interval([r[k] for r in results], [r[k] for r in base]) for k in keys}
         out[name] = {k: i.bounds() for k, i in intervals.items() if i.low is not None}
     return out
 
 
 def _widest(runs: dict[str, list[dict]], baseline: str) -> float:
-    """The widest relative half-width among the headline intervals: the baseline's own speeds and every other
-    configuration's ratios to it (inf until there are two rounds)."""
+    """The widest relative half-width among the headline intervals: every configuration's ratios to the
+    baseline (a baseline alone: its own speeds), inf until there are two rounds."""
     base = runs[baseline]
     if len(base) < 2:
         return float("inf")
+    others = [results for name, results in runs.items() if name != baseline]
     widths = []
-    for name, results in runs.items():
+    for results in others or [base]:
         for key in (k for k, v in results[0].items() if _headline(k) and _is_number(v)):
             values = [r[key] for r in results]
-            i = mean_interval(values) if name == baseline else ratio_interval(values, [r[key] for r in base])
+            i = ratio_interval(values, [r[key] for r in base]) if others else mean_interval(values)
             widths.append(float("inf") if i.low is None else i.relative_half_width())
     return max(widths, default=0.0)
 

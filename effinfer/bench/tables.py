@@ -8,7 +8,8 @@ A table in a Markdown file is a marked region,
     <!-- /table -->
 
 whose body `effinfer bench report` rewrites from the record(s) its renderer names, with a line that says
-which record, made at which commit, by which command. `--check` rewrites nothing and fails when a region
+which record, made at which commit, by which command. A renderer that takes a record's name is written
+`<!-- table: compare:native_smollm2 -->` (any `bench compare` record) or `tune:tune_smollm2_latency`. `--check` rewrites nothing and fails when a region
 differs from what its records give (a test runs it), so a number in the docs is the number in its record.
 """
 
@@ -24,9 +25,10 @@ from effinfer.bench.provenance import REPO_ROOT, RESULTS_DIR
 DOCS = ("README.md", "benchmarks/README.md", "docs/techniques.md", "docs/configuration.md")
 """The files whose marked regions `bench report` renders (relative to the repository root)."""
 
-REGION = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+REGION = re.compile(r"(<!-- table: (?P<name>[\w-]+)(?::(?P<record>[\w.-]+))? -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
-TABLES: dict[str, Callable[[Path], str]] = {}
+TABLES: dict[str, Callable[..., str]] = {}
+"""name -> render(results folder[, record name]) -> Markdown."""
 
 
 def table(name: str):
@@ -39,10 +41,11 @@ def table(name: str):
 def render_text(text: str, results: Path = RESULTS_DIR) -> str:
     """`text` with every marked region's body rendered afresh from the records in `results`."""
     def body(match: re.Match) -> str:
-        name = match["name"]
+        name, record = match["name"], match["record"]
         if name not in TABLES:
             raise ValueError(f"unknown table {name!r} (known: {', '.join(sorted(TABLES))})")
-        return match[1] + TABLES[name](results).rstrip("\n") + "\n" + match[4]
+        body = TABLES[name](results, record) if record else TABLES[name](results)
+        return match[1] + body.rstrip("\n") + "\n<!-- /table -->"
     return REGION.sub(body, text)
 
 
@@ -176,3 +179,54 @@ def configuration_table(results: Path) -> str:
                          ", ".join(names) if names else "", meaning])
         parts.append(f"### {title}\n\n" + markdown_table(["flag", "default", "choices", "meaning"], "llll", rows))
     return "\n".join(parts)
+
+
+@table("compare")
+def compare_table(results: Path, name: str) -> str:
+    """Any `bench compare` record: each throughput/latency metric per configuration, as its mean and its ratio
+    to the baseline with the ratio's 95% interval over the paired rounds."""
+    record = load(results, f"{name}.json")
+    configs = list(record["metrics"])
+    keys = [k for k in record["metrics"][configs[0]] if k.endswith(("_tok_s", "_throughput"))]
+    rows = []
+    for key in keys:
+        cells = [key.replace("_", " ")]
+        for c in configs:
+            value, ratio = record["metrics"][c].get(key), record["ratios"][c].get(key)
+            bounds = record.get("ratio_ci95", {}).get(c, {}).get(key)
+            text = number(value)
+            if c != record["baseline"] and ratio is not None:
+                text += f" ({ratio:.2f}x" + (f" [{bounds[0]:.2f}, {bounds[1]:.2f}]" if bounds else "") + ")"
+            cells.append(text)
+        rows.append(cells)
+    header = ["tokens/s", *[f"{c} (baseline)" if c == record["baseline"] else c for c in configs]]
+    note = f"\n{record['rounds']} interleaved rounds; [95% interval of the ratio over the paired rounds].\n"
+    return markdown_table(header, "l" + "r" * len(configs), rows) + note + source(f"{name}.json", record)
+
+
+@table("tune")
+def tune_table(results: Path, name: str) -> str:
+    """An `effinfer tune` record: every candidate, its quality, its speed and why the search dropped it."""
+    record = load(results, f"{name}.json")
+    key = "request_latency_s" if record["workload"] == "latency" else "output_throughput"
+    rows = []
+    for row in record["candidates"]:
+        speed = row["speed"].get(key)
+        if speed is None:
+            speed_text = "-"
+        else:
+            ci = speed["ci95"]
+            unit = " s" if key == "request_latency_s" else ""
+            speed_text = f"{speed['mean']:.3g}{unit}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+        ratio = row.get("speedup_vs_default")
+        ratio_text = "-" if not ratio else f"{ratio['ratio']:.2f}x" + (
+            f" [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}]" if ratio["ci95"] else "")
+        name_text = f"**{row['name']}**" if row["name"] == record["best"] else row["name"]
+        rows.append([name_text, "-" if row["kl"] is None else f"{row['kl']:.4f}",
+                     "-" if row["perplexity"] is None else f"{row['perplexity']:.2f}", speed_text, ratio_text,
+                     row["dropped"] or ("chosen" if row["name"] == record["best"] else "")])
+    what = "seconds per request (prefill + decode)" if key == "request_latency_s" else "output tokens/s"
+    header = ["candidate", "KL vs bf16", "perplexity", what, "speed-up vs default", "outcome"]
+    note = (f"\nBound: KL <= {record['max_kl']}; search time {record['elapsed_s'] / 60:.1f} min; winner in bold "
+            f"(`{json.dumps(record['best_options'])}`).\n")
+    return markdown_table(header, "lrrrrl", rows) + note + source(f"{name}.json", record)

@@ -82,10 +82,10 @@ class Candidate:
 
 
 class Tuner:
-    def __init__(self, settings: TuneSettings, make_system=None, log=print):
+    def __init__(self, settings: TuneSettings, make_system=None, log=None):
         from effinfer.bench.systems import make_system as default_make_system
 
-        self.s, self.log = settings, log
+        self.s, self.log = settings, log or (lambda line: print(line, flush=True))
         self.make_system = make_system or (lambda options: default_make_system(options, {"model": settings.model,
                                                                                          **settings.base_options}))
         self.started = time.perf_counter()
@@ -104,6 +104,7 @@ class Tuner:
 
         reference = self.make_system({"quantization": "none", "kv_cache_dtype": "auto"})
         windows = quality.text_windows(reference.tokenizer, self.s.text, 512, 256, self.s.quality_tokens)
+        reference_scores = Scores(reference)     # scored once, compared against every candidate
         formats = [{**w, **kv} for w in WEIGHT_FORMATS for kv in KV_FORMATS]
         seen, survivors = {}, []
         for i, options in enumerate(formats):
@@ -123,10 +124,10 @@ class Tuner:
                 candidate.dropped = f"the same build as {seen[built_as]}"
                 continue
             seen[built_as] = candidate.name
-            m = quality.divergence(reference, system, windows)
-            candidate.kl = m["kl_divergence"]
-            candidate.perplexity = quality.perplexity(system, windows)["perplexity"]
-            self.log(f"[quality {i + 1}/{len(formats)}] {candidate.name}: KL {candidate.kl:.4f}, "
+            scored = Scores(system)
+            candidate.kl = quality.divergence(reference_scores, scored, windows)["kl_divergence"]
+            candidate.perplexity = quality.perplexity(scored, windows)["perplexity"]
+            self.log(f"[quality {i + 1}/{len(formats)}, {self.elapsed()}] {candidate.name}: KL {candidate.kl:.4f}, "
                      f"perplexity {candidate.perplexity:.2f}")
             if candidate.kl > self.s.max_kl:
                 candidate.dropped = f"KL {candidate.kl:.4f} above the bound {self.s.max_kl}"
@@ -146,7 +147,8 @@ class Tuner:
             self.measure(candidate)
             if candidate.speed:
                 measured.append(candidate)
-                self.log(f"[speed {i + 1}/{len(survivors)}] {candidate.name}: {self.describe_speed(candidate)}")
+                self.log(f"[speed {i + 1}/{len(survivors)}, {self.elapsed()}] {candidate.name}: "
+                         f"{self.describe_speed(candidate)}")
         measured.sort(key=self.score, reverse=True)
         for candidate in measured[self.s.finalists:]:
             candidate.dropped = "slower than the finalists (eager)"
@@ -182,7 +184,7 @@ class Tuner:
             for c in group:
                 if c.name in systems:
                     self.measure(c, systems[c.name])
-            self.log(f"[final round {r + 1}/{self.s.rounds}] " + "; ".join(
+            self.log(f"[final round {r + 1}/{self.s.rounds}, {self.elapsed()}] " + "; ".join(
                 f"{c.name}: {self.describe_speed(c)}" for c in group if c.speed))
         return [c for c in group if c.speed and c.kl is not None and c.kl <= self.s.max_kl]
 
@@ -225,6 +227,9 @@ class Tuner:
                     f"tg {_mean(candidate.speed[f'tg{self.s.gen_len}_tok_s']):.1f} tok/s)")
         return f"{_mean(candidate.speed['output_throughput']):.1f} output tok/s"
 
+    def elapsed(self) -> str:
+        return f"{(time.perf_counter() - self.started) / 60:.1f} min"
+
     def out_of_time(self) -> bool:
         return time.perf_counter() - self.started > self.s.time_budget_s
 
@@ -256,6 +261,19 @@ class Tuner:
     def _inherited(self, options: dict) -> dict:
         """The winner's options with the model: a file that `effinfer serve --config` runs as measured."""
         return {"model": self.s.model, **options}
+
+
+class Scores:
+    """A system's log-probabilities per window, computed once (KL and perplexity read the same ones)."""
+
+    def __init__(self, system):
+        self.system, self.memo = system, {}
+
+    def score(self, token_ids: list[int]):
+        key = tuple(token_ids)
+        if key not in self.memo:
+            self.memo[key] = self.system.score(token_ids)
+        return self.memo[key]
 
 
 def pareto_plot(result: dict, path: str | Path) -> Path:
