@@ -48,3 +48,29 @@ def test_unknown_tables_and_missing_records_are_errors(tmp_path):
     doc.write_text("<!-- table: embeddings -->\n<!-- /table -->\n")
     with pytest.raises(FileNotFoundError, match="embeddings.json"):
         tables.report([doc], tmp_path, check=True)
+
+
+def test_compare_and_tune_tables_render_named_records(tmp_path):
+    compare = {"benchmark": "compare", "commit": "a" * 40, "dirty": False, "date": "2026-12-05T00:00:00",
+               "command": "effinfer bench compare ...", "rounds": 3, "baseline": "effinfer",
+               "metrics": {"effinfer": {"tg128_tok_s": 130.0, "peak_rss_mb": 500.0},
+                           "llama.cpp": {"tg128_tok_s": 120.0}},
+               "ratios": {"effinfer": {"tg128_tok_s": 1.0}, "llama.cpp": {"tg128_tok_s": 120 / 130}},
+               "ratio_ci95": {"llama.cpp": {"tg128_tok_s": [0.85, 0.99]}}}
+    tune = {"benchmark": "tune", "commit": "b" * 40, "workload": "throughput", "max_kl": 0.01, "elapsed_s": 600,
+            "best": "quantization=int8", "best_options": {"model": "m", "quantization": "int8"},
+            "candidates": [{"name": "quantization=int8", "kl": 0.005, "perplexity": 15.1, "dropped": "",
+                            "speed": {"output_throughput": {"mean": 300.0, "ci95": [290.0, 310.0], "rounds": 3}},
+                            "speedup_vs_default": {"ratio": 1.2, "ci95": [1.1, 1.3]}},
+                           {"name": "quantization=int4,group_size=64", "kl": 0.27, "perplexity": 20.6,
+                            "dropped": "KL 0.2700 above the bound 0.01", "speed": {}}]}
+    (tmp_path / "cmp.json").write_text(json.dumps(compare))
+    (tmp_path / "tn.json").write_text(json.dumps(tune))
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- table: compare:cmp -->\n<!-- /table -->\n\n<!-- table: tune:tn -->\n<!-- /table -->\n")
+    tables.report([doc], tmp_path)
+    text = doc.read_text()
+    assert "| tg128 tok s | 130.0 | 120.0 (0.92x [0.85, 0.99]) |" in text and "peak" not in text
+    assert "| **quantization=int8** | 0.0050 | 15.10 | 300 [290, 310] | 1.20x [1.10, 1.30] | chosen |" in text
+    assert "KL 0.2700 above the bound" in text and "at aaaaaaaaaa" in text
+    assert tables.report([doc], tmp_path, check=True) == []
