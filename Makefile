@@ -39,7 +39,8 @@ peers: setup
 	bash benchmarks/build_llamacpp.sh
 
 test-peers: setup
-	bash benchmarks/build_llamacpp.sh llama-bench llama-batched-bench llama-quantize
+	bash benchmarks/build_llamacpp.sh llama-bench llama-batched-bench llama-quantize || \
+		echo "note: llama.cpp's tools could not be built (above); the tests that run them will be skipped"
 
 test: setup browser test-peers
 	$(PY) -m pytest -q

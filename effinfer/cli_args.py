@@ -77,19 +77,30 @@ def arg_type(hint):
 def add_config_file_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", dest="config_file", default=None, metavar="FILE",
                    help="engine options from a JSON file of option names and values, as `effinfer tune` writes; "
-                        "a flag given on the command line (at other than its default) takes precedence")
+                        "a flag given on the command line takes precedence")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """The engine options of parsed flags, over those of a `--config` file where the flag was left at its default."""
+    """The engine options of parsed flags, over those of a `--config` file: a file's value stands where its flag
+    was not given (`args.given_flags`, set by the CLI from the command line) and is at its default."""
     kwargs = {k: v for k, v in vars(args).items() if k in all_option_names()}
     path = getattr(args, "config_file", None)
     if path:
-        defaults = option_defaults()
+        defaults, given = option_defaults(), getattr(args, "given_flags", set())
         for key, value in read_config_file(path).items():
-            if kwargs.get(key, defaults[key]) == defaults[key]:
+            if key not in given and kwargs.get(key, defaults.get(key)) == defaults.get(key):
                 kwargs[key] = value
     return kwargs
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The option names a command line sets (`--max-num-seqs 4`, `--dtype=float32`, `--no-compile`)."""
+    names = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            names.add(name[3:] if name.startswith("no_") and name[3:] in all_option_names() else name)
+    return names
 
 
 def read_config_file(path: str) -> dict:
@@ -115,6 +126,8 @@ def option_defaults() -> dict:
         for f in dataclasses.fields(cls):
             if f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING and f.name not in SUB_CONFIGS:
+                out[f.name] = f.default_factory()
     return out
 
 

@@ -95,7 +95,8 @@ def add_bench_parser(sub) -> None:
     add_engine_args(b)
     b.set_defaults(func=cmd_bench_compare)
     b = bench.add_parser("report", help="render the docs' marked tables from benchmarks/results/ (--check: compare only)")
-    b.add_argument("files", nargs="*", help="Markdown files (default: README.md, benchmarks/README.md, docs/techniques.md)")
+    b.add_argument("files", nargs="*", help="Markdown files (default: README.md, benchmarks/README.md, "
+                                            "docs/techniques.md, docs/configuration.md)")
     b.add_argument("--results", default=None, help="the records' folder (default: the repository's benchmarks/results)")
     b.add_argument("--check", action="store_true", help="write nothing; exit 1 if a table differs from its records")
     b.set_defaults(func=cmd_bench_report)
@@ -141,7 +142,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                       args.api_key, args.seed)
     results, duration = asyncio.run(run_serve_benchmark(requests, cfg))
     metrics = summarize(results, duration, slos)
-    config = {**vars(args), "func": None, "workload_shape": shape, "slos_ms": slos}
+    config = {**_bench_args(args), "workload_shape": shape, "slos_ms": slos}
     write_record(args.result_file, "serve", config, metrics, run, args.seed, {"dataset": args.dataset_path})
     print_serve_table(metrics)
     if args.plot:
@@ -338,7 +339,8 @@ def _finish_offline_bench(args, system, kind: str, metrics: dict) -> None:
 
 def _bench_args(args: argparse.Namespace) -> dict:
     """The benchmark's own arguments (engine options are in the record's resolved engine config)."""
-    return {k: v for k, v in vars(args).items() if k not in all_option_names() and k not in ("func", "run")}
+    return {k: v for k, v in vars(args).items()
+            if k not in all_option_names() and k not in ("func", "run", "given_flags")}
 
 
 def _print_metrics(metrics: dict, indent: str = "") -> None:

@@ -13,7 +13,7 @@ import gc
 import time
 from dataclasses import dataclass
 
-from effinfer.bench.offline import current_rss_mb, run_latency, run_sweep, run_throughput
+from effinfer.bench.offline import current_rss_mb, peak_rss_mb, reset_peak_rss, run_latency, run_sweep, run_throughput
 from effinfer.bench.provenance import describe_inputs
 from effinfer.bench.stats import mean_interval, ratio_interval
 from effinfer.bench.workloads import prompt_set
@@ -56,7 +56,11 @@ def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], r
                 target_ci: float | None = None, max_rounds: int = 20, time_cap_s: float = 1800.0) -> dict:
     """Build every configuration once; measure speed interleaved for `rounds` rounds, quality once.
     With `target_ci` (a relative half-width, 0.05 for +-5%), rounds are added until every headline ratio's
-    95% interval is that narrow, or `max_rounds` or `time_cap_s` is reached. One round of speed alone builds,
+    95% interval is that narrow, or `max_rounds` or `time_cap_s` is reached. A headline speed's ratio is the
+    geometric mean of its per-round ratios (the centre of its interval); other metrics' are ratios of means.
+    Each configuration's peak memory is its own: the process before any was built, plus the most its build
+    and its measurements rose above where each began (resident high-water marks, reset for each). One round
+    of speed alone builds,
     measures and drops one configuration at a time, so that large models (a 1.5B target with its draft) need
     the memory of one configuration, not of all."""
     systems, load, described = {}, {}, {}
@@ -65,16 +69,19 @@ def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], r
     one_at_a_time = rounds == 1 and not target_ci and "quality" not in workloads
     base_rss = current_rss_mb()
     for c in configs:
-        before = current_rss_mb()
+        before, own_peak = current_rss_mb(), reset_peak_rss()
         systems[c.name] = make_system(c.options)
-        load[c.name] = {"load_rss_mb": current_rss_mb() - before, "weight_mb": systems[c.name].weight_bytes() / 2**20}
+        after = current_rss_mb()
+        load[c.name] = {"load_rss_mb": after - before, "weight_mb": systems[c.name].weight_bytes() / 2**20,
+                        "load_peak_increase_mb": max(0.0, peak_rss_mb() - before) if own_peak else 0.0}
         described[c.name] = {**systems[c.name].describe(), "inputs": describe_inputs(systems[c.name].input_files())}
         if one_at_a_time:
             runs[c.name].append(_measure_all(systems.pop(c.name), speed, args))
             gc.collect()
     start = time.perf_counter()
     done = 0
-    while speed and not one_at_a_time and done < max_rounds:
+    most = max(rounds, max_rounds) if target_ci else rounds
+    while speed and not one_at_a_time and done < most:
         if done >= rounds and (not target_ci or _widest(runs, configs[0].name) <= target_ci
                                or time.perf_counter() - start > time_cap_s):
             break
@@ -82,17 +89,23 @@ def run_compare(configs: list[NamedConfig], make_system, workloads: list[str], r
             runs[c.name].append(_measure_all(systems[c.name], speed, args))
         done += 1
     means = {name: {**load[name], **(_summarize_rounds(results) if results else {})} for name, results in runs.items()}
-    for name, m in means.items():   # this configuration's own memory: the process before any was built, its
-        if "peak_rss_increase_mb" in m:   # load, and the most its measurements rose above where they began
-            m["peak_rss_mb"] = base_rss + m["load_rss_mb"] + max(r["peak_rss_increase_mb"] for r in runs[name])
+    for name, m in means.items():   # this configuration's own memory (a peer's own tool: its process's, not here)
+        if "peak_rss_increase_mb" in m:
+            rise = max(r["peak_rss_increase_mb"] for r in runs[name])
+            m["peak_rss_mb"] = base_rss + max(m["load_peak_increase_mb"], m["load_rss_mb"] + rise)
     if "quality" in workloads:
         _add_quality(systems, [c.name for c in configs], means, args)
     baseline = means[configs[0].name]
     ratios = {name: {k: v / baseline[k] for k, v in m.items() if _is_number(v) and baseline.get(k)}
               for name, m in means.items()}
+    paired = _paired_ratios(runs, configs[0].name)
+    for name, intervals in paired.items():
+        ratios[name].update({k: i.value for k, i in intervals.items()})
     return {"workloads": workloads, "rounds": max(map(len, runs.values())), "baseline": configs[0].name,
             "target_ci": target_ci, "configs": {c.name: {"options": c.options, **described[c.name]} for c in configs},
-            "metrics": means, "ratios": ratios, "ratio_ci95": _ratio_intervals(runs, configs[0].name),
+            "metrics": means, "ratios": ratios,
+            "ratio_ci95": {name: {k: i.bounds() for k, i in intervals.items() if i.low is not None}
+                           for name, intervals in paired.items()},
             "per_round": runs}
 
 
@@ -104,17 +117,15 @@ def _headline(key: str) -> bool:
     return key.endswith(HEADLINE_SUFFIXES)
 
 
-def _ratio_intervals(runs: dict[str, list[dict]], baseline: str) -> dict[str, dict[str, list[float]]]:
-    """{config: {metric: [low, high]}}: 95% intervals of each headline speed's ratio to the baseline over paired
-    rounds."""
+def _paired_ratios(runs: dict[str, list[dict]], baseline: str) -> dict[str, dict]:
+    """{config: {metric: Interval}}: each headline speed's ratio to the baseline over the paired rounds."""
     out = {}
     base = runs[baseline]
     for name, results in runs.items():
         if name == baseline or len(results) < 2 or len(results) != len(base):
             continue
         keys = [k for k, v in results[0].items() if _headline(k) and _is_number(v) and k in base[0]]
-        intervals = {k: ratio_interval([r[k] for r in results], [r[k] for r in base]) for k in keys}
-        out[name] = {k: i.bounds() for k, i in intervals.items() if i.low is not None}
+        out[name] = {k: ratio_interval([r[k] for r in results], [r[k] for r in base]) for k in keys}
     return out
 
 
@@ -127,7 +138,7 @@ def _widest(runs: dict[str, list[dict]], baseline: str) -> float:
     others = [results for name, results in runs.items() if name != baseline]
     widths = []
     for results in others or [base]:
-        for key in (k for k, v in results[0].items() if _headline(k) and _is_number(v)):
+        for key in (k for k, v in results[0].items() if _headline(k) and _is_number(v) and k in base[0]):
             values = [r[key] for r in results]
             i = ratio_interval(values, [r[key] for r in base]) if others else mean_interval(values)
             widths.append(float("inf") if i.low is None else i.relative_half_width())

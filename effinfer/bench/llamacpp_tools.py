@@ -59,7 +59,9 @@ def _run(command: list[str]) -> str:
 
 def llama_bench(model: Path, prompt_len: int, gen_len: int, repetitions: int, threads: int) -> dict:
     """pp{prompt_len} and tg{gen_len} tokens/s as `bench latency` names them, with llama-bench's own samples
-    (one per repetition; it warms up first) summarised the same way: mean, std, 95% interval."""
+    (one per repetition; it warms up first) summarised the same way: mean, std, 95% interval. llama-bench
+    decodes from an empty context, effinfer's `bench latency` after a 16-token prompt: a few positions of
+    attention apart, negligible beside the weights each token reads."""
     from effinfer.bench.offline import speed_stats
 
     rows = json.loads(_run([str(tool("llama-bench")), "-m", str(model), "-p", str(prompt_len), "-n", str(gen_len),

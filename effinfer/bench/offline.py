@@ -197,9 +197,10 @@ def measure_bandwidth(num_bytes: int = 1 << 30, repeats: int = 3) -> float:
 class ResourceMeter:
     """Peak resident memory, CPU utilization and energy between construction and `report`.
 
-    The peak is this interval's own: Linux's high-water mark of the process is reset when the meter starts
-    (`/proc/self/clear_refs`), so a second configuration measured in the same process does not report the
-    first one's peak. `peak_rss_increase_mb` is how far above the resident memory at the start it rose."""
+    `peak_rss_mb` is the process's peak over its life (model loading included); `interval_peak_rss_mb` the peak
+    of this interval alone (Linux's high-water mark is reset when the meter starts, `/proc/self/clear_refs`), and
+    `peak_rss_increase_mb` how far it rose above the resident memory at the start: what `bench compare`
+    attributes to the configuration measured."""
 
     def __init__(self):
         self.peak_is_own = reset_peak_rss()
@@ -214,16 +215,24 @@ class ResourceMeter:
             joules, method = (end_uj - self.energy_uj) / 1e6, "measured (RAPL package counter)"
         else:
             joules, method = cpu * ASSUMED_WATTS_PER_CORE, f"estimate: CPU seconds x {ASSUMED_WATTS_PER_CORE} W per busy core"
-        peak = peak_rss_mb() if self.peak_is_own else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"peak_rss_mb": peak, "peak_rss_increase_mb": max(0.0, peak - self.start_rss_mb),
-                "peak_rss_method": "this interval's peak (VmHWM reset)" if self.peak_is_own else "process lifetime peak",
+        interval = {}
+        if self.peak_is_own:
+            peak = peak_rss_mb()
+            interval = {"interval_peak_rss_mb": peak, "peak_rss_increase_mb": max(0.0, peak - self.start_rss_mb)}
+        return {"peak_rss_mb": lifetime_peak_rss_mb(), **interval,
                 "cpu_utilization": cpu / wall if wall else 0.0,
                 "energy_j_per_1k_tokens": joules / num_tokens * 1000 if num_tokens else 0.0,
                 "energy_method": method}
 
 
+_earlier_peak_mb = 0.0
+"""The process's high-water mark before the last reset (a reset forgets it; the lifetime peak must not)."""
+
+
 def reset_peak_rss() -> bool:
     """Reset the process's resident high-water mark (Linux >= 4.0); False where that cannot be done."""
+    global _earlier_peak_mb
+    _earlier_peak_mb = lifetime_peak_rss_mb()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -233,7 +242,13 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mb() -> float:
+    """The resident high-water mark since the last reset."""
     return _status_kb("VmHWM") / 1024
+
+
+def lifetime_peak_rss_mb() -> float:
+    current = peak_rss_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return max(_earlier_peak_mb, current)
 
 
 def current_rss_mb() -> float:

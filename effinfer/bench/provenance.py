@@ -56,18 +56,32 @@ def git_state(root: Path = REPO_ROOT) -> GitState:
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return GitState()
-    status = _git(root, "status", "--porcelain", "--untracked-files=all", strip=False) or ""
-    changed = [line[3:] for line in status.splitlines() if line.strip()]
-    if not changed:
+    status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all", strip=False)
+    if status is None:                   # a commit but no status: cannot say the tree is clean
+        return GitState(commit, None)
+    entries = _porcelain_entries(status)
+    if not entries:
         return GitState(commit, False)
-    digest = hashlib.sha256((_git(root, "diff", "HEAD", "--binary") or "").encode())
-    for line in status.splitlines():
-        if line.startswith("??"):        # untracked files: their names and contents
-            path = root / line[3:]
-            digest.update(line[3:].encode())
-            if path.is_file():
-                digest.update(path.read_bytes())
-    return GitState(commit, True, digest.hexdigest(), changed[:20])
+    digest = hashlib.sha256((_git(root, "diff", "HEAD", "--binary", strip=False) or "").encode())
+    for code, path in entries:
+        if code == "??":                 # untracked files: their names and contents
+            digest.update(path.encode())
+            if (root / path).is_file():
+                digest.update((root / path).read_bytes())
+    return GitState(commit, True, digest.hexdigest(), [path for _, path in entries][:20])
+
+
+def _porcelain_entries(status: str) -> list[tuple[str, str]]:
+    """(status code, path) from `git status --porcelain -z` (paths unquoted; a rename's source skipped)."""
+    fields, out, i = status.split("\0"), [], 0
+    while i < len(fields):
+        entry = fields[i]
+        i += 1
+        if len(entry) > 3:
+            out.append((entry[:2], entry[3:]))
+            if entry[0] in "RC":          # a rename or copy: its source path follows as a field of its own
+                i += 1
+    return out
 
 
 def _git(root: Path, *args: str, strip: bool = True) -> str | None:
@@ -178,10 +192,11 @@ class RunProvenance:
         """Refuses (DirtyTreeError) a record headed for the repository's results from a dirty tree, unless
         `allow_dirty`: said before a long run starts, not after it."""
         run = cls(git_state(), command_line(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        if run.git.dirty and not allow_dirty and result_file and in_results(result_file):
-            changed = ", ".join(run.git.changed[:5])
-            raise DirtyTreeError(f"the tree has uncommitted changes ({changed}); a record in {RESULTS_DIR} must name "
-                                 "the code it measured: commit first, or pass --allow-dirty (the record is marked dirty)")
+        if run.git.dirty is not False and not allow_dirty and result_file and in_results(result_file):
+            what = (f"the tree has uncommitted changes ({', '.join(run.git.changed[:5])})" if run.git.dirty
+                    else "git cannot say whether the tree is clean")
+            raise DirtyTreeError(f"{what}; a record in {RESULTS_DIR} must name the code it measured: commit first, "
+                                 "or pass --allow-dirty (the record says so)")
         return run
 
     def environment(self, seed: int | None = None, inputs: dict | None = None) -> dict:

@@ -67,14 +67,16 @@ def perplexity(system, wins: list[Window]) -> dict:
 
 
 def _ratio_mean_interval(sums: list[float], counts: list[int]) -> tuple[float, float]:
-    """95% interval of sum(sums) / sum(counts) over units of unequal size (the ratio estimator's standard error);
-    one unit gives a zero-width interval."""
+    """95% interval of sum(sums) / sum(counts) over units of unequal size (the ratio estimator's standard error,
+    Student's t for the few windows a short text gives); one unit gives a zero-width interval."""
+    from effinfer.bench.stats import t_quantile
+
     n, mean = len(sums), sum(sums) / sum(counts)
     if n < 2:
         return mean, mean
     residual = sum((s - mean * c) ** 2 for s, c in zip(sums, counts))
-    se = math.sqrt(residual / (n * (n - 1))) / (sum(counts) / n)
-    return mean - 1.96 * se, mean + 1.96 * se
+    half = t_quantile(n - 1) * math.sqrt(residual / (n * (n - 1))) / (sum(counts) / n)
+    return mean - half, mean + half
 
 
 def calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = CALIBRATION_BINS) -> float:

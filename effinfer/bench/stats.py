@@ -79,16 +79,18 @@ def bootstrap_interval(values: Sequence[float], statistic: Callable = np.mean, r
 
 
 def ratio_interval(candidate: Sequence[float], baseline: Sequence[float]) -> Interval:
-    """Ratio of means of two paired series (round i of each measured side by side) with a t-interval on the
-    per-round log ratios: a slow round slows both, and pairing removes that from the interval."""
+    """The ratio of two paired series (round i of each measured side by side): the geometric mean of the
+    per-round ratios, with a t-interval on their logs (the value is that interval's centre). A slow round
+    slows both, and pairing removes that from the interval. One round: the plain ratio, no interval."""
     c, b = np.asarray(candidate, dtype=float), np.asarray(baseline, dtype=float)
     if c.shape != b.shape or c.size == 0:
         raise ValueError(f"paired series need the same, non-zero length, got {c.size} and {b.size}")
-    value = float(c.mean() / b.mean())
-    if c.size < 2 or (c <= 0).any() or (b <= 0).any():
-        return Interval(value, None, None, int(c.size))
+    if (c <= 0).any() or (b <= 0).any():
+        return Interval(float(c.mean() / b.mean()), None, None, int(c.size))
     logs = mean_interval(np.log(c / b))
-    return Interval(value, math.exp(logs.low), math.exp(logs.high), int(c.size), logs.std)
+    if logs.low is None:
+        return Interval(math.exp(logs.value), None, None, int(c.size))
+    return Interval(math.exp(logs.value), math.exp(logs.low), math.exp(logs.high), int(c.size), logs.std)
 
 
 def proportion_se(successes: float, n: int) -> float:

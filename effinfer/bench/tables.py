@@ -25,7 +25,10 @@ from effinfer.bench.provenance import REPO_ROOT, RESULTS_DIR
 DOCS = ("README.md", "benchmarks/README.md", "docs/techniques.md", "docs/configuration.md")
 """The files whose marked regions `bench report` renders (relative to the repository root)."""
 
-REGION = re.compile(r"(<!-- table: (?P<name>[\w-]+)(?::(?P<record>[\w.-]+))? -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+REGION = re.compile(r"^(<!-- table: (?P<name>[\w-]+)(?::(?P<record>[\w.-]+))? -->\r?\n)"
+                    r"(?P<body>(?:(?!^<!-- table:).)*?)(^<!-- /table -->)", re.S | re.M)
+"""Markers open a line. A region's body never runs into the next region: a missing closing marker is an error,
+not lost prose."""
 
 TABLES: dict[str, Callable[..., str]] = {}
 """name -> render(results folder[, record name]) -> Markdown."""
@@ -40,6 +43,13 @@ def table(name: str):
 
 def render_text(text: str, results: Path = RESULTS_DIR) -> str:
     """`text` with every marked region's body rendered afresh from the records in `results`."""
+    opening = len(re.findall(r"^<!-- table:", text, re.M))      # markers open a line; prose may quote them
+    closing = len(re.findall(r"^<!-- /table -->", text, re.M))
+    matched = len(REGION.findall(text))
+    if not opening == closing == matched:
+        raise ValueError(f"table markers do not pair up ({opening} opening, {closing} closing, {matched} well-formed "
+                         "regions): each `<!-- table: NAME -->` line needs its own `<!-- /table -->`")
+
     def body(match: re.Match) -> str:
         name, record = match["name"], match["record"]
         if name not in TABLES:
@@ -222,11 +232,19 @@ def tune_table(results: Path, name: str) -> str:
         ratio_text = "-" if not ratio else f"{ratio['ratio']:.2f}x" + (
             f" [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}]" if ratio["ci95"] else "")
         name_text = f"**{row['name']}**" if row["name"] == record["best"] else row["name"]
+        outcome = row["dropped"] or ("chosen" if row["name"] == record["best"] else "reference" if row["name"] == "default"
+                                     else "finalist" if row.get("stage") == "final" or ratio else "")
         rows.append([name_text, "-" if row["kl"] is None else f"{row['kl']:.4f}",
-                     "-" if row["perplexity"] is None else f"{row['perplexity']:.2f}", speed_text, ratio_text,
-                     row["dropped"] or ("chosen" if row["name"] == record["best"] else "")])
+                     "-" if row["perplexity"] is None else f"{row['perplexity']:.2f}", speed_text,
+                     "-" if row["name"] == "default" else ratio_text, outcome])
     what = "seconds per request (prefill + decode)" if key == "request_latency_s" else "output tokens/s"
     header = ["candidate", "KL vs bf16", "perplexity", what, "speed-up vs default", "outcome"]
     note = (f"\nBound: KL <= {record['max_kl']}; search time {record['elapsed_s'] / 60:.1f} min; winner in bold "
-            f"(`{json.dumps(record['best_options'])}`).\n")
+            f"(`{json.dumps(record['best_options'])}`).")
+    versus = record.get("best_vs_runner_up")
+    if versus:
+        interval = f" [{versus['ci95'][0]:.2f}, {versus['ci95'][1]:.2f}]" if versus["ci95"] else ""
+        note += (f" Against the runner-up ({versus['runner_up']}), paired over the final's rounds: "
+                 f"{versus['ratio']:.2f}x{interval}" + (", a tie within the interval." if versus["tie"] else "."))
+    note += "\n"
     return markdown_table(header, "lrrrrl", rows) + note + source(f"{name}.json", record)

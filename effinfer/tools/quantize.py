@@ -181,8 +181,19 @@ def _write_checkpoint(out_dir: str | Path, tensors: dict[str, torch.Tensor], con
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    config = {**config, "made_by": made_by(out / "model.safetensors")}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return {**config, "path": str(out)}
+
+
+def made_by(weights: Path) -> dict:
+    """What made a checkpoint, kept in it: a record that measures the checkpoint can name how to make it again."""
+    from datetime import datetime, timezone
+
+    from effinfer.bench.provenance import command_line, file_sha256, git_state, versions
+
+    return {"command": command_line(), **git_state().to_dict(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), "weights_sha256": file_sha256(weights)}
 
 
 def _apply_awq_scales(net, linears: dict, stats: dict, group_size: int, show_progress: bool) -> dict:

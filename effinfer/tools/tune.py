@@ -13,7 +13,8 @@ Three stages, cheapest first, each pruning what cannot win:
 
 The winner is written as a JSON file of engine options that `effinfer serve --config FILE` loads; a report
 (every candidate, its quality and speed, which stage dropped it and why) and a Pareto plot (speed against
-KL) go beside it. A time budget bounds the search: when it runs out the best measured so far is chosen.
+KL) go beside it. A time budget bounds the search: the final runs at least one round (its compiled variants
+only while time remains), and if it cannot run at all the eager ranking decides.
 """
 
 from __future__ import annotations
@@ -71,14 +72,23 @@ class Candidate:
     options: dict
     kl: float | None = None
     perplexity: float | None = None
-    speed: dict = field(default_factory=dict)
-    """Per round: the workload's metrics (latency: request_latency_s, pp/tg; throughput: output_throughput)."""
+    eager: dict = field(default_factory=dict)
+    """Stage 2, one measurement: the workload's metrics (latency: request_latency_s, pp/tg; throughput:
+    output_throughput), each a list."""
+    final: dict = field(default_factory=dict)
+    """Stage 3, one measurement per interleaved round (the same metrics)."""
+    in_final: bool = False
     dropped: str = ""
     """Why the search left it (quality above the bound, slower than the finalists, out of time, a failure)."""
 
     @property
     def name(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self.options.items()) or "default"
+
+    @property
+    def speed(self) -> dict:
+        """The interleaved rounds where it ran in the final, else its eager measurement."""
+        return self.final or self.eager
 
 
 class Tuner:
@@ -90,19 +100,27 @@ class Tuner:
                                                                                          **settings.base_options}))
         self.started = time.perf_counter()
         self.candidates: list[Candidate] = []
+        self.model_files: dict = {}
 
     # -- the search ----------------------------------------------------------------------------------------
     def run(self) -> dict:
         survivors = self.quality_stage()
-        ranked = self.eager_stage(survivors)
-        finalists = self.final_stage(ranked)
-        best = max(finalists, key=lambda c: self.score(c)) if finalists else None
-        return self.result(best)
+        finalists = self.eager_stage(survivors)
+        group = self.final_stage(finalists)
+        admissible = lambda c: c.kl is not None and c.kl <= self.s.max_kl   # noqa: E731
+        ranked = sorted((c for c in group if c.final and admissible(c)), key=self.score, reverse=True)
+        chosen_on = "interleaved final"
+        if not ranked:     # the final could not run (time, failures): the eager ranking decides
+            ranked = sorted((c for c in self.candidates if c.eager and admissible(c)), key=self.score, reverse=True)
+            chosen_on = "eager measurement (the final did not run)"
+        return self.result(ranked, chosen_on)
 
     def quality_stage(self) -> list[Candidate]:
         from effinfer.bench import quality
 
-        reference = self.make_system({"quantization": "none", "kv_cache_dtype": "auto"})
+        reference_options = {"quantization": "none", "kv_cache_dtype": "auto"}
+        reference = self.make_system(reference_options)
+        self.model_files = reference.input_files()
         windows = quality.text_windows(reference.tokenizer, self.s.text, 512, 256, self.s.quality_tokens)
         reference_scores = Scores(reference)     # scored once, compared against every candidate
         formats = [{**w, **kv} for w in WEIGHT_FORMATS for kv in KV_FORMATS]
@@ -114,16 +132,18 @@ class Tuner:
                 candidate.dropped = "time budget spent before its quality was measured"
                 continue
             try:
-                system = reference if options == {"quantization": "none", "kv_cache_dtype": "auto"} else self.make_system(options)
+                system = reference if options == reference_options else self.make_system(options)
             except (ValueError, RuntimeError) as exc:     # a format this model or machine cannot run
                 candidate.dropped = f"does not load: {exc}"
                 continue
-            built_as = (system.llm.engine.loaded.quantization, options.get("group_size"), options["kv_cache_dtype"]) \
-                if hasattr(system, "llm") else None
-            if built_as is not None and built_as in seen:      # auto chose the same as another entry
-                candidate.dropped = f"the same build as {seen[built_as]}"
+            built_as = (getattr(system.llm.engine.loaded, "quantization", None), options.get("group_size"),
+                        options["kv_cache_dtype"]) if hasattr(system, "llm") else None
+            if built_as is not None and built_as in seen:      # auto chose what another entry is
+                twin = seen[built_as]
+                candidate.kl, candidate.perplexity = twin.kl, twin.perplexity
+                candidate.dropped = f"the same build as {twin.name}"
                 continue
-            seen[built_as] = candidate.name
+            seen[built_as] = candidate
             scored = Scores(system)
             candidate.kl = quality.divergence(reference_scores, scored, windows)["kl_divergence"]
             candidate.perplexity = quality.perplexity(scored, windows)["perplexity"]
@@ -133,9 +153,8 @@ class Tuner:
                 candidate.dropped = f"KL {candidate.kl:.4f} above the bound {self.s.max_kl}"
             else:
                 survivors.append(candidate)
-            if system is not reference:
-                del system
-                gc.collect()
+            del scored, system       # (the reference stays: its scores are reused)
+            gc.collect()
         return survivors
 
     def eager_stage(self, survivors: list[Candidate]) -> list[Candidate]:
@@ -144,8 +163,8 @@ class Tuner:
             if self.out_of_time():
                 candidate.dropped = "time budget spent before its speed was measured"
                 continue
-            self.measure(candidate)
-            if candidate.speed:
+            self.measure(candidate, candidate.eager)
+            if candidate.eager:
                 measured.append(candidate)
                 self.log(f"[speed {i + 1}/{len(survivors)}, {self.elapsed()}] {candidate.name}: "
                          f"{self.describe_speed(candidate)}")
@@ -155,41 +174,42 @@ class Tuner:
         return measured[:self.s.finalists]
 
     def final_stage(self, finalists: list[Candidate]) -> list[Candidate]:
-        """The finalists and their variants, interleaved with the default configuration round by round."""
+        """The default configuration, the finalists and their variants, interleaved round by round (at least one
+        round: the variants, which may compile for minutes, are built only while time remains)."""
+        if not finalists:
+            return []
         variants = []
         for c in finalists:      # lossless variants: their quality is their format's
             extra = [{"compile": True}] if self.s.compile else []
             if self.s.workload == "throughput":
                 extra += [{"max_num_batched_tokens": b} for b in STEP_BUDGETS]
             variants += [Candidate({**c.options, **e}, c.kl, c.perplexity) for e in extra]
-        self.candidates += variants
         same_format = next((c for c in self.candidates if c.options == {"quantization": "auto", "kv_cache_dtype": "auto"}), None)
         default = Candidate({}, same_format and same_format.kl, same_format and same_format.perplexity)
-        self.candidates.append(default)
+        self.candidates += [*variants, default]
         group = [default, *finalists, *variants]
-        for c in group:
-            c.speed = {}                  # fresh rounds, interleaved: drift hits all alike
         systems = {}
         for c in group:
-            if self.out_of_time():
+            if c in variants and self.out_of_time():
                 c.dropped = "time budget spent before it was built"
                 continue
             try:
                 systems[c.name] = self.make_system(c.options)
+                c.in_final = True
             except (ValueError, RuntimeError) as exc:
                 c.dropped = f"does not load: {exc}"
         for r in range(self.s.rounds):
             if r and self.out_of_time():
                 break
             for c in group:
-                if c.name in systems:
-                    self.measure(c, systems[c.name])
+                if c.in_final:
+                    self.measure(c, c.final, systems[c.name])
             self.log(f"[final round {r + 1}/{self.s.rounds}, {self.elapsed()}] " + "; ".join(
-                f"{c.name}: {self.describe_speed(c)}" for c in group if c.speed))
-        return [c for c in group if c.speed and c.kl is not None and c.kl <= self.s.max_kl]
+                f"{c.name}: {self.describe_speed(c)}" for c in group if c.final))
+        return group
 
     # -- measuring -----------------------------------------------------------------------------------------
-    def measure(self, candidate: Candidate, system=None) -> None:
+    def measure(self, candidate: Candidate, into: dict, system=None) -> None:
         from effinfer.bench.offline import run_latency, run_throughput
         from effinfer.bench.workloads import random_requests
 
@@ -213,7 +233,7 @@ class Tuner:
                 system = None
                 gc.collect()
         for key, value in row.items():
-            candidate.speed.setdefault(key, []).append(value)
+            into.setdefault(key, []).append(value)
 
     def score(self, candidate: Candidate) -> float:
         """Higher is better: output tokens/s, or requests per second for one request at a time."""
@@ -222,10 +242,12 @@ class Tuner:
         return _mean(candidate.speed["output_throughput"])
 
     def describe_speed(self, candidate: Candidate) -> str:
+        """The latest measurement."""
+        speed = candidate.speed
         if self.s.workload == "latency":
-            return (f"{_mean(candidate.speed['request_latency_s']):.2f} s per request (pp {_mean(candidate.speed[f'pp{self.s.prompt_len}_tok_s']):.0f}, "
-                    f"tg {_mean(candidate.speed[f'tg{self.s.gen_len}_tok_s']):.1f} tok/s)")
-        return f"{_mean(candidate.speed['output_throughput']):.1f} output tok/s"
+            return (f"{speed['request_latency_s'][-1]:.2f} s per request (pp {speed[f'pp{self.s.prompt_len}_tok_s'][-1]:.0f}, "
+                    f"tg {speed[f'tg{self.s.gen_len}_tok_s'][-1]:.1f} tok/s)")
+        return f"{speed['output_throughput'][-1]:.1f} output tok/s"
 
     def elapsed(self) -> str:
         return f"{(time.perf_counter() - self.started) / 60:.1f} min"
@@ -234,33 +256,49 @@ class Tuner:
         return time.perf_counter() - self.started > self.s.time_budget_s
 
     # -- the outcome ---------------------------------------------------------------------------------------
-    def result(self, best: Candidate | None) -> dict:
-        from effinfer.bench.stats import mean_interval, ratio_interval
+    def speedup(self, candidate: Candidate, reference: Candidate):
+        """candidate's speed over reference's across their paired final rounds (latency: reference's time over
+        candidate's), with its 95% interval."""
+        from effinfer.bench.stats import ratio_interval
 
-        default = next((c for c in self.candidates if c.options == {} and c.speed), None)
+        key = self._key()
+        mine, theirs = candidate.final[key], reference.final[key]
+        return ratio_interval(theirs, mine) if self.s.workload == "latency" else ratio_interval(mine, theirs)
+
+    def result(self, ranked: list[Candidate], chosen_on: str) -> dict:
+        from effinfer.bench.stats import mean_interval
+
+        best = ranked[0] if ranked else None
+        default = next((c for c in self.candidates if c.options == {} and c.final), None)
         rows = []
         for c in self.candidates:
             speeds = {k: mean_interval(v) for k, v in c.speed.items()}
             row = {"name": c.name, "options": c.options, "kl": c.kl, "perplexity": c.perplexity,
+                   "stage": "final" if c.final else "eager" if c.eager else "quality",
                    "speed": {k: {"mean": i.value, "ci95": i.bounds(), "rounds": i.n} for k, i in speeds.items()},
                    "dropped": c.dropped}
-            mine, theirs = c.speed.get(self._key(), []), default.speed[self._key()] if default else []
-            if mine and len(mine) == len(theirs):      # measured in the same interleaved rounds as the default
-                # speed-up: tokens/s over the default's, or (latency) the default's time over this one's
-                ratio = ratio_interval(theirs, mine) if self.s.workload == "latency" else ratio_interval(mine, theirs)
+            if default and c.final and c is not default and len(c.final[self._key()]) == len(default.final[self._key()]):
+                ratio = self.speedup(c, default)
                 row["speedup_vs_default"] = {"ratio": ratio.value, "ci95": ratio.bounds()}
             rows.append(row)
-        options = {**self._inherited(best.options)} if best else {}
-        return {"workload": self.s.workload, "max_kl": self.s.max_kl, "best": best.name if best else None,
-                "best_options": options, "elapsed_s": time.perf_counter() - self.started,
-                "candidates": rows}
+        out = {"workload": self.s.workload, "max_kl": self.s.max_kl, "best": best.name if best else None,
+               "best_options": self._runnable(best.options) if best else {}, "chosen_on": chosen_on,
+               "elapsed_s": time.perf_counter() - self.started, "candidates": rows}
+        if best is not None and len(ranked) > 1 and best.final and ranked[1].final:
+            ratio = self.speedup(best, ranked[1])
+            tie = ratio.low is not None and ratio.low <= 1.0 <= ratio.high
+            out["best_vs_runner_up"] = {"runner_up": ranked[1].name, "ratio": ratio.value, "ci95": ratio.bounds(),
+                                        "tie": tie}
+        return out
 
     def _key(self) -> str:
         return "request_latency_s" if self.s.workload == "latency" else "output_throughput"
 
-    def _inherited(self, options: dict) -> dict:
-        """The winner's options with the model: a file that `effinfer serve --config` runs as measured."""
-        return {"model": self.s.model, **options}
+    def _runnable(self, options: dict) -> dict:
+        """The winner's options with the model and the thread count it was measured with: a file that
+        `effinfer serve --config` runs as measured."""
+        shared = {k: v for k, v in self.s.base_options.items() if k == "num_threads"}
+        return {"model": self.s.model, **shared, **options}
 
 
 class Scores:

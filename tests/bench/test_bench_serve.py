@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from effinfer.bench.provenance import git_state
 from helpers import API_KEY
 
 
@@ -25,7 +26,7 @@ def test_bench_serve_writes_a_complete_record(live, tmp_path):
     for key in ("mean_ttft_ms", "p99_tpot_ms", "median_itl_ms", "p90_e2el_ms", "output_throughput", "goodput",
                 "commit", "dirty", "command", "cpu", "cpu_flags", "versions", "seed", "config"):
         assert key in record, key
-    assert len(record["commit"]) == 40 and record["versions"]["torch"]
+    assert record["commit"] == git_state().commit and record["versions"]["torch"]
     assert record["command"].startswith("effinfer bench serve --base-url")
     low, high = record["mean_ttft_ms_ci95"]
     assert low <= record["mean_ttft_ms"] <= high

@@ -41,7 +41,6 @@ def test_bootstrap_interval_and_proportions():
     values = list(range(1, 101))
     median = bootstrap_interval(values, statistic=np.median)
     assert median.low < median.value == 50.5 < median.high
-    assert bootstrap_interval(values).bounds() == bootstrap_interval(values).bounds()   # seeded: repeatable
     assert proportion_se(50, 100) == pytest.approx(0.05) and proportion_se(0, 0) == 0.0
 
 
@@ -61,6 +60,19 @@ def test_git_state_hashes_the_uncommitted_change(tmp_path):
     assert provenance.git_state(tmp_path).diff_sha256 == first.diff_sha256     # the same edit, the same hash
     (tmp_path / "new.py").write_text("y = 3\n")                                  # an untracked file counts
     assert provenance.git_state(tmp_path).diff_sha256 != first.diff_sha256
+    (tmp_path / "new.py").unlink()
+    git("mv", "a.py", "b c.py")                   # a rename, to a name git would quote without -z
+    renamed = provenance.git_state(tmp_path)
+    assert renamed.dirty and renamed.changed == ["b c.py"]
+
+
+def test_a_tree_git_cannot_read_counts_as_not_clean(monkeypatch):
+    monkeypatch.setattr(provenance, "_git", lambda root, *args, strip=True: "f" * 40 if args[0] == "rev-parse" else None)
+    state = provenance.git_state()
+    assert state.commit == "f" * 40 and state.dirty is None
+    monkeypatch.setattr(provenance, "git_state", lambda root=None: state)
+    with pytest.raises(provenance.DirtyTreeError, match="cannot say"):
+        provenance.RunProvenance.begin(provenance.RESULTS_DIR / "x.json")
 
 
 def test_a_dirty_tree_writes_no_record_into_the_results_unless_allowed(monkeypatch, tmp_path):

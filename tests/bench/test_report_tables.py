@@ -74,3 +74,13 @@ def test_compare_and_tune_tables_render_named_records(tmp_path):
     assert "| **quantization=int8** | 0.0050 | 15.10 | 300 [290, 310] | 1.20x [1.10, 1.30] | chosen |" in text
     assert "KL 0.2700 above the bound" in text and "at aaaaaaaaaa" in text
     assert tables.report([doc], tmp_path, check=True) == []
+
+
+def test_unpaired_markers_are_an_error_not_lost_prose(tmp_path):
+    doc = tmp_path / "doc.md"
+    text = ("<!-- table: embeddings -->\nold\n\nprose that must survive\n\n"
+            "<!-- table: structured_output -->\nold\n<!-- /table -->\n")
+    doc.write_text(text)
+    with pytest.raises(ValueError, match="do not pair up"):
+        tables.report([doc], RESULTS_DIR)
+    assert doc.read_text() == text

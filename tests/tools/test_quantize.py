@@ -3,10 +3,13 @@ saves, loads back unchanged and runs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from effinfer import LLM, SamplingParams
+from effinfer.bench.provenance import file_sha256, git_state
 from effinfer.compression.quant.awq import search_scale
 from effinfer.compression.quant.calibrate import calibration_windows, collect_stats, decoder_linears
 from effinfer.compression.quant.gptq import GPTQOptions, gptq_quantize, reconstruction_error
@@ -139,6 +142,9 @@ def test_checkpoint_saves_and_loads_back(smollm2_path, tmp_path, method):
                                  group_size=GROUP, gptq=GPTQOptions(act_order=True), show_progress=False)
     errors = report["output_mse_sum"]
     assert errors[method] < errors["rtn"]
+    made_by = json.loads((tmp_path / method / "effinfer_quant.json").read_text())["made_by"]
+    assert made_by["weights_sha256"] == file_sha256(tmp_path / method / "model.safetensors")
+    assert made_by["commit"] == git_state().commit and made_by["command"] and made_by["versions"]["torch"]
     llm = LLM(str(tmp_path / method), dtype="float32", show_progress=False, kv_cache_memory_gb=0.1)
     layers = [m for m in llm.engine.model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 30 * 4 + 1 and all(m.method.group_size == GROUP for m in layers[:-1])

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from effinfer.cli import build_parser
-from effinfer.cli_args import engine_kwargs
+from effinfer.cli_args import engine_kwargs, given_flags
 from effinfer.config import EngineConfig
 from effinfer.tools import tune
 from tiny_models import save_tiny_folder
@@ -41,8 +41,10 @@ def test_tune_writes_a_config_a_report_and_a_plot(tiny_llama, tmp_path):
     assert len(scored) >= 4 and rows["quantization=none,kv_cache_dtype=auto"]["kl"] == pytest.approx(0, abs=1e-6)
     for r in scored:                     # what the bound drops is dropped for it, and only that
         assert (r["kl"] > 0.05) == r["dropped"].startswith("KL "), r
-    final = [r for r in record["candidates"] if "speedup_vs_default" in r]
+    final = [r for r in record["candidates"] if r["stage"] == "final"]
     assert "default" in {r["name"] for r in final} and len(final) >= 2
+    assert all("speedup_vs_default" in r for r in final if r["name"] != "default")
+    assert record["chosen_on"] == "interleaved final" and record["best_vs_runner_up"]["runner_up"] in rows
     best = rows[record["best"]]
     assert best["kl"] <= 0.05 and not best["dropped"]
     key = "request_latency_s"
@@ -60,6 +62,13 @@ def test_config_file_flags_win_and_bad_files_are_named(tmp_path):
     path.write_text(json.dumps({"quantization": "int8", "max_num_seqs": 8}))
     kwargs = engine_kwargs(build_parser().parse_args(["serve", "--config", str(path), "--max-num-seqs", "4"]))
     assert kwargs["quantization"] == "int8" and kwargs["max_num_seqs"] == 4
+    # a flag typed at its default value still wins over the file (the CLI records what was given)
+    path.write_text(json.dumps({"enable_prefix_caching": False, "compile": True}))
+    argv = ["serve", "--config", str(path), "--enable-prefix-caching", "--no-compile"]
+    args = build_parser().parse_args(argv)
+    args.given_flags = given_flags(argv)
+    kwargs = engine_kwargs(args)
+    assert kwargs["enable_prefix_caching"] is True and kwargs["compile"] is False
     path.write_text(json.dumps({"quantisation": "int8"}))
     with pytest.raises(ValueError, match="unknown engine option.*quantisation"):
         engine_kwargs(build_parser().parse_args(["serve", "--config", str(path)]))
