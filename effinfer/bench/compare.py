@@ -150,7 +150,14 @@ def _is_number(v) -> bool:
 
 
 def _measure_all(system, workloads: list[str], args) -> dict:
-    return {k: v for w in workloads for k, v in _measure(system, w, args).items()}
+    """One round of every speed workload, and how far the process's resident memory rose during it (the KV
+    pages a sweep touches count: the high-water mark is reset for the round)."""
+    start, own_peak = current_rss_mb(), reset_peak_rss()
+    out = {k: v for w in workloads for k, v in _measure(system, w, args).items()}
+    out.pop("interval_peak_rss_mb", None)      # process-wide: every loaded configuration's memory, not this one's
+    if own_peak:
+        out["peak_rss_increase_mb"] = max(0.0, peak_rss_mb() - start)
+    return out
 
 
 def _measure(system, workload: str, args) -> dict:

@@ -129,13 +129,23 @@ def test_expected_calibration_error():
 def test_compare_adds_rounds_until_the_target_interval(monkeypatch):
     noise = iter([1.00, 1.30, 0.80, 1.10, 0.95, 1.20, 0.90, 1.05] * 10)
 
+    memory = {"peak": 100.0}      # resident MB: flat at 100, and the high-water mark each round reaches
+
     def measure(system, workload, args):
         speed = 100.0 * (2.0 if system.name == "b" else 1.0)
         if system.name == "b" and system.noisy:
             speed *= next(noise)
-        return {"output_tok_s": speed, "peak_rss_increase_mb": 10.0 if system.name == "b" else 1.0}
+        memory["peak"] = 110.0 if system.name == "b" else 101.0
+        return {"output_tok_s": speed}
+
+    def reset():
+        memory["peak"] = 100.0
+        return True
 
     monkeypatch.setattr(compare, "_measure", measure)
+    monkeypatch.setattr(compare, "current_rss_mb", lambda: 100.0)
+    monkeypatch.setattr(compare, "reset_peak_rss", reset)
+    monkeypatch.setattr(compare, "peak_rss_mb", lambda: memory["peak"])
 
     def run(noisy, target, max_rounds=6):
         systems = lambda o: SimpleNamespace(name="b" if o else "a", noisy=noisy, weight_bytes=lambda: 0,  # noqa: E731
@@ -150,6 +160,5 @@ def test_compare_adds_rounds_until_the_target_interval(monkeypatch):
     low, high = noisy["ratio_ci95"]["b"]["output_tok_s"]
     assert low < noisy["ratios"]["b"]["output_tok_s"] < high
     assert noisy["metrics"]["b"]["output_tok_s_ci95"][0] < noisy["metrics"]["b"]["output_tok_s"]
-    # each configuration's peak: the process before any was built + its own load + its own rise
-    assert noisy["metrics"]["b"]["peak_rss_mb"] - noisy["metrics"]["a"]["peak_rss_mb"] == pytest.approx(
-        noisy["metrics"]["b"]["load_rss_mb"] - noisy["metrics"]["a"]["load_rss_mb"] + 9.0)
+    # each configuration's peak: the process before any was built plus its own rise while measured
+    assert noisy["metrics"]["a"]["peak_rss_mb"] == 101.0 and noisy["metrics"]["b"]["peak_rss_mb"] == 110.0
