@@ -84,3 +84,22 @@ def test_tune_settings_are_checked(tmp_path):
         tune.TuneSettings("m", __file__, max_kl=0)
     with pytest.raises(FileNotFoundError):
         tune.TuneSettings("m", str(tmp_path / "missing.txt"))
+
+
+def test_tune_for_throughput_tries_step_budgets(tiny_llama, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "effinfer.cli", "tune", str(tiny_llama), "--text", str(text),
+                             "--workload", "throughput", "--max-kl", "0.05", "--quality-tokens", "256",
+                             "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--finalists", "1",
+                             "--rounds", "2", "--no-compile-candidates", "--out", str(tmp_path / "tuned.json"),
+                             "--report", str(report), "--plot", str(tmp_path / "pareto.png")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(report.read_text())
+    final = {r["name"]: r for r in record["candidates"] if r["stage"] == "final"}
+    assert sum("max_num_batched_tokens" in r["options"] for r in final.values()) == len(tune.STEP_BUDGETS)
+    best = final[record["best"]]
+    assert best["speed"]["output_throughput"]["mean"] == max(r["speed"]["output_throughput"]["mean"]
+                                                             for r in final.values())
