@@ -1,7 +1,7 @@
 """Prefix caching: 32 requests that share a ~1,000-token system prompt, time to first token with the
 prefix cache on and off, in one run (the two configurations interleaved, warm-up excluded).
 
-    python benchmarks/prefix_cache.py
+    python benchmarks/prefix_cache.py --out benchmarks/results/prefix_cache.json
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--prefix-len", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/prefix_cache.json")
     add_allow_dirty_arg(p)
     args = p.parse_args()
@@ -48,15 +48,23 @@ def main() -> None:
     summary = {mode: {k: statistics.mean(r[k] for r in runs) for k in runs[0]} for mode, runs in results.items()}
     record = {"benchmark": "prefix_cache", **run.environment(inputs={"model": llm.engine.loaded.path, "text": TEXT}),
               "model": args.model, "dtype": args.dtype, "num_requests": args.num_requests, "prefix_tokens": args.prefix_len,
-              "resolved_config": llm.config.to_dict(), "summary": summary,
-              "ttft_speedup": summary["off"]["mean_ttft_s"] / summary["on"]["mean_ttft_s"]}
+              "resolved_config": llm.config.to_dict(), "engine": llm.engine.summary, "summary": summary, "rounds": results,
+              # off's TTFT over on's, paired round by round (geometric mean and its 95% interval)
+              **_speedup([r["mean_ttft_s"] for r in results["off"]], [r["mean_ttft_s"] for r in results["on"]])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2))
     print(f"{'prefix cache':<13} {'mean TTFT s':>12} {'p50 TTFT s':>11} {'total s':>8} {'hit rate':>9}")
     for mode in ("off", "on"):
         s = summary[mode]
         print(f"{mode:<13} {s['mean_ttft_s']:>12.3f} {s['median_ttft_s']:>11.3f} {s['total_s']:>8.2f} {s['hit_rate']:>9.2f}")
-    print(f"TTFT speedup with the cache: {record['ttft_speedup']:.1f}x   JSON record: {args.out}")
+    print(f"TTFT speedup with the cache: {record['ttft_speedup']:.1f}x {record['ttft_speedup_ci95']}   JSON record: {args.out}")
+
+
+def _speedup(off: list[float], on: list[float]) -> dict:
+    from effinfer.bench.stats import ratio_interval
+
+    ratio = ratio_interval(off, on)
+    return {"ttft_speedup": ratio.value, "ttft_speedup_ci95": ratio.bounds()}
 
 
 def run_once(llm, prompts) -> dict:

@@ -191,6 +191,18 @@ def configuration_table(results: Path) -> str:
     return "\n".join(parts)
 
 
+@table("prefix_cache")
+def prefix_cache_table(results: Path) -> str:
+    record = load(results, "prefix_cache.json")
+    rows = [[mode, f"{m['mean_ttft_s']:.2f} s", f"{m['median_ttft_s']:.2f} s", f"{m['total_s']:.1f} s",
+             f"{m['hit_rate']:.0%}"] for mode, m in ((k, record["summary"][k]) for k in ("off", "on"))]
+    ci = record.get("ttft_speedup_ci95")
+    note = (f"\nMean TTFT {record['ttft_speedup']:.1f}x shorter with the cache"
+            + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "") + f" ({len(record['rounds']['on'])} rounds).\n")
+    return (markdown_table(["prefix cache", "mean TTFT", "median TTFT", "total", "prompt tokens from cache"], "lrrrr", rows)
+            + note + source("prefix_cache.json", record))
+
+
 @table("compare")
 def compare_table(results: Path, name: str) -> str:
     """Any `bench compare` record: each throughput/latency metric per configuration, as its mean and its ratio
