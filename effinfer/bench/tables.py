@@ -191,6 +191,26 @@ def configuration_table(results: Path) -> str:
     return "\n".join(parts)
 
 
+@table("records")
+def records_table(results: Path) -> str:
+    """Every record in the folder and what it pins: the records to trust, and the ones to make again."""
+    rows = []
+    for path in sorted(results.glob("*.json")):
+        record = json.loads(path.read_text())
+        if "benchmark" not in record and "commit" not in record:
+            continue                          # not a record (a tuned configuration file)
+        commit = str(record.get("commit") or "-")
+        pinned = len(commit) == 40 and record.get("dirty") is False and bool(record.get("command"))
+        rows.append([f"`{path.name}`", str(record.get("benchmark", "-")), commit[:10],
+                     "yes" if pinned else "no: " + ", ".join(
+                         what for what, missing in (("full commit", len(commit) != 40),
+                                                     ("clean-tree flag", record.get("dirty") is not False),
+                                                     ("command", not record.get("command"))) if missing)])
+    pinned = sum(r[3] == "yes" for r in rows)
+    return (markdown_table(["record", "benchmark", "commit", "pins what ran"], "llll", rows)
+            + f"\n{pinned} of {len(rows)} records pin what ran (full commit, clean tree, the command).\n")
+
+
 @table("prefix_cache")
 def prefix_cache_table(results: Path) -> str:
     record = load(results, "prefix_cache.json")

@@ -84,3 +84,14 @@ def test_unpaired_markers_are_an_error_not_lost_prose(tmp_path):
     with pytest.raises(ValueError, match="do not pair up"):
         tables.report([doc], RESULTS_DIR)
     assert doc.read_text() == text
+
+
+def test_the_records_table_says_which_records_pin_what_ran(tmp_path):
+    (tmp_path / "new.json").write_text(json.dumps({"benchmark": "compare", "commit": "c" * 40, "dirty": False,
+                                                   "command": "effinfer bench compare ..."}))
+    (tmp_path / "old.json").write_text(json.dumps({"benchmark": "compare", "commit": "abc1234"}))
+    (tmp_path / "tuned.config.json").write_text(json.dumps({"model": "m", "quantization": "int8"}))
+    text = tables.TABLES["records"](tmp_path)
+    assert "| `new.json` | compare | cccccccccc | yes |" in text
+    assert "| `old.json` | compare | abc1234 | no: full commit, clean-tree flag, command |" in text
+    assert "tuned.config" not in text and "1 of 2 records" in text
