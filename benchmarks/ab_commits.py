@@ -37,7 +37,7 @@ def main() -> int:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, compare_args = parser.parse_args(argv[:split]), argv[split + 1:]   # after --: `bench compare` arguments
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)   # this script's own code; each run's is its commit's
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)   # this script's own code; each run's is its commit's
     commits = [_resolve(args.commit_a), _resolve(args.commit_b)]
     runs: dict[str, list[dict]] = {c: [] for c in commits}
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,8 +51,8 @@ def main() -> int:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     summary = _summarize(commits, runs)
-    record = {"benchmark": "ab_commits", **run.environment(), "commits": commits, "repeats": args.repeats, "compare_args": compare_args,
-              "summary": summary, "runs": runs}
+    record = {"benchmark": "ab_commits", **provenance.environment(), "commits": commits, "repeats": args.repeats,
+              "compare_args": compare_args, "summary": summary, "runs": runs}
     Path(args.result_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.result_file).write_text(json.dumps(record, indent=1))
     _print(commits, summary)

@@ -69,7 +69,7 @@ def main() -> int:
     from effinfer.loader import catalog
 
     llamacpp_tools.tool("llama-batched-bench")      # (says how to build it when it is missing)
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)
     model = str(catalog.pull(args.model)) if args.model in catalog.CATALOG else args.model
     name = parse_config(args.config).name
     runs = {f"effinfer {name}": [], PEER: []}
@@ -93,7 +93,7 @@ def main() -> int:
         from effinfer.bench.plots import plot_sweep
 
         print(plot_sweep(result, args.plot))
-    keep_record(args.result_file, "batched_vs_llamacpp", vars(args), result, run, inputs={"model": model})
+    keep_record(args.result_file, "batched_vs_llamacpp", vars(args), result, provenance, inputs={"model": model})
     return 0
 
 

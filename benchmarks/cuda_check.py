@@ -36,8 +36,8 @@ def main() -> None:
     p.add_argument("--out", default="cuda_check.json")
     add_allow_dirty_arg(p)
     args = p.parse_args()
-    run = RunProvenance.begin(args.out, args.allow_dirty)
-    record = {"benchmark": "cuda_check", **run.environment(), "device": args.device,
+    provenance = RunProvenance.begin(args.out, args.allow_dirty)
+    record = {"benchmark": "cuda_check", **provenance.environment(), "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "correctness": {}, "speed": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ def main() -> int:
     from effinfer.bench.workloads import sharegpt_requests
     from effinfer.loader import catalog
 
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)
     model = args.model or str(catalog.pull(catalog.DEFAULT_MODEL))
     llm = LLM(model, max_num_seqs=args.batch)
     requests = sharegpt_requests(llm.tokenizer, args.num_prompts, seed=0, output_len=4,   # (unused here)
@@ -56,7 +56,7 @@ def main() -> int:
     metrics.update(mean_prompt_tokens=num_tokens / len(texts), rounds=rounds)
     print(f"median: {metrics['embeddings_per_s']:.1f} embeddings/s ({metrics['mean_prompt_tokens']:.0f} tokens each)")
     keep_record(args.result_file, "embeddings", {**vars(args), "model": model, "engine": llm.engine.summary},
-                metrics, run)
+                metrics, provenance)
     return 0
 
 

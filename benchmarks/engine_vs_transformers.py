@@ -30,9 +30,9 @@ TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitex
 
 def main() -> None:
     args = parse_args()
-    run = RunProvenance.begin(args.out, args.allow_dirty)
+    provenance = RunProvenance.begin(args.out, args.allow_dirty)
     torch.set_num_threads(args.threads)
-    record = {"benchmark": "engine_vs_transformers", **run.environment(args.seed), "model": args.model,
+    record = {"benchmark": "engine_vs_transformers", **provenance.environment(args.seed), "model": args.model,
               "transformers": transformers_version(), "results": {},
               "machine_bandwidth_gb_s": measure_bandwidth()}
     for dtype in args.dtypes.split(","):

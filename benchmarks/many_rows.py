@@ -69,7 +69,7 @@ def main() -> int:
 
     if kernels.int4_mm() is None or kernels.int8_gemm() is None:
         sys.exit("effinfer's int4/int8 kernels are not available here (a C++ compiler and AVX512-VNNI are needed)")
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     h, i = args.hidden, args.intermediate
@@ -94,7 +94,7 @@ def main() -> int:
         results.append(row)
         print(f"{rows:>4} rows: " + "  ".join(f"{n} {row[f'{n}_ms']:7.2f}" for n in contestants) +
               f"  (ms per pass; int4 kernel {row['bf16_ms'] / row['int4 kernel_ms']:.2f}x bf16)", flush=True)
-    keep_record(args.result_file, "many_rows", vars(args), {"rows": results}, run)
+    keep_record(args.result_file, "many_rows", vars(args), {"rows": results}, provenance)
     return 0
 
 

@@ -61,7 +61,7 @@ def main() -> int:
 
     if kernels.paged_decode_attention() is None:
         sys.exit("effinfer's paged attention kernel is not available here (it needs a C++ compiler and AVX-512)")
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)
     torch.manual_seed(0)
     rows = []
     for context in map(int, args.contexts.split(",")):
@@ -83,7 +83,7 @@ def main() -> int:
                 f"{n} {row[f'{n}_us']:8.1f} us" for n in ways) +
                 f"   in place: {row['compiled gather_us'] / row['in place_us']:.2f}x compiled gather, "
                 f"{row['eager gather_us'] / row['in place_us']:.2f}x eager", flush=True)
-    keep_record(args.result_file, "paged_attention", vars(args), {"rows": rows}, run)
+    keep_record(args.result_file, "paged_attention", vars(args), {"rows": rows}, provenance)
     return 0
 
 

@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/prefix_cache.json")
     add_allow_dirty_arg(p)
     args = p.parse_args()
-    run = RunProvenance.begin(args.out, args.allow_dirty)
+    provenance = RunProvenance.begin(args.out, args.allow_dirty)
     torch.set_num_threads(args.threads)
     engines = {mode: LLM(args.model, dtype=args.dtype, max_num_seqs=32, max_num_batched_tokens=2048,
                          enable_prefix_caching=(mode == "on"), show_progress=False) for mode in ("off", "on")}
@@ -46,7 +46,7 @@ def main() -> None:
         for mode in ("off", "on"):
             results[mode].append(run_once(engines[mode], prompts))
     summary = {mode: {k: statistics.mean(r[k] for r in runs) for k in runs[0]} for mode, runs in results.items()}
-    record = {"benchmark": "prefix_cache", **run.environment(inputs={"model": llm.engine.loaded.path, "text": TEXT}),
+    record = {"benchmark": "prefix_cache", **provenance.environment(inputs={"model": llm.engine.loaded.path, "text": TEXT}),
               "model": args.model, "dtype": args.dtype, "num_requests": args.num_requests, "prefix_tokens": args.prefix_len,
               "resolved_config": llm.config.to_dict(), "engine": llm.engine.summary, "summary": summary, "rounds": results,
               # off's TTFT over on's, paired round by round (geometric mean and its 95% interval)

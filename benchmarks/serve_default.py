@@ -60,7 +60,7 @@ def main() -> int:
 
     add_allow_dirty_arg(parser)
     args = parser.parse_args()
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)
     from effinfer.loader import catalog
 
     model_file = catalog.pull(catalog.DEFAULT_MODEL, show_progress=False)
@@ -78,7 +78,7 @@ def main() -> int:
         in_process[PEER] = llamacpp_tools.llama_bench(model_file, 512, 128, 3, args.threads)
     summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if isinstance(rs[0][key], float)}
                for name, rs in runs.items()}
-    record = {"benchmark": "serve_default", **run.environment(inputs={"model": model_file}),
+    record = {"benchmark": "serve_default", **provenance.environment(inputs={"model": model_file}),
               "llamacpp_build": llamacpp_tools.build() if llamacpp_tools.available("llama-bench") else None,
               "num_prompts": args.num_prompts, "output_len": args.output_len, "runs": runs, "median": summary,
               "in_process_latency": in_process}

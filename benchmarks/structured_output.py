@@ -65,7 +65,7 @@ def main() -> int:
     from effinfer.bench.report import keep_record
     from effinfer.loader import catalog
 
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)
     model = args.model or str(catalog.pull(catalog.DEFAULT_MODEL))
     llm = LLM(model, **({"compile": True} if args.compile else {}))
     rows = []
@@ -86,7 +86,7 @@ def main() -> int:
               f"(TPOT {row['unconstrained_tpot_ms']:.1f} ms), JSON schema {row['json_schema_output_tok_s']:7.1f} tok/s "
               f"(TPOT {row['json_schema_tpot_ms']:.1f} ms): {row['ratio_output_tok_s']:.3f}x", flush=True)
     keep_record(args.result_file, "structured_output", {**vars(args), "model": model, "engine": llm.engine.summary},
-                {"rows": rows}, run)
+                {"rows": rows}, provenance)
     return 0
 
 

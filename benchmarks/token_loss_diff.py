@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--result-file", default=None)
     add_allow_dirty_arg(parser)
     args = parser.parse_args()
-    run = RunProvenance.begin(args.result_file, args.allow_dirty)
+    provenance = RunProvenance.begin(args.result_file, args.allow_dirty)
     text = Path(args.text).read_text(encoding="utf-8")
     loss_a, targets, tokenizer = token_losses(args.model_a, text, args.max_tokens, args.window)
     loss_b, targets_b, _ = token_losses(args.model_b, text, args.max_tokens, args.window)
@@ -59,7 +59,8 @@ def main() -> None:
         count[token] += 1
     total = float((loss_b - loss_a).sum())
     top = sorted(diff_sum.items(), key=lambda kv: -abs(kv[1]))[:args.top]
-    record = {"benchmark": "token_loss_diff", **run.environment(inputs={"text": args.text}), "model_a": args.model_a, "model_b": args.model_b, "text": args.text, "scored_tokens": len(targets),
+    record = {"benchmark": "token_loss_diff", **provenance.environment(inputs={"text": args.text}),
+              "model_a": args.model_a, "model_b": args.model_b, "text": args.text, "scored_tokens": len(targets),
               "perplexity_a": math.exp(float(loss_a.mean())), "perplexity_b": math.exp(float(loss_b.mean())),
               "summed_loss_b_minus_a": total,
               "top_tokens": [{"token": tokenizer.decode([t]), "count": count[t], "summed_loss_b_minus_a": d}
