@@ -9,8 +9,9 @@ A table in a Markdown file is a marked region,
 
 whose body `effinfer bench report` rewrites from the record(s) its renderer names, with a line that says
 which record, made at which commit, by which command. A renderer that takes a record's name is written
-`<!-- table: compare:native_smollm2 -->` (any `bench compare` record) or `tune:tune_smollm2_latency`. `--check` rewrites nothing and fails when a region
-differs from what its records give (a test runs it), so a number in the docs is the number in its record.
+`<!-- table: compare:native_peer_smollm2 -->` (any `bench compare` record) or `tune:tune_smollm2_latency`.
+`--check` rewrites nothing and fails when a region differs from what its records give (a test runs it), so a
+number in the docs is the number in its record.
 """
 
 from __future__ import annotations
