@@ -30,8 +30,8 @@ RAPL_FILE = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
 
 def run_latency(system, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5, seed: int = 0,
                 measure_machine: bool = True) -> dict:
-    own = system.own_measurement("latency", prompt_len=prompt_len, gen_len=gen_len, repetitions=repetitions)
-    if own is not None:        # a peer timed by its own tool, in its own process (no resource meter here)
+    if system.own_tools:        # a peer timed by its own tool, in its own process (no resource meter here)
+        own = system.own_measurement("latency", prompt_len=prompt_len, gen_len=gen_len, repetitions=repetitions)
         machine = {"machine_bandwidth_gb_s": measure_bandwidth()} if measure_machine else {}
         return {**own, "decode_bandwidth_gb_s": system.weight_bytes() * own[f"tg{gen_len}_tok_s"] / 1e9, **machine}
     prompts = [r.prompt for r in random_requests(system.tokenizer, repetitions + 1, prompt_len, 1, seed, as_text=False)]
@@ -80,7 +80,7 @@ def run_throughput_repeated(system, requests: list[BenchRequest], stop_at_eos: b
 
 
 def run_throughput(system, requests: list[BenchRequest], stop_at_eos: bool = False) -> dict:
-    if system.own_measurement("throughput") is not None:
+    if system.own_tools:
         return _own_throughput(system, requests, stop_at_eos)
     system.forget_cache()
     meter = ResourceMeter()
@@ -104,9 +104,8 @@ def run_sweep(system, batch_sizes: list[int], input_len: int, output_len: int, s
     >= B and a KV pool that holds B sequences (else preemption slows what is measured)."""
     if output_len < 2:
         raise ValueError(f"the sweep needs output_len >= 2 (decode steps to time), got {output_len}")
-    own = system.own_measurement("sweep", batch_sizes=batch_sizes, input_len=input_len, output_len=output_len)
-    if own is not None:
-        return own
+    if system.own_tools:
+        return system.own_measurement("sweep", batch_sizes=batch_sizes, input_len=input_len, output_len=output_len)
     warmup = [r.prompt for r in random_requests(system.tokenizer, min(batch_sizes), input_len, 1, seed, as_text=False)]
     _timed_batch(system, warmup, 2)   # first-touch costs (KV blocks, kernel scratch) out of the first size's figures
     out = {}

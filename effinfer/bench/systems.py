@@ -29,6 +29,8 @@ PEER_SYSTEMS = ("transformers", "llamacpp", "llamacpp-native")
 class System(ABC):
     name: str
     tokenizer: object
+    own_tools: bool = False
+    """Timed by its own instruments (`own_measurement`), not through the methods below."""
 
     @abstractmethod
     def prefill(self, prompt: list[int]) -> None:
@@ -58,10 +60,9 @@ class System(ABC):
         """{role: path} of the files this system read (records keep their sha256)."""
         return {}
 
-    def own_measurement(self, workload: str, **shape) -> dict | None:
-        """A peer timed by its own instruments returns a workload's metrics here (asked with no shape: whether
-        it does); None: the benchmark times it through the methods above."""
-        return None
+    def own_measurement(self, workload: str, **shape) -> dict:
+        """A workload's metrics, timed by the system's own instruments (where `own_tools`)."""
+        raise NotImplementedError(f"{self.name} is timed through its methods, not by tools of its own")
 
     def spec_stats(self) -> dict:
         """Speculative decoding counters (draft_tokens, accepted_tokens, verify_steps), if any."""
@@ -145,6 +146,7 @@ class LlamaCppNativeSystem(System):
     Python binding, `system=llamacpp`."""
 
     name = "llamacpp-native"
+    own_tools = True
 
     def __init__(self, path: Path, tokenizer, num_threads: int, quant: str | None = None, cache_dir: Path | None = None):
         from effinfer.bench import llamacpp_tools
@@ -154,8 +156,6 @@ class LlamaCppNativeSystem(System):
         self.path = llamacpp_tools.requantize(path, quant, cache_dir or path.parent, num_threads) if quant else path
 
     def own_measurement(self, workload, **shape):
-        if not shape:
-            return {}
         if workload == "latency":
             return self.tools.llama_bench(self.path, shape["prompt_len"], shape["gen_len"], shape["repetitions"],
                                           self.threads)

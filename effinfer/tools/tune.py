@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,8 +239,8 @@ class Tuner:
     def score(self, candidate: Candidate) -> float:
         """Higher is better: output tokens/s, or requests per second for one request at a time."""
         if self.s.workload == "latency":
-            return 1.0 / _mean(candidate.speed["request_latency_s"])
-        return _mean(candidate.speed["output_throughput"])
+            return 1.0 / statistics.mean(candidate.speed["request_latency_s"])
+        return statistics.mean(candidate.speed["output_throughput"])
 
     def describe_speed(self, candidate: Candidate) -> str:
         """The latest measurement."""
@@ -348,10 +349,6 @@ def pareto_plot(result: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def write_config(options: dict, path: str | Path) -> Path:

@@ -237,7 +237,7 @@ def test_the_sweep_times_decode_apart_from_prefill(monkeypatch):
         cache["forgotten"] += 1
 
     system = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=1000, special_ids=set(), backend=None),
-                             run_batch=run_batch, forget_cache=forget_cache, own_measurement=lambda *a, **k: None)
+                             run_batch=run_batch, forget_cache=forget_cache, own_tools=False)
     monkeypatch.setattr(offline, "random_requests", lambda tok, num, input_len, output_len, seed, as_text:
                         [SimpleNamespace(prompt=[7] * input_len) for _ in range(num)])
     result = offline.run_sweep(system, [1, 4], input_len=32, output_len=11)
