@@ -18,6 +18,7 @@ from effinfer.compression.quant.calibrate import calibration_windows
 from effinfer.config import CacheConfig, EngineConfig, QuantConfig
 from effinfer.decoding.early_exit import EarlyExit, ExitHeads
 from effinfer.decoding.spec import DraftContext, speculator_from_config
+from effinfer.distributed.workers import TensorParallelGroup, TensorParallelRunner, load_slice
 from effinfer.engine import compiled_decode
 from effinfer.engine.block_manager import BlockManager
 from effinfer.engine.kv_cache import allocate_kv_cache, bytes_per_block
@@ -35,11 +36,34 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     """Load the model (unless `loaded` is given), prune it, size and allocate its KV cache, build the plug-ins
     the config names, and hand them all to an `LLMEngine`. `serving`: the engine of a long-running server,
     where `compile=None` (auto) compiles the decode step in the background."""
-    mc, cc = config.model, config.cache
+    if config.parallel.tensor_parallel_size > 1:
+        if loaded is not None:
+            raise ValueError("a tensor-parallel engine loads its own slices; it cannot take a loaded model")
+        return _build_tensor_parallel(config, serving)
+    mc = config.model
     if mc.num_threads:
         torch.set_num_threads(mc.num_threads)
     device, dtype = torch.device(default_device() if mc.device == "auto" else mc.device), parse_dtype(mc.dtype)
     loaded = loaded or load_model(mc.model, dtype, str(device), mc.cache_dir, config.show_progress, config.quant.spec())
+    return _assemble(config, loaded, device, serving)
+
+
+def _build_tensor_parallel(config: EngineConfig, serving: bool) -> LLMEngine:
+    """Rank 0's engine: start the workers, load this rank's slice (the workers load theirs meanwhile), then
+    assemble as for one process, with a runner that broadcasts each step. The workers stop if building fails."""
+    group = TensorParallelGroup.start(config)
+    try:
+        loaded = load_slice(config, 0, config.show_progress)
+        return _assemble(config, loaded, next(loaded.model.parameters()).device, serving, group)
+    except BaseException:
+        group.close()
+        raise
+
+
+def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, serving: bool,
+              group: TensorParallelGroup | None = None) -> LLMEngine:
+    mc, cc = config.model, config.cache
+    dtype = parse_dtype(mc.dtype)
     if config.quant.quantization == AUTO:   # the engine's config says what runs
         config = dataclasses.replace(config, quant=dataclasses.replace(config.quant, quantization=loaded.quantization))
     if config.prune.prune:
@@ -48,6 +72,8 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     num_blocks, kv_sizing = _num_blocks(config, loaded, dtype, device)
     block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
     scratch_block = block_manager.num_blocks     # one block past the manager's: only compile warm-ups use it
+    if group is not None:
+        group.broadcast(block_manager.num_blocks)
     allocate_kv_cache(loaded.model, block_manager.num_blocks + (compile_when is not None), cc.block_size, dtype,
                       device, get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
     max_model_len = _max_model_len(config, loaded, block_manager.num_blocks)
@@ -55,7 +81,10 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     if compile_when == "now":
         compiled = compiled_decode.compile_now(loaded.model, cc.block_size, scratch_block, config.scheduler.max_num_seqs,
                                                device, config.show_progress)
-    runner = ModelRunner(loaded.model, cc.block_size, device, compiled, _early_exit(config, loaded.model))
+    if group is not None:
+        runner = TensorParallelRunner(group, loaded.model, cc.block_size, device)
+    else:
+        runner = ModelRunner(loaded.model, cc.block_size, device, compiled, _early_exit(config, loaded.model))
     speculator = None
     if config.spec.speculative_method:
         speculator = speculator_from_config(config.spec, _draft_context(config, loaded, device, dtype, max_model_len))
@@ -71,6 +100,8 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
 
 def _compile_when(config: EngineConfig, serving: bool) -> str | None:
     """"now" (before the engine serves), "background" (while it serves eagerly) or None (eager)."""
+    if config.parallel.tensor_parallel_size > 1:
+        return None        # the workers run their steps eagerly, and the driver's steps must match theirs
     if config.model.compile is None:
         return "background" if serving else None
     return "now" if config.model.compile else None
@@ -86,10 +117,17 @@ def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, kv_sizi
     cc = config.cache
     kv_mib = num_blocks * bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype)) / 2**20
     weights = loaded.weights_note or ("weights " + (loaded.quantization or str(dtype).removeprefix("torch.")))
-    return (f"{weights}; decode steps {COMPILE_NOTES[compile_when]}; "
+    steps = "eager (tensor parallel)" if config.parallel.tensor_parallel_size > 1 else COMPILE_NOTES[compile_when]
+    return (f"{weights}; decode steps {steps}; "
             f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB"
             f"{', resident as used' if device.type == 'cpu' else ''}; {kv_sizing}), "
-            f"max_model_len {max_model_len}; {torch.get_num_threads()} threads on {device}")
+            f"max_model_len {max_model_len}; {torch.get_num_threads()} threads on {device}"
+            f"{_parallel_note(config)}")
+
+
+def _parallel_note(config: EngineConfig) -> str:
+    size = config.parallel.tensor_parallel_size
+    return f", tensor parallel x{size} (this rank's share of the KV)" if size > 1 else ""
 
 
 def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:
@@ -126,10 +164,11 @@ def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, d
     if device.type == "cuda":
         cap = int(torch.cuda.mem_get_info(device)[0] * GPU_KV_SHARE) // block_bytes
         limit = f"{GPU_KV_SHARE:.0%} of free GPU memory"
-    else:
+    else:   # tensor-parallel ranks on one CPU share its memory: each takes its part of the budget
+        ranks = config.parallel.tensor_parallel_size
         one_sequence = -(-seq_len // cc.block_size)
-        budget = _blocks_in(CPU_KV_BUDGET_GB, loaded.model, cc.block_size, dtype, codec)
-        cap = min(max(budget, one_sequence), available_memory() // 4 // block_bytes)
+        budget = _blocks_in(CPU_KV_BUDGET_GB / ranks, loaded.model, cc.block_size, dtype, codec)
+        cap = min(max(budget, one_sequence), available_memory() // 4 // ranks // block_bytes)
         limit = "the CPU budget (--kv-cache-memory-gb sets the size)"
     if wanted <= cap:
         return wanted, f"sized for max_num_seqs {seqs} x {seq_len} tokens"

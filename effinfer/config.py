@@ -69,9 +69,9 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV-cache block."""
     kv_cache_memory_gb: float | None = None
-    """Memory for the KV-cache block pool, in GiB. Unset: room for max_num_seqs sequences of max_model_len tokens,
-    within 1 GiB on CPU (more if one full-length sequence needs it, never past a quarter of the free RAM) and within
-    80% of the free memory on a GPU."""
+    """Memory for the KV-cache block pool, in GiB (per tensor-parallel rank). Unset: room for max_num_seqs sequences
+    of max_model_len tokens, within 1 GiB on CPU, shared by its ranks (more if one full-length sequence needs it,
+    never past a quarter of the free RAM) and within 80% of the free memory on a GPU."""
     num_blocks: int | None = None
     """Exact number of blocks; overrides kv_cache_memory_gb when set."""
     enable_prefix_caching: bool = True
@@ -245,6 +245,17 @@ class ExitConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks that split every layer (Megatron-style: heads, MLP columns and the vocabulary) on torch.distributed, one
+    process each (gloo on CPU, NCCL on GPUs); rank 0 is the engine's process. Decode steps then run eagerly."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be at least 1")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -253,6 +264,7 @@ class EngineConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
     exit: ExitConfig = field(default_factory=ExitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     global_seed: int = 0
     """Seed of the engine's global RNG (requests without their own seed draw from it)."""
     show_progress: bool = True
@@ -264,6 +276,20 @@ class EngineConfig:
         if self.exit.early_exit_heads and self.spec.speculative_method:
             raise ValueError("early exit and speculative decoding do not combine: verification needs every layer's "
                              "logits (self-speculation is the lossless form of early exit)")
+        if self.parallel.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        """What does not run on a split model yet, refused before any loading."""
+        size = self.parallel.tensor_parallel_size
+        model_drafts = self.spec.speculative_method in ("draft_model", "self")   # ngram, retrieval, lookahead: fine
+        unsupported = {"early_exit_heads": self.exit.early_exit_heads, "prune": self.prune.prune,
+                       f"speculative_method={self.spec.speculative_method}": model_drafts}
+        given = [name for name, value in unsupported.items() if value]
+        if given:
+            raise ValueError(f"tensor_parallel_size={size} does not combine with {', '.join(given)} yet")
+        if self.model.compile:
+            raise ValueError(f"tensor_parallel_size={size} runs decode steps eagerly; drop --compile")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -285,7 +311,7 @@ class EngineConfig:
 
 
 SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "quant": QuantConfig,
-               "prune": PruneConfig, "spec": SpecConfig, "exit": ExitConfig}
+               "prune": PruneConfig, "spec": SpecConfig, "exit": ExitConfig, "parallel": ParallelConfig}
 
 
 def _field_names(cls) -> set[str]:

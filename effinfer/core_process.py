@@ -126,6 +126,7 @@ def run_engine_core(config, to_core: str, from_core: str, parent_pid: int, servi
     engine.text_elsewhere()   # the clients detokenize
     results.send(encoder.encode(Ready(engine_info(engine))))
     EngineCoreLoop(engine, commands, results, parent_pid).run()
+    engine.close()
     context.destroy(linger=1000)
 
 
@@ -173,8 +174,13 @@ class EngineCoreLoop:
     def step(self) -> None:
         started = time.perf_counter()
         outputs, failed = run_step(self.engine.core_step, self.engine)
+        fatal = self.engine.runner.failure    # the engine can run no more steps: fail its requests, then exit
         for rid in failed:
-            self.send(RequestFailed(rid, STEP_FAILED, 500))
+            self.send(RequestFailed(rid, f"the engine failed: {fatal}" if fatal else STEP_FAILED, 500))
+        if fatal:
+            self.engine.close()
+            self.results.close(linger=2000)    # the failures reach the clients before the process ends
+            sys.exit(1)
         if not failed:
             self.send(StepReport(outputs, self.engine.stats(), time.perf_counter() - started))
 
@@ -373,7 +379,8 @@ class CoreEngine:
                 if message.status < 500:
                     raise ValueError(message.message)
                 self._outputs.clear()    # a failed step: the core has aborted every request it held
-                raise RuntimeError("an engine step failed; the engine process's stderr has the traceback")
+                raise RuntimeError("an engine step failed; the engine process's stderr has the traceback"
+                                   if message.message == STEP_FAILED else message.message)
             if not self._outputs.has_unfinished():   # a heartbeat, or the report of requests aborted here
                 return []
         raise RuntimeError(f"the engine made no progress for {self.step_timeout:.0f} s")

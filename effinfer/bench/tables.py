@@ -224,6 +224,26 @@ def prefix_cache_table(results: Path) -> str:
             + note + source("prefix_cache.json", record))
 
 
+@table("tensor_parallel")
+def tensor_parallel_table(results: Path) -> str:
+    """One rank with all the threads against the split model with a share each: rates and paired ratios."""
+    record = load(results, "tensor_parallel_qwen05.json")
+    names = list(record["summary"])
+    split = names[-1]
+    labels = {"decode_tok_s": "single-stream decode tok/s", "prefill_tok_s": f"prefill tok/s ({record['prompt_len']} tokens)",
+              "batch_output_tok_s": f"{record['batch']} requests x {record['gen_len']} output tok/s"}
+    rows = []
+    for key, label in labels.items():
+        ratio = record["ratio_vs_tp1"][key]
+        bounds = f" [{ratio['low']:.2f}, {ratio['high']:.2f}]" if ratio["low"] is not None else ""
+        rows.append([label, *(number(record["summary"][n][key]["value"]) for n in names), f"{ratio['value']:.2f}x{bounds}"])
+    header = ["", *(f"{n} ({record['threads'][n]} thread{'s' * (record['threads'][n] > 1)} per rank)" for n in names),
+              f"{split} / tp1"]
+    same = "the same" if record["same_greedy_tokens"] else "different"
+    return (markdown_table(header, "l" + "r" * (len(names) + 1), rows)
+            + f"\n{record['model']}; both gave {same} greedy tokens.\n" + source("tensor_parallel_qwen05.json", record))
+
+
 @table("compare")
 def compare_table(results: Path, name: str) -> str:
     """Any `bench compare` record: each throughput/latency metric per configuration, as its mean and its ratio

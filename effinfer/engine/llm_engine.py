@@ -121,6 +121,10 @@ class LLMEngine:
             if self.speculator is not None:
                 self.speculator.release(request_id)
 
+    def close(self) -> None:
+        """Stop what the engine runs outside this process (tensor-parallel workers); the engine is unusable after."""
+        self.runner.close()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -165,6 +169,11 @@ class LLMEngine:
         pooled: dict[int, torch.Tensor] = {}
         try:
             logits = self.runner.execute(seqs, pooled if pooling else None)
+        except Exception:
+            if self.runner.failure:     # no step can run again: end every request now, its blocks returned
+                for request_id in list(self.requests):
+                    self.abort(request_id)
+            raise
         finally:   # the worker must be done with the matchers before anything else touches them
             if masks is not None:
                 concurrent.futures.wait([masks])

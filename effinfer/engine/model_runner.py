@@ -56,6 +56,12 @@ class ModelRunner:
         """Pages (and backend) per attention module that this runner's steps use instead of the modules' own
         (`AttentionMetadata.kv_bindings`): a side model's."""
 
+    failure: str | None = None
+    """Why this runner can run no more steps (a tensor-parallel worker died), or None."""
+
+    def close(self) -> None:
+        """Release what the runner holds outside this process (tensor-parallel workers); nothing by default."""
+
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq], pooled: dict | None = None) -> torch.Tensor:
         """-> fp32 logits [num_logit_rows, vocab]: per sequence in order, all its rows if `all_logits`,

@@ -33,7 +33,10 @@ class LoadedModel:
 
 
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-               cache_dir: str | None = None, show_progress: bool = True, quant: QuantSpec | None = None) -> LoadedModel:
+               cache_dir: str | None = None, show_progress: bool = True, quant: QuantSpec | None = None,
+               split=None) -> LoadedModel:
+    """`split`: tensor parallelism's plan maker, (architecture) -> the part this process holds, with
+    `local_config(cfg)`, `slice_tensor(name, tensor)` and `parallelize(model, vocab_size)`; None: the whole model."""
     path = resolve_model_path(name, cache_dir, show_progress)
     auto = quant is not None and quant.quantization == AUTO
     if auto and is_quantized_checkpoint(path):
@@ -61,7 +64,16 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
             fused_target = get_model_class(source.config.architecture).fused_target
             quant.layer_methods = quant.method_class().plan_layers(source.gguf.hf_tensor_types(), fused_target)
         weights = source.iter_weights(show_progress, keep_blocks)
-    model = _build(source.config, weights, dtype, device, quant)
+    cfg = source.config
+    if split is not None:
+        if is_quantized_checkpoint(path):
+            raise ValueError("tensor parallelism does not split GPTQ/AWQ checkpoints; load the base model with "
+                             "quantization=int4 or a GGUF file instead")
+        part = split(source.config)
+        cfg, weights = part.local_config(cfg), ((n, part.slice_tensor(n, t)) for n, t in weights)
+    model = _build(cfg, weights, dtype, device, quant)
+    if split is not None:
+        part.parallelize(model, source.config.vocab_size)
     weights_note = f"weights {quant.quantization if quant else str(dtype).removeprefix('torch.')}" + \
         (f" ({note})" if note else "")
     # the model holds no view of the file: dropping the source unmaps it (its pages leave resident memory)

@@ -154,7 +154,9 @@ def test_bfloat16_agrees_with_float32(smollm2_path, smollm2_fp32):
         engine = make_engine(loaded, dtype="bfloat16" if loaded is bf16 else "float32")
         rows.append(torch.stack([engine.runner.execute([_prompt_seq(engine, p)])[0] for p in PROMPTS]))
     fp32, low = rows
-    assert torch.equal(fp32.argmax(-1), low.argmax(-1))
+    # bf16 may swap a near-tie (AMX and AVX-512 round differently): what it picks is at most a rounding below the best
+    shortfall = fp32.max(-1).values - fp32.gather(-1, low.argmax(-1, keepdim=True)).squeeze(-1)
+    assert float(shortfall.max()) < 0.5, shortfall
     kl = torch.nn.functional.kl_div(low.log_softmax(-1), fp32.log_softmax(-1), log_target=True, reduction="batchmean")
     assert kl < 0.02
 

@@ -21,6 +21,7 @@ TIERS = [
     ["effinfer.decoding"],
     ["effinfer.outputs", "effinfer.output_processor", "effinfer.config"],
     ["effinfer.engine"],
+    ["effinfer.distributed"],      # tensor-parallel ranks: split models, worker processes that run engine steps
     # tier 2: the facade
     ["effinfer.llm", "effinfer.build", "effinfer.core_process"],
     # tier 3: tools and services

@@ -1,0 +1,258 @@
+"""Tensor-parallel ranks as processes on torch.distributed (gloo on CPU; NCCL for CUDA tensors, gloo for messages).
+
+Rank 0 is the engine's own process, the driver: it schedules once, broadcasts each step's scheduled sequences,
+runs its slice of the model and samples from the gathered logits. Ranks 1..N-1 are worker processes that it
+starts and watches: each loads its slice, allocates the same KV block pool for its KV heads, then runs every
+step it is sent through its own `ModelRunner`, meeting the others in the collectives inside the model.
+
+A worker that dies breaks the collective the driver is in (gloo reports the closed connection at once), and the
+driver then fails the step with `WorkerFailed`, naming the rank and its exit code; the engine is dead from then
+on (the engine-core process exits, and the server restarts it or stops). Workers end when the driver tells them
+to, or when its connection closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from effinfer.compression.quant import get_kv_dtype
+from effinfer.distributed import shm
+from effinfer.distributed.sharding import Shard, use_shared_memory
+from effinfer.engine.kv_cache import allocate_kv_cache
+from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
+from effinfer.layers.attn_backends import get_backend
+from effinfer.models import LoadedModel, load_model
+from effinfer.utils import default_device, parse_dtype
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 120
+"""How long the driver waits for every worker to join the group (a worker imports torch first)."""
+STEP_TIMEOUT = datetime.timedelta(days=7)
+"""Collectives wait this long: a worker idles inside the step broadcast for as long as the server has no work
+(a dead peer is reported at once, not after this)."""
+STOP_WAIT_S = 10
+
+
+class WorkerFailed(RuntimeError):
+    """A tensor-parallel worker died or a collective failed: the engine cannot run another step."""
+
+
+class TensorParallelGroup:
+    """The driver's side: the worker processes, the process group, and the messages it broadcasts."""
+
+    active: "TensorParallelGroup | None" = None
+    """torch.distributed has one default group per process, so one tensor-parallel engine per process."""
+
+    def __init__(self, size: int, processes: list[subprocess.Popen]):
+        self.size, self.processes = size, processes
+        self.failure: str | None = None
+
+    @classmethod
+    def start(cls, config) -> "TensorParallelGroup":
+        """Start ranks 1..size-1, form the group with them as rank 0, and send them the engine's config."""
+        size = config.parallel.tensor_parallel_size
+        if cls.active is not None:
+            raise RuntimeError("a tensor-parallel engine is already running in this process; close it first")
+        store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
+        backend = backend_for(config)
+        processes = [subprocess.Popen([sys.executable, "-m", "effinfer.distributed.workers", "--port", str(store.port),
+                                       "--rank", str(rank), "--size", str(size), "--backend", backend])
+                     for rank in range(1, size)]
+        group = cls(size, processes)
+        try:
+            dist.init_process_group(backend, store=store, rank=0, world_size=size, timeout=STEP_TIMEOUT)
+        except Exception as exc:
+            group.kill()
+            raise WorkerFailed(f"the tensor-parallel workers did not join the group: {exc}; "
+                               f"{group.describe_exits() or 'no worker exited'}") from exc
+        cls.active = group
+        group.guard(lambda: join_shared_memory(backend, 0, size, group.workers_alive))
+        group.broadcast(config)
+        return group
+
+    def workers_alive(self) -> bool:
+        return all(p.poll() is None for p in self.processes)
+
+    def broadcast(self, message) -> None:
+        """Send `message` (any picklable object) to every worker; raises `WorkerFailed` if one is gone."""
+        self.guard(lambda: dist.broadcast_object_list([message], src=0))
+
+    def guard(self, action):
+        """Run `action` (which takes part in collectives); a failure makes the group dead, with the reason."""
+        if self.failure is not None:
+            raise WorkerFailed(self.failure)
+        try:
+            return action()
+        except WorkerFailed:
+            raise
+        except RuntimeError as exc:
+            self.failure = (f"tensor-parallel step failed: {self.describe_exits(wait_s=2.0) or 'a collective failed'} "
+                            f"({str(exc).splitlines()[0][:200]})")
+            log.error(self.failure)
+            self.release()
+            raise WorkerFailed(self.failure) from exc
+
+    def describe_exits(self, wait_s: float = 0.0) -> str:
+        """Which workers have exited, and how (waits up to `wait_s` for one that is on its way out)."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and all(p.poll() is None for p in self.processes):
+            time.sleep(0.05)
+        exits = [(rank, p.poll()) for rank, p in enumerate(self.processes, start=1) if p.poll() is not None]
+        return "; ".join(f"worker rank {rank} exited with code {code}" for rank, code in exits)
+
+    def close(self) -> None:
+        """Tell the workers to stop, wait for them, and leave the group."""
+        if self.failure is None:
+            try:
+                self.broadcast(None)
+            except WorkerFailed:
+                pass
+        deadline = time.monotonic() + STOP_WAIT_S
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.release()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+    def release(self) -> None:
+        """Leave the process group (after a failure too: a group left open aborts the process at exit)."""
+        leave_shared_memory()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if TensorParallelGroup.active is self:
+            TensorParallelGroup.active = None
+        if self.failure is not None:
+            self.kill()
+
+
+def join_shared_memory(backend: str, rank: int, size: int, alive) -> None:
+    """Ranks on one CPU host exchange the model's tensors through shared memory (`shm`): gloo's loopback TCP costs
+    a millisecond a call here. Every rank calls this at the same point, right after joining the group."""
+    if backend == "gloo" and shm.available():
+        use_shared_memory(shm.SharedMemoryComm(rank, size, alive))
+
+
+def leave_shared_memory() -> None:
+    from effinfer.distributed import sharding
+
+    if sharding._shared_memory is not None:
+        sharding._shared_memory.close()
+        use_shared_memory(None)
+
+
+def backend_for(config) -> str:
+    """Model collectives on the model's device (NCCL for CUDA), object messages always on gloo."""
+    device = config.model.device
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") or device == "auto" and torch.cuda.is_available() \
+        else "gloo"
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Each rank its own GPU (cuda:rank); CPU ranks share the machine."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def rank_threads(config) -> int:
+    """CPU threads per rank: the configured number, else the cores shared out between the ranks."""
+    return config.model.num_threads or max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size)
+
+
+def load_slice(config, rank: int, show_progress: bool) -> LoadedModel:
+    """Rank `rank`'s slice of the configured model, on its device with its share of the threads (the driver and
+    every worker load through here, so all build the same layers)."""
+    mc = config.model
+    torch.set_num_threads(rank_threads(config))
+    device = rank_device(torch.device(default_device() if mc.device == "auto" else mc.device), rank)
+    split = partial(Shard.plan, rank=rank, size=config.parallel.tensor_parallel_size)
+    return load_model(mc.model, parse_dtype(mc.dtype), str(device), mc.cache_dir, show_progress, config.quant.spec(),
+                      split)
+
+
+class TensorParallelRunner(ModelRunner):
+    """The driver's runner: each step's sequences go to the workers, then run here on rank 0's slice."""
+
+    def __init__(self, group: TensorParallelGroup, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+    @property
+    def failure(self) -> str | None:
+        return self.group.failure
+
+    def execute(self, seqs: list[ScheduledSeq], pooled: dict | None = None) -> torch.Tensor:
+        self.group.broadcast(("step", seqs, pooled is not None))
+        return self.group.guard(lambda: super(TensorParallelRunner, self).execute(seqs, pooled))
+
+    def close(self) -> None:
+        self.group.close()
+
+
+# ---- a worker process ----------------------------------------------------------------------------------
+def receive():
+    message = [None]
+    dist.broadcast_object_list(message, src=0)
+    return message[0]
+
+
+def run_worker(port: int, rank: int, size: int, backend: str) -> None:
+    """Join the group, build this rank's slice and its KV pool as the driver says, then run steps until told to stop."""
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=STEP_TIMEOUT)
+    driver = os.getppid()
+    try:
+        join_shared_memory(backend, rank, size, lambda: os.getppid() == driver)
+        config = receive()
+        loaded = load_slice(config, rank, show_progress=False)
+        device = next(loaded.model.parameters()).device
+        cc, mc = config.cache, config.model
+        num_blocks = receive()       # the driver sizes the pool; every rank holds the same block ids
+        allocate_kv_cache(loaded.model, num_blocks, cc.block_size, parse_dtype(mc.dtype), device,
+                          get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
+        runner = ModelRunner(loaded.model, cc.block_size, device)
+        while (message := receive()) is not None:
+            _, seqs, pooled = message
+            runner.execute(seqs, {} if pooled else None)
+    finally:
+        leave_shared_memory()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="an effinfer tensor-parallel worker (started by the engine)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--backend", default="gloo")
+    args = parser.parse_args(argv)
+    code = 0
+    try:
+        run_worker(args.port, args.rank, args.size, args.backend)
+    except RuntimeError as exc:   # the driver went away: nothing to report to
+        print(f"effinfer tensor-parallel worker rank {args.rank}: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+        code = 1
+    # Leave without the interpreter's teardown: gloo's threads can abort it, and a worker holds nothing to save.
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
