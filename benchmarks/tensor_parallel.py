@@ -40,8 +40,9 @@ def main() -> None:
     add_allow_dirty_arg(p)
     args = p.parse_args()
     provenance = RunProvenance.begin(args.out, args.allow_dirty)
+    # no prefix cache: every round runs the same prompts, and each must be computed again
     common = dict(dtype=args.dtype, quantization=args.quantization, max_num_seqs=max(args.batch, 1),
-                  kv_cache_memory_gb=0.25, show_progress=False)
+                  kv_cache_memory_gb=0.25, enable_prefix_caching=False, show_progress=False)
     sizes = {"tp1": 1, f"tp{args.size}": args.size}
     threads = {"tp1": args.threads, f"tp{args.size}": max(1, args.threads // args.size)}
     engines = {name: LLM(args.model, tensor_parallel_size=size, num_threads=threads[name], **common)
