@@ -148,6 +148,10 @@ class EngineCoreLoop:
                 self.step()
                 last_report = time.monotonic()
             elif time.monotonic() - last_report >= HEARTBEAT_SECONDS:
+                if self.engine.runner.failure:    # e.g. a tensor-parallel worker died while idle: not live
+                    log.error("the engine cannot run: %s", self.engine.runner.failure)
+                    self.engine.close()
+                    sys.exit(1)
                 self.send(Heartbeat(self.engine.stats()))
                 last_report = time.monotonic()
 

@@ -67,6 +67,9 @@ class TensorParallelGroup:
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
         backend = backend_for(config)
+        if "nccl" in backend and torch.cuda.device_count() < size:
+            raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs (one per rank); this machine has "
+                             f"{torch.cuda.device_count()}")
         processes = [subprocess.Popen([sys.executable, "-m", "effinfer.distributed.workers", "--port", str(store.port),
                                        "--rank", str(rank), "--size", str(size), "--backend", backend])
                      for rank in range(1, size)]
@@ -196,6 +199,11 @@ class TensorParallelRunner(ModelRunner):
 
     @property
     def failure(self) -> str | None:
+        """Why no step can run: a collective failed, or (noticed while idle) a worker has exited."""
+        if self.group.failure is None and not self.group.workers_alive():
+            self.group.failure = f"tensor-parallel {self.group.describe_exits()}"
+            log.error(self.group.failure)
+            self.group.release()
         return self.group.failure
 
     def execute(self, seqs: list[ScheduledSeq], pooled: dict | None = None) -> torch.Tensor:

@@ -205,6 +205,19 @@ def test_the_core_process_fails_its_requests_and_exits_when_a_worker_dies(llama_
         llm.close()
 
 
+def test_a_worker_that_dies_while_idle_takes_the_core_down_at_once(llama_folder):
+    """Not at the next request: an idle core notices within a heartbeat, so /health turns 503 and the server restarts it."""
+    llm = LLM(str(llama_folder), engine_process=True, tensor_parallel_size=2, **COMMON)
+    try:
+        [worker] = worker_pids(llm.engine.pid)
+        os.kill(worker, signal.SIGKILL)
+        core = llm.engine._core.process
+        core.join(timeout=15)
+        assert core.exitcode == 1
+    finally:
+        llm.close()
+
+
 def greedy_in(llm) -> list[list[int]]:
     return [r.outputs[0].token_ids for r in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
