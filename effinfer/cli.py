@@ -136,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 def add_server_args(p: argparse.ArgumentParser) -> None:
     from effinfer.serving.api_server import ServerConfig
     from effinfer.serving.async_engine import ON_ENGINE_FAILURE
+    from effinfer.serving.replicas import ROUTING
 
     g = p.add_argument_group("server")
     hints, docs = typing.get_type_hints(ServerConfig), field_docs(ServerConfig)
+    choices = {"on_engine_failure": ON_ENGINE_FAILURE, "routing": ROUTING}
     for f in dataclasses.fields(ServerConfig):
         if f.name == "api_keys":
             g.add_argument("--api-key", action="append", dest="api_keys", default=[],
@@ -146,8 +148,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         elif hints[f.name] is bool:
             g.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
                            dest=f.name, help=docs.get(f.name))
-        elif f.name == "on_engine_failure":
-            g.add_argument("--on-engine-failure", choices=ON_ENGINE_FAILURE, default=f.default, help=docs.get(f.name))
+        elif f.name in choices:
+            g.add_argument("--" + f.name.replace("_", "-"), choices=choices[f.name], default=f.default, dest=f.name,
+                           help=docs.get(f.name))
         else:
             g.add_argument("--" + f.name.replace("_", "-"), type=arg_type(hints[f.name]), default=f.default,
                            dest=f.name, help=docs.get(f.name))
@@ -333,11 +336,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         engine = build_engine(EngineConfig.from_kwargs(**engine_kwargs(args)), serving=True)
         return _serve(build_app(engine, server_config), server_config)
-    from effinfer.serving.engine_core import ProcessEngine
-
     config = EngineConfig.from_kwargs(**engine_kwargs(args))
-    engine = ProcessEngine(config, stall_timeout=server_config.engine_stall_timeout,
-                           on_failure=server_config.on_engine_failure)
+    if server_config.replicas > 1 or server_config.ray_address:
+        from effinfer.serving.replicas import ReplicaSet
+
+        engine = ReplicaSet(config, server_config.replicas, server_config.routing, server_config.ray_address,
+                            stall_timeout=server_config.engine_stall_timeout)
+    else:
+        from effinfer.serving.engine_core import ProcessEngine
+
+        engine = ProcessEngine(config, stall_timeout=server_config.engine_stall_timeout,
+                               on_failure=server_config.on_engine_failure)
     try:
         engine.start()
         return _serve(build_app(engine, server_config), server_config)

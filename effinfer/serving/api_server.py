@@ -34,6 +34,7 @@ from effinfer.decoding.grammar import check_grammar
 from effinfer.outputs import RequestOutput
 from effinfer.prompts import check_token_params, encode_prompt
 from effinfer.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputParams
+from effinfer.serving.replicas import ROUTING
 from effinfer.serving.async_engine import (EngineClient, EngineDeadError, EngineRequestError, ThreadEngine,
                                            check_failure_policy)
 from effinfer.serving.metrics import ServerMetrics
@@ -73,9 +74,20 @@ class ServerConfig:
     """Seconds without progress from a busy engine before /health says 503 and the requests in flight are logged."""
     drain_timeout: float = 30.0
     """On SIGTERM: seconds the requests in flight get to finish before they end with an error."""
+    replicas: int = 1
+    """Engine replicas behind this endpoint, each a Ray actor with its own engine (Ray restarts one that dies)."""
+    routing: str = "prefix"
+    """How requests pick a replica: prefix (the one likely to hold the prompt's prefix in cache, unless it is much
+    busier), least_loaded or round_robin."""
+    ray_address: str | None = None
+    """An existing Ray cluster for the replicas (e.g. ray://head:10001 or auto); default: a local one, started here."""
 
     def __post_init__(self) -> None:
         check_failure_policy(self.on_engine_failure)
+        if self.replicas < 1:
+            raise ValueError(f"replicas={self.replicas} must be at least 1")
+        if self.routing not in ROUTING:
+            raise ValueError(f"routing={self.routing!r} is not supported; choose from {', '.join(ROUTING)}")
         for name in ("engine_stall_timeout", "drain_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must not be negative")
