@@ -39,6 +39,8 @@ ROUTE_BLOCKS = 64
 REMEMBERED_BLOCKS = 100_000
 """Block hashes remembered per replica (least recently routed forgotten first), about a large KV pool's worth."""
 POLL_SECONDS = 1.0
+MAX_RESTARTS = 5
+"""Ray restarts a replica that dies this many times; after that it stays down and the others serve."""
 
 
 # ---- the router ------------------------------------------------------------------------------------------
@@ -187,7 +189,7 @@ class ReplicaSet(EngineClient):
             self._started_ray = True
         else:
             threads = self.config.model.num_threads
-        actor = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=1)(EngineReplica)
+        actor = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, num_cpus=1)(EngineReplica)
         config = self._replica_config(threads)
         self.actors = [actor.options(name=None).remote(config, self.stall_timeout) for _ in range(self.num_replicas)]
         self.tokenizer = load_tokenizer(self.config.model.model, self.config.model.cache_dir)
