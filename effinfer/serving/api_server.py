@@ -80,7 +80,8 @@ class ServerConfig:
     """How requests pick a replica: prefix (the one likely to hold the prompt's prefix in cache, unless it is much
     busier), least_loaded or round_robin."""
     ray_address: str | None = None
-    """An existing Ray cluster for the replicas (e.g. ray://head:10001 or auto); default: a local one, started here."""
+    """An existing Ray cluster for the replicas (head-ip:6379, or auto for the one on this machine; with Ray's token
+    authentication, RAY_AUTH_MODE=token and the cluster's token); default: a local one, started here."""
 
     def __post_init__(self) -> None:
         check_failure_policy(self.on_engine_failure)
