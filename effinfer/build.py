@@ -18,7 +18,7 @@ from effinfer.compression.quant.calibrate import calibration_windows
 from effinfer.config import CacheConfig, EngineConfig, QuantConfig
 from effinfer.decoding.early_exit import EarlyExit, ExitHeads
 from effinfer.decoding.spec import DraftContext, speculator_from_config
-from effinfer.distributed.workers import TensorParallelGroup, TensorParallelRunner, load_slice
+from effinfer.distributed.workers import DriverRunner, WorkerGroup, check_plan, load_part
 from effinfer.engine import compiled_decode
 from effinfer.engine.block_manager import BlockManager
 from effinfer.engine.kv_cache import allocate_kv_cache, bytes_per_block
@@ -36,10 +36,10 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     """Load the model (unless `loaded` is given), prune it, size and allocate its KV cache, build the plug-ins
     the config names, and hand them all to an `LLMEngine`. `serving`: the engine of a long-running server,
     where `compile=None` (auto) compiles the decode step in the background."""
-    if config.parallel.tensor_parallel_size > 1:
+    if config.parallel.world_size > 1:
         if loaded is not None:
-            raise ValueError("a tensor-parallel engine loads its own slices; it cannot take a loaded model")
-        return _build_tensor_parallel(config, serving)
+            raise ValueError("a tensor- or pipeline-parallel engine loads its own parts; it cannot take a loaded model")
+        return _build_parallel(config, serving)
     mc = config.model
     if mc.num_threads:
         torch.set_num_threads(mc.num_threads)
@@ -48,12 +48,14 @@ def build_engine(config: EngineConfig, loaded: LoadedModel | None = None, servin
     return _assemble(config, loaded, device, serving)
 
 
-def _build_tensor_parallel(config: EngineConfig, serving: bool) -> LLMEngine:
-    """Rank 0's engine: start the workers, load this rank's slice (the workers load theirs meanwhile), then
-    assemble as for one process, with a runner that broadcasts each step. The workers stop if building fails."""
-    group = TensorParallelGroup.start(config)
+def _build_parallel(config: EngineConfig, serving: bool) -> LLMEngine:
+    """Rank 0's engine: check the split against the model, start the workers, load this rank's part (the workers
+    load theirs meanwhile), then assemble as for one process, with a runner that broadcasts each step. The workers
+    stop if building fails."""
+    check_plan(config)
+    group = WorkerGroup.start(config)
     try:
-        loaded = load_slice(config, 0, config.show_progress)
+        loaded = load_part(config, 0, config.show_progress)
         return _assemble(config, loaded, next(loaded.model.parameters()).device, serving, group)
     except BaseException:
         group.close()
@@ -61,7 +63,7 @@ def _build_tensor_parallel(config: EngineConfig, serving: bool) -> LLMEngine:
 
 
 def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, serving: bool,
-              group: TensorParallelGroup | None = None) -> LLMEngine:
+              group: WorkerGroup | None = None) -> LLMEngine:
     mc, cc = config.model, config.cache
     dtype = parse_dtype(mc.dtype)
     if config.quant.quantization == AUTO:   # the engine's config says what runs
@@ -82,7 +84,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, s
         compiled = compiled_decode.compile_now(loaded.model, cc.block_size, scratch_block, config.scheduler.max_num_seqs,
                                                device, config.show_progress)
     if group is not None:
-        runner = TensorParallelRunner(group, loaded.model, cc.block_size, device)
+        runner = DriverRunner(group, config, loaded.model, device)
     else:
         runner = ModelRunner(loaded.model, cc.block_size, device, compiled, _early_exit(config, loaded.model))
     speculator = None
@@ -100,7 +102,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, s
 
 def _compile_when(config: EngineConfig, serving: bool) -> str | None:
     """"now" (before the engine serves), "background" (while it serves eagerly) or None (eager)."""
-    if config.parallel.tensor_parallel_size > 1:
+    if config.parallel.world_size > 1:
         return None        # the workers run their steps eagerly, and the driver's steps must match theirs
     if config.model.compile is None:
         return "background" if serving else None
@@ -117,7 +119,7 @@ def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, kv_sizi
     cc = config.cache
     kv_mib = num_blocks * bytes_per_block(loaded.model, cc.block_size, dtype, get_kv_dtype(cc.kv_cache_dtype)) / 2**20
     weights = loaded.weights_note or ("weights " + (loaded.quantization or str(dtype).removeprefix("torch.")))
-    steps = "eager (tensor parallel)" if config.parallel.tensor_parallel_size > 1 else COMPILE_NOTES[compile_when]
+    steps = "eager (several processes)" if config.parallel.world_size > 1 else COMPILE_NOTES[compile_when]
     return (f"{weights}; decode steps {steps}; "
             f"KV cache {cc.kv_cache_dtype} {num_blocks} blocks x {cc.block_size} tokens ({kv_mib:.0f} MiB"
             f"{', resident as used' if device.type == 'cpu' else ''}; {kv_sizing}), "
@@ -126,8 +128,13 @@ def _summary(config: EngineConfig, loaded: LoadedModel, num_blocks: int, kv_sizi
 
 
 def _parallel_note(config: EngineConfig) -> str:
-    size = config.parallel.tensor_parallel_size
-    return f", tensor parallel x{size} (this rank's share of the KV)" if size > 1 else ""
+    pc = config.parallel
+    if pc.pipeline_parallel_size > 1:
+        return (f", pipeline parallel x{pc.pipeline_parallel_size}, up to {pc.num_microbatches} micro-batches "
+                "(the KV of this stage's layers)")
+    if pc.tensor_parallel_size > 1:
+        return f", tensor parallel x{pc.tensor_parallel_size} (this rank's share of the KV)"
+    return ""
 
 
 def _prune(config: EngineConfig, loaded: LoadedModel) -> dict:
@@ -164,8 +171,8 @@ def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, d
     if device.type == "cuda":
         cap = int(torch.cuda.mem_get_info(device)[0] * GPU_KV_SHARE) // block_bytes
         limit = f"{GPU_KV_SHARE:.0%} of free GPU memory"
-    else:   # tensor-parallel ranks on one CPU share its memory: each takes its part of the budget
-        ranks = config.parallel.tensor_parallel_size
+    else:   # tensor- or pipeline-parallel ranks on one CPU share its memory: each takes its part of the budget
+        ranks = config.parallel.world_size
         one_sequence = -(-seq_len // cc.block_size)
         budget = _blocks_in(CPU_KV_BUDGET_GB / ranks, loaded.model, cc.block_size, dtype, codec)
         cap = min(max(budget, one_sequence), available_memory() // 4 // ranks // block_bytes)

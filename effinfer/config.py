@@ -69,9 +69,9 @@ class CacheConfig:
     block_size: int = 16
     """Tokens per KV-cache block."""
     kv_cache_memory_gb: float | None = None
-    """Memory for the KV-cache block pool, in GiB (per tensor-parallel rank). Unset: room for max_num_seqs sequences
-    of max_model_len tokens, within 1 GiB on CPU, shared by its ranks (more if one full-length sequence needs it,
-    never past a quarter of the free RAM) and within 80% of the free memory on a GPU."""
+    """Memory for the KV-cache block pool, in GiB (per tensor- or pipeline-parallel rank). Unset: room for
+    max_num_seqs sequences of max_model_len tokens, within 1 GiB on CPU, shared by its ranks (more if one full-length
+    sequence needs it, never past a quarter of the free RAM) and within 80% of the free memory on a GPU."""
     num_blocks: int | None = None
     """Exact number of blocks; overrides kv_cache_memory_gb when set."""
     enable_prefix_caching: bool = True
@@ -249,10 +249,31 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     """Ranks that split every layer (Megatron-style: heads, MLP columns and the vocabulary) on torch.distributed, one
     process each (gloo on CPU, NCCL on GPUs); rank 0 is the engine's process. Decode steps then run eagerly."""
+    pipeline_parallel_size: int = 1
+    """Stages of consecutive layers on torch.distributed, one process each; rank 0 (the engine's process) holds the
+    first stage, embeds and samples. A step's sequences go through the stages as micro-batches, one behind the
+    other. Decode steps then run eagerly."""
+    pipeline_microbatches: int | None = None
+    """Pipeline parallelism: most micro-batches a step's sequences are split into, by tokens (default: one per
+    stage): while a stage computes one, the stage before it computes the next."""
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} must be at least 1")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "pipeline_microbatches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} and pipeline_parallel_size="
+                             f"{self.pipeline_parallel_size} do not combine yet; choose one of them")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one engine (only one of the sizes is above 1)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.pipeline_microbatches or self.pipeline_parallel_size
 
 
 @dataclass
@@ -276,20 +297,22 @@ class EngineConfig:
         if self.exit.early_exit_heads and self.spec.speculative_method:
             raise ValueError("early exit and speculative decoding do not combine: verification needs every layer's "
                              "logits (self-speculation is the lossless form of early exit)")
-        if self.parallel.tensor_parallel_size > 1:
-            self._check_tensor_parallel()
+        if self.parallel.world_size > 1:
+            self._check_parallel()
 
-    def _check_tensor_parallel(self) -> None:
-        """What does not run on a split model yet, refused before any loading."""
-        size = self.parallel.tensor_parallel_size
+    def _check_parallel(self) -> None:
+        """What does not run on a model split over processes yet, refused before any loading."""
+        pc = self.parallel
+        option = "tensor_parallel_size" if pc.tensor_parallel_size > 1 else "pipeline_parallel_size"
+        size = getattr(pc, option)
         model_drafts = self.spec.speculative_method in ("draft_model", "self")   # ngram, retrieval, lookahead: fine
         unsupported = {"early_exit_heads": self.exit.early_exit_heads, "prune": self.prune.prune,
                        f"speculative_method={self.spec.speculative_method}": model_drafts}
         given = [name for name, value in unsupported.items() if value]
         if given:
-            raise ValueError(f"tensor_parallel_size={size} does not combine with {', '.join(given)} yet")
+            raise ValueError(f"{option}={size} does not combine with {', '.join(given)} yet")
         if self.model.compile:
-            raise ValueError(f"tensor_parallel_size={size} runs decode steps eagerly; drop --compile")
+            raise ValueError(f"{option}={size} runs decode steps eagerly; drop --compile")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -54,7 +54,7 @@ class Shard:
         q_heads, kv_heads = _head_ranges(cfg.num_heads, cfg.num_kv_heads, size, rank)
         vocab_per_rank = -(-cfg.vocab_size // size)
         vocab_start = rank * vocab_per_rank
-        return cls(rank, size, q_heads, kv_heads, _split(cfg.intermediate_size, size, rank, ALIGN),
+        return cls(rank, size, q_heads, kv_heads, split_range(cfg.intermediate_size, size, rank, ALIGN),
                    range(vocab_start, min(cfg.vocab_size, vocab_start + vocab_per_rank)), vocab_per_rank, cfg.head_dim)
 
     def parallelize(self, model: nn.Module, vocab_size: int) -> nn.Module:
@@ -64,6 +64,14 @@ class Shard:
         """The architecture of this rank's slice: the model class builds it as it builds the whole."""
         return dataclasses.replace(cfg, num_heads=len(self.q_heads), num_kv_heads=len(self.kv_heads),
                                    intermediate_size=len(self.mlp_columns), vocab_size=self.vocab_per_rank)
+
+    def local_name(self, name: str) -> str:
+        """Every rank holds every layer (a part of each), under its own name."""
+        return name
+
+    def weights(self, stream):
+        """This rank's part of each (HF name, tensor) of the checkpoint stream, as it streams in."""
+        return ((name, self.slice_tensor(name, tensor)) for name, tensor in stream)
 
     def slice_tensor(self, name: str, tensor):
         """This rank's part of the HF-named checkpoint tensor `name` (a tensor or 4-bit blocks)."""
@@ -100,15 +108,15 @@ def _head_ranges(num_heads: int, num_kv_heads: int, size: int, rank: int) -> tup
     shared by several ranks, each with part of its query heads."""
     group = num_heads // num_kv_heads
     if size <= num_kv_heads:
-        kv = _split(num_kv_heads, size, rank)
+        kv = split_range(num_kv_heads, size, rank)
         return range(kv.start * group, kv.stop * group), kv
     sharing = size // num_kv_heads
     kv_head = rank // sharing
-    part = _split(group, sharing, rank % sharing)
+    part = split_range(group, sharing, rank % sharing)
     return range(kv_head * group + part.start, kv_head * group + part.stop), range(kv_head, kv_head + 1)
 
 
-def _split(total: int, parts: int, index: int, unit: int = 1) -> range:
+def split_range(total: int, parts: int, index: int, unit: int = 1) -> range:
     """Part `index` of `parts` near-equal contiguous parts of range(total), cut at multiples of `unit` when
     `total` is one (else of 1)."""
     unit = unit if total % unit == 0 and total // unit >= parts else 1

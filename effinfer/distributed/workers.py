@@ -1,14 +1,17 @@
-"""Tensor-parallel ranks as processes on torch.distributed (gloo on CPU; NCCL for CUDA tensors, gloo for messages).
+"""Tensor- and pipeline-parallel ranks as processes on torch.distributed (gloo on CPU; NCCL for CUDA tensors, gloo
+for messages).
 
 Rank 0 is the engine's own process, the driver: it schedules once, broadcasts each step's scheduled sequences,
-runs its slice of the model and samples from the gathered logits. Ranks 1..N-1 are worker processes that it
-starts and watches: each loads its slice, allocates the same KV block pool for its KV heads, then runs every
-step it is sent through its own `ModelRunner`, meeting the others in the collectives inside the model.
+runs its part of the model and samples from the logits. Ranks 1..N-1 are worker processes that it starts and
+watches: each loads its part (a tensor-parallel slice of every layer, or a pipeline stage of consecutive layers),
+allocates the same KV block pool for its KV heads or layers, then runs its part of every step it is sent: the
+whole step through its own `ModelRunner`, meeting the others in the collectives inside the model (tensor
+parallel), or its stage of the micro-batches, receiving from the stage before and sending to the next (pipeline).
 
-A worker that dies breaks the collective the driver is in (gloo reports the closed connection at once), and the
-driver then fails the step with `WorkerFailed`, naming the rank and its exit code; the engine is dead from then
-on (the engine-core process exits, and the server restarts it or stops). Workers end when the driver tells them
-to, or when its connection closes.
+A worker that dies breaks the collective, send or receive the driver is in (gloo reports the closed connection
+at once), and the driver then fails the step with `WorkerFailed`, naming the rank and its exit code; the engine
+is dead from then on (the engine-core process exits, and the server restarts it or stops). Workers end when the
+driver tells them to, or when its connection closes.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import torch.distributed as dist
 
 from effinfer.compression.quant import get_kv_dtype
 from effinfer.distributed import shm
+from effinfer.distributed.pipeline import PipelineStage
 from effinfer.distributed.sharding import Shard, use_shared_memory
+from effinfer.distributed.stages import Stage
 from effinfer.engine.kv_cache import allocate_kv_cache
 from effinfer.engine.model_runner import ModelRunner, ScheduledSeq
 from effinfer.layers.attn_backends import get_backend
-from effinfer.models import LoadedModel, load_model
+from effinfer.models import LoadedModel, load_model, model_arch_config
 from effinfer.utils import default_device, parse_dtype
 
 log = logging.getLogger(__name__)
@@ -45,44 +50,44 @@ STOP_WAIT_S = 10
 
 
 class WorkerFailed(RuntimeError):
-    """A tensor-parallel worker died or a collective failed: the engine cannot run another step."""
+    """A worker died or a collective, send or receive failed: the engine cannot run another step."""
 
 
-class TensorParallelGroup:
+class WorkerGroup:
     """The driver's side: the worker processes, the process group, and the messages it broadcasts."""
 
-    active: "TensorParallelGroup | None" = None
-    """torch.distributed has one default group per process, so one tensor-parallel engine per process."""
+    active: "WorkerGroup | None" = None
+    """torch.distributed has one default group per process, so one multi-process engine per process."""
 
-    def __init__(self, size: int, processes: list[subprocess.Popen]):
-        self.size, self.processes = size, processes
+    def __init__(self, size: int, processes: list[subprocess.Popen], kind: str):
+        self.size, self.processes, self.kind = size, processes, kind
         self.failure: str | None = None
 
     @classmethod
-    def start(cls, config) -> "TensorParallelGroup":
+    def start(cls, config) -> "WorkerGroup":
         """Start ranks 1..size-1, form the group with them as rank 0, and send them the engine's config."""
-        size = config.parallel.tensor_parallel_size
+        size, kind = config.parallel.world_size, parallel_kind(config)
         if cls.active is not None:
-            raise RuntimeError("a tensor-parallel engine is already running in this process; close it first")
+            raise RuntimeError(f"a {cls.active.kind} engine is already running in this process; close it first")
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
         backend = backend_for(config)
         if "nccl" in backend and torch.cuda.device_count() < size:
-            raise ValueError(f"tensor_parallel_size={size} needs {size} GPUs (one per rank); this machine has "
+            raise ValueError(f"{size} {kind} ranks need {size} GPUs (one per rank); this machine has "
                              f"{torch.cuda.device_count()}")
         processes = [subprocess.Popen([sys.executable, "-m", "effinfer.distributed.workers", "--port", str(store.port),
                                        "--rank", str(rank), "--size", str(size), "--backend", backend])
                      for rank in range(1, size)]
-        group = cls(size, processes)
+        group = cls(size, processes, kind)
         try:
             dist.init_process_group(backend, store=store, rank=0, world_size=size, timeout=STEP_TIMEOUT)
         except Exception as exc:
             group.kill()
-            raise WorkerFailed(f"the tensor-parallel workers did not join the group: {exc}; "
+            raise WorkerFailed(f"the {kind} workers did not join the group: {exc}; "
                                f"{group.describe_exits() or 'no worker exited'}") from exc
         cls.active = group
-        group.guard(lambda: join_shared_memory(backend, 0, size, group.workers_alive))
         group.broadcast(config)
+        group.guard(lambda: join_shared_memory(config, backend, 0, group.workers_alive))
         return group
 
     def workers_alive(self) -> bool:
@@ -101,7 +106,7 @@ class TensorParallelGroup:
         except WorkerFailed:
             raise
         except RuntimeError as exc:
-            self.failure = (f"tensor-parallel step failed: {self.describe_exits(wait_s=2.0) or 'a collective failed'} "
+            self.failure = (f"{self.kind} step failed: {self.describe_exits(wait_s=2.0) or 'a collective failed'} "
                             f"({str(exc).splitlines()[0][:200]})")
             log.error(self.failure)
             self.release()
@@ -141,16 +146,18 @@ class TensorParallelGroup:
         leave_shared_memory()
         if dist.is_initialized():
             dist.destroy_process_group()
-        if TensorParallelGroup.active is self:
-            TensorParallelGroup.active = None
+        if WorkerGroup.active is self:
+            WorkerGroup.active = None
         if self.failure is not None:
             self.kill()
 
 
-def join_shared_memory(backend: str, rank: int, size: int, alive) -> None:
-    """Ranks on one CPU host exchange the model's tensors through shared memory (`shm`): gloo's loopback TCP costs
-    a millisecond a call here. Every rank calls this at the same point, right after joining the group."""
-    if backend == "gloo" and shm.available():
+def join_shared_memory(config, backend: str, rank: int, alive) -> None:
+    """Tensor-parallel ranks on one CPU host run the model's collectives through shared memory (`shm`): gloo's
+    loopback TCP costs a millisecond a call here. Every rank calls this at the same point, right after the config
+    (pipeline stages send point to point, on gloo)."""
+    size = config.parallel.tensor_parallel_size
+    if size > 1 and backend == "gloo" and shm.available():
         use_shared_memory(shm.SharedMemoryComm(rank, size, alive))
 
 
@@ -174,41 +181,67 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
+def parallel_kind(config) -> str:
+    return "pipeline-parallel" if config.parallel.pipeline_parallel_size > 1 else "tensor-parallel"
+
+
 def rank_threads(config) -> int:
     """CPU threads per rank: the configured number, else the cores shared out between the ranks."""
-    return config.model.num_threads or max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size)
+    return config.model.num_threads or max(1, (os.cpu_count() or 1) // config.parallel.world_size)
 
 
-def load_slice(config, rank: int, show_progress: bool) -> LoadedModel:
-    """Rank `rank`'s slice of the configured model, on its device with its share of the threads (the driver and
+def part_plan(config, rank: int):
+    """(architecture) -> rank `rank`'s part: a slice of every layer (tensor parallel) or a stage of layers."""
+    pc = config.parallel
+    if pc.pipeline_parallel_size > 1:
+        return partial(Stage.plan, rank=rank, size=pc.pipeline_parallel_size)
+    return partial(Shard.plan, rank=rank, size=pc.tensor_parallel_size)
+
+
+def check_plan(config) -> None:
+    """Plan rank 0's part before any worker starts: a split that does not fit the model fails here, once and clearly
+    (and a catalog model is pulled here, once, not by every rank at the same time)."""
+    mc = config.model
+    part_plan(config, 0)(model_arch_config(mc.model, mc.cache_dir, config.show_progress))
+
+
+def load_part(config, rank: int, show_progress: bool) -> LoadedModel:
+    """Rank `rank`'s part of the configured model, on its device with its share of the threads (the driver and
     every worker load through here, so all build the same layers)."""
     mc = config.model
     torch.set_num_threads(rank_threads(config))
     device = rank_device(torch.device(default_device() if mc.device == "auto" else mc.device), rank)
-    split = partial(Shard.plan, rank=rank, size=config.parallel.tensor_parallel_size)
     return load_model(mc.model, parse_dtype(mc.dtype), str(device), mc.cache_dir, show_progress, config.quant.spec(),
-                      split)
+                      part_plan(config, rank))
 
 
-class TensorParallelRunner(ModelRunner):
-    """The driver's runner: each step's sequences go to the workers, then run here on rank 0's slice."""
+def own_part(runner: ModelRunner, config):
+    """What a rank runs of each step, (seqs, pooled) -> logits on rank 0: the whole step on its slice (tensor
+    parallel), or its stage of the step's micro-batches (pipeline parallel)."""
+    if config.parallel.pipeline_parallel_size > 1:
+        return PipelineStage(runner, config.parallel.num_microbatches, parse_dtype(config.model.dtype)).execute
+    return partial(ModelRunner.execute, runner)
 
-    def __init__(self, group: TensorParallelGroup, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.group = group
+
+class DriverRunner(ModelRunner):
+    """Rank 0's runner: each step's sequences go to the workers, then rank 0 runs its own part of the step."""
+
+    def __init__(self, group: WorkerGroup, config, model, device: torch.device):
+        super().__init__(model, config.cache.block_size, device)
+        self.group, self.own_part = group, own_part(self, config)
 
     @property
     def failure(self) -> str | None:
         """Why no step can run: a collective failed, or (noticed while idle) a worker has exited."""
         if self.group.failure is None and not self.group.workers_alive():
-            self.group.failure = f"tensor-parallel {self.group.describe_exits()}"
+            self.group.failure = f"{self.group.kind} {self.group.describe_exits()}"
             log.error(self.group.failure)
             self.group.release()
         return self.group.failure
 
     def execute(self, seqs: list[ScheduledSeq], pooled: dict | None = None) -> torch.Tensor:
         self.group.broadcast(("step", seqs, pooled is not None))
-        return self.group.guard(lambda: super(TensorParallelRunner, self).execute(seqs, pooled))
+        return self.group.guard(lambda: self.own_part(seqs, pooled))
 
     def close(self) -> None:
         self.group.close()
@@ -222,30 +255,31 @@ def receive():
 
 
 def run_worker(port: int, rank: int, size: int, backend: str) -> None:
-    """Join the group, build this rank's slice and its KV pool as the driver says, then run steps until told to stop."""
+    """Join the group, build this rank's part and its KV pool as the driver says, then run steps until told to stop."""
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=STEP_TIMEOUT)
     driver = os.getppid()
     try:
-        join_shared_memory(backend, rank, size, lambda: os.getppid() == driver)
         config = receive()
-        loaded = load_slice(config, rank, show_progress=False)
+        join_shared_memory(config, backend, rank, lambda: os.getppid() == driver)
+        loaded = load_part(config, rank, show_progress=False)
         device = next(loaded.model.parameters()).device
         cc, mc = config.cache, config.model
         num_blocks = receive()       # the driver sizes the pool; every rank holds the same block ids
         allocate_kv_cache(loaded.model, num_blocks, cc.block_size, parse_dtype(mc.dtype), device,
                           get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
-        runner = ModelRunner(loaded.model, cc.block_size, device)
+        run_step = own_part(ModelRunner(loaded.model, cc.block_size, device), config)
         while (message := receive()) is not None:
             _, seqs, pooled = message
-            runner.execute(seqs, {} if pooled else None)
+            run_step(seqs, {} if pooled else None)
     finally:
         leave_shared_memory()
         dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="an effinfer tensor-parallel worker (started by the engine)")
+    parser = argparse.ArgumentParser(description="an effinfer tensor- or pipeline-parallel worker (started by the "
+                                                 "engine)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--size", type=int, required=True)
@@ -255,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_worker(args.port, args.rank, args.size, args.backend)
     except RuntimeError as exc:   # the driver went away: nothing to report to
-        print(f"effinfer tensor-parallel worker rank {args.rank}: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+        print(f"effinfer worker rank {args.rank}: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
         code = 1
     # Leave without the interpreter's teardown: gloo's threads can abort it, and a worker holds nothing to save.
     sys.stderr.flush()

@@ -57,10 +57,10 @@ class ModelRunner:
         (`AttentionMetadata.kv_bindings`): a side model's."""
 
     failure: str | None = None
-    """Why this runner can run no more steps (a tensor-parallel worker died), or None."""
+    """Why this runner can run no more steps (a tensor- or pipeline-parallel worker died), or None."""
 
     def close(self) -> None:
-        """Release what the runner holds outside this process (tensor-parallel workers); nothing by default."""
+        """Release what the runner holds outside this process (parallel workers); nothing by default."""
 
     @torch.inference_mode()
     def execute(self, seqs: list[ScheduledSeq], pooled: dict | None = None) -> torch.Tensor:
@@ -70,7 +70,7 @@ class ModelRunner:
         input_ids, positions, meta, logit_rows = self.prepare(seqs)
         if pooled is not None and any(seq.pooling for seq in seqs):
             hidden = self.model(input_ids, positions, meta)
-            _pool(hidden, seqs, meta.query_start_loc, pooled)
+            pool_hidden(hidden, seqs, meta.query_start_loc, pooled)
             return self.model.compute_logits(hidden[logit_rows])
         if self.early_exit is not None and any(seq.exit_threshold is not None for seq in seqs):
             return self.early_exit.forward(input_ids, positions, meta, seqs, logit_rows)
@@ -109,7 +109,8 @@ class ModelRunner:
         return torch.tensor(block_table[:num_blocks], dtype=torch.long, device=self.device)
 
 
-def _pool(hidden: torch.Tensor, seqs: list[ScheduledSeq], starts: list[int], pooled: dict) -> None:
+def pool_hidden(hidden: torch.Tensor, seqs: list[ScheduledSeq], starts: list[int], pooled: dict) -> None:
+    """Each pooling sequence's final hidden rows (`starts`: its first row) -> `pooled[index in seqs]` (fp32)."""
     for i, seq in enumerate(seqs):
         rows = hidden[starts[i]:starts[i + 1]].float()
         if seq.pooling == "mean":

@@ -35,8 +35,10 @@ class LoadedModel:
 def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                cache_dir: str | None = None, show_progress: bool = True, quant: QuantSpec | None = None,
                split=None) -> LoadedModel:
-    """`split`: tensor parallelism's plan maker, (architecture) -> the part this process holds, with
-    `local_config(cfg)`, `slice_tensor(name, tensor)` and `parallelize(model, vocab_size)`; None: the whole model."""
+    """`split`: a parallel plan maker, (architecture) -> the part this process holds (a tensor-parallel slice, a
+    pipeline stage), with `local_config(cfg)` (the part's architecture, which the model class builds),
+    `local_name(name)` (a module or tensor's name in the part; None: not held), `weights(stream)` (the checkpoint
+    stream cut to the part, in its names) and `parallelize(model, vocab_size)` (after loading); None: the whole."""
     path = resolve_model_path(name, cache_dir, show_progress)
     auto = quant is not None and quant.quantization == AUTO
     if auto and is_quantized_checkpoint(path):
@@ -67,10 +69,13 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
     cfg = source.config
     if split is not None:
         if is_quantized_checkpoint(path):
-            raise ValueError("tensor parallelism does not split GPTQ/AWQ checkpoints; load the base model with "
-                             "quantization=int4 or a GGUF file instead")
+            raise ValueError("tensor and pipeline parallelism do not split GPTQ/AWQ checkpoints; load the base model "
+                             "with quantization=int4 or a GGUF file instead")
         part = split(source.config)
-        cfg, weights = part.local_config(cfg), ((n, part.slice_tensor(n, t)) for n, t in weights)
+        cfg, weights = part.local_config(cfg), part.weights(weights)
+        if quant is not None and quant.layer_methods:   # a GGUF file's per-layer plan, renamed as its layers are
+            quant.layer_methods = {local: method for name, method in quant.layer_methods.items()
+                                   if (local := part.local_name(name)) is not None}
     model = _build(cfg, weights, dtype, device, quant)
     if split is not None:
         part.parallelize(model, source.config.vocab_size)
@@ -79,6 +84,15 @@ def load_model(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cp
     # the model holds no view of the file: dropping the source unmaps it (its pages leave resident memory)
     return LoadedModel(model, source.tokenizer(), source.config, path,
                        quantization=quant.quantization if quant else None, weights_note=weights_note)
+
+
+def model_arch_config(name: str, cache_dir: str | None = None, show_progress: bool = True) -> ArchConfig:
+    """The architecture of a catalog name (pulled if needed), GGUF file or HF folder, or of a quantized
+    checkpoint's base model, without reading any weight."""
+    path = resolve_model_path(name, cache_dir, show_progress)
+    if is_quantized_checkpoint(path):
+        path = resolve_model_path(read_config(path)["base_model"], cache_dir, show_progress)
+    return open_source(path, cache_dir).config
 
 
 def _build(cfg: ArchConfig, weights, dtype: torch.dtype, device: str, quant: QuantSpec | None = None) -> nn.Module:
