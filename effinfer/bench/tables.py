@@ -23,7 +23,7 @@ from typing import Callable
 
 from effinfer.bench.provenance import REPO_ROOT, RESULTS_DIR
 
-DOCS = ("README.md", "benchmarks/README.md", "docs/techniques.md", "docs/configuration.md")
+DOCS = ("README.md", "benchmarks/README.md", "docs/techniques.md", "docs/configuration.md", "docs/scaling.md")
 """The files whose marked regions `bench report` renders (relative to the repository root)."""
 
 REGION = re.compile(r"^(<!-- table: (?P<name>[\w-]+)(?::(?P<record>[\w.-]+))? -->\r?\n)"
@@ -301,3 +301,33 @@ def tune_table(results: Path, name: str) -> str:
                  f"{versus['ratio']:.2f}x{interval}" + (", a tie within the interval." if versus["tie"] else "."))
     note += "\n"
     return markdown_table(header, "lrrrrl", rows) + note + source(f"{name}.json", record)
+
+
+@table("simulate_routing")
+def simulate_routing_table(results: Path) -> str:
+    """benchmarks/simulate_routing.py's record: each policy at each replica count, the router's limit, and the
+    replica model replayed against measured records."""
+    record = load(results, "simulate_routing.json")
+    rows = [[f"{r['replicas']:,}", r["policy"], f"{r['hit_rate']:.0%}", f"{number(r['p50_ttft_ms'], 0)} ms",
+             f"{number(r['p99_ttft_ms'], 0)} ms", number(r["output_tok_s_per_replica"]), f"{r['router_utilisation']:.1e}"]
+            for r in record["runs"]]
+    header = ["replicas", "policy", "prompt tokens from cache", "TTFT p50", "TTFT p99", "output tok/s per replica",
+              "router utilisation"]
+    rate = record["config"]["study"]["rate_per_replica"]
+    routers = " ".join(f"{policy}: {s['cost_us_intercept']:.1f} + {s['cost_us_per_replica']:.4f} x replicas us per "
+                       f"request, one router saturates at {s['saturation_replicas']:,.0f} replicas "
+                       f"({s['saturation_replicas'] * rate:,.0f} requests/s)."
+                       for policy, s in record["router_saturation"].items())
+    checks = [[f"`{v['record']}` ({str(v.get('commit') or '-')[:10]})", v["configuration"], metric.replace("_", " "),
+               _figure(m["measured"]), _figure(m["simulated"]), "-" if m["rel_error"] is None else f"{m['rel_error']:+.0%}"]
+              for v in record["validation"] for metric, m in v["metrics"].items()]
+    return (markdown_table(header, "rlrrrrr", rows)
+            + f"\n{rate:g} requests/s per replica. Routing cost (measured) and the router's limit: {routers}\n\n"
+            + markdown_table(["measured record (commit)", "configuration", "metric", "measured", "simulated", "error"],
+                             "lllrrr", checks)
+            + source("simulate_routing.json", record))
+
+
+def _figure(value: float) -> str:
+    """Three decimals below 10 (hit rates, seconds), one above."""
+    return number(value, 3 if abs(value) < 10 else 1)

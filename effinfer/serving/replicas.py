@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from effinfer.core_process import EngineInfo
 from effinfer.outputs import EngineStats
@@ -44,12 +43,12 @@ MAX_RESTARTS = 5
 
 
 # ---- the router ------------------------------------------------------------------------------------------
-def prefix_hashes(prompt_ids: list[int], block_size: int, max_blocks: int = ROUTE_BLOCKS) -> list[bytes]:
-    """Chained hashes of the prompt's full leading blocks: equal hashes mean equal prefixes up to that block."""
-    hashes, previous = [], b""
+def prefix_hashes(prompt_ids: list[int], block_size: int, max_blocks: int = ROUTE_BLOCKS) -> list[int]:
+    """Chained hashes of the prompt's full leading blocks: equal hashes mean equal prefixes up to that block
+    (Python's hash of a tuple of ints: the same in every process, and ~1 us a block)."""
+    hashes, previous = [], 0
     for start in range(0, min(len(prompt_ids) // block_size, max_blocks) * block_size, block_size):
-        block = ",".join(map(str, prompt_ids[start:start + block_size])).encode()
-        previous = hashlib.blake2b(previous + block, digest_size=16).digest()
+        previous = hash((previous, *prompt_ids[start:start + block_size]))
         hashes.append(previous)
     return hashes
 
@@ -60,18 +59,24 @@ class ReplicaLoad:
 
     in_flight: int = 0
     healthy: bool = True
-    blocks: collections.OrderedDict = field(default_factory=collections.OrderedDict)
-    """Prefix block hashes routed here, oldest first."""
 
 
 class Router:
-    """Picks a replica per request, by policy; counts requests in flight per replica (the caller says when one ends)."""
+    """Picks a replica per request, by policy; counts requests in flight per replica (the caller says when one ends).
+
+    For prefix routing one table maps each remembered block hash to the replicas it was sent to (least recently
+    routed forgotten first), so a decision walks the prompt's blocks once, whatever the number of replicas."""
 
     def __init__(self, num_replicas: int, policy: str = "prefix", block_size: int = 16, max_imbalance: int = 4):
         if policy not in ROUTING:
             raise ValueError(f"routing={policy!r} is not supported; choose from {', '.join(ROUTING)}")
         self.policy, self.block_size, self.max_imbalance = policy, block_size, max_imbalance
         self.replicas = [ReplicaLoad() for _ in range(num_replicas)]
+        self.owners: collections.OrderedDict[int, set[int]] = collections.OrderedDict()
+        """Block hash -> the replicas that were sent a prompt with that prefix, oldest first."""
+        self.max_remembered = REMEMBERED_BLOCKS * num_replicas
+        self.cached_blocks = [0] * num_replicas
+        """Per replica: remembered block hashes it holds (what the router has filled its cache with)."""
         self._turn = itertools.count()
 
     def choose(self, prompt_ids: list[int], exclude: frozenset = frozenset()) -> int:
@@ -84,12 +89,11 @@ class Router:
         if self.policy == "least_loaded":
             return least
         hashes = prefix_hashes(prompt_ids, self.block_size)
-        matched = {i: self._matched(i, hashes) for i in candidates}
-        longest = max(matched.values())
-        if longest:     # the replica with the longest cached prefix, the least busy of those
-            best = min((i for i in candidates if matched[i] == longest), key=lambda i: self.replicas[i].in_flight)
-        elif hashes:    # a prefix seen nowhere: a home chosen by its first block, so that new prefixes spread
-            best = candidates[int.from_bytes(hashes[0][:8], "little") % len(candidates)]
+        holders = self._longest_holders(hashes, set(candidates))
+        if holders:     # the replicas with the longest cached prefix: the least busy of them
+            best = min(holders, key=lambda i: self.replicas[i].in_flight)
+        elif hashes:    # a prefix seen nowhere: the replica with the fewest prefix blocks so far, so caches fill evenly
+            best = min(candidates, key=lambda i: (self.cached_blocks[i], self.replicas[i].in_flight))
         else:           # shorter than a block: nothing to cache
             best = least
         if self.replicas[best].in_flight - self.replicas[least].in_flight > self.max_imbalance:
@@ -97,17 +101,26 @@ class Router:
         self._remember(best, hashes)
         return best
 
-    def _matched(self, index: int, hashes: list[bytes]) -> int:
-        blocks = self.replicas[index].blocks
-        return next((n for n, h in enumerate(hashes) if h not in blocks), len(hashes))
-
-    def _remember(self, index: int, hashes: list[bytes]) -> None:
-        blocks = self.replicas[index].blocks
+    def _longest_holders(self, hashes: list[int], candidates: set[int]) -> set[int]:
+        """The candidates that were sent the longest run of this prompt's leading blocks (empty: none was sent any)."""
+        holders: set[int] = set()
         for h in hashes:
-            blocks[h] = None
-            blocks.move_to_end(h)
-        while len(blocks) > REMEMBERED_BLOCKS:
-            blocks.popitem(last=False)
+            narrowed = (holders or candidates) & self.owners.get(h, set())
+            if not narrowed:
+                break
+            holders = narrowed
+        return holders
+
+    def _remember(self, index: int, hashes: list[int]) -> None:
+        for h in hashes:
+            owners = self.owners.setdefault(h, set())
+            if index not in owners:
+                owners.add(index)
+                self.cached_blocks[index] += 1
+            self.owners.move_to_end(h)
+        while len(self.owners) > self.max_remembered:
+            for owner in self.owners.popitem(last=False)[1]:
+                self.cached_blocks[owner] -= 1
 
     def started(self, index: int) -> None:
         self.replicas[index].in_flight += 1
@@ -117,7 +130,9 @@ class Router:
 
     def forget(self, index: int) -> None:
         """A replica restarted: its cache is empty."""
-        self.replicas[index].blocks.clear()
+        for owners in self.owners.values():
+            owners.discard(index)
+        self.cached_blocks[index] = 0
 
 
 # ---- a replica: a Ray actor around an engine on a thread ---------------------------------------------------
@@ -182,9 +197,9 @@ class ReplicaSet(EngineClient):
 
         if not ray.is_initialized():
             threads = self.config.model.num_threads or max(1, (os.cpu_count() or 1) // self.num_replicas)
-            options = {"address": self.ray_address} if self.ray_address else {
-                "num_cpus": max(os.cpu_count() or 1, self.num_replicas), "object_store_memory": 256 << 20,
-                "include_dashboard": False}
+            options = {"address": self.ray_address} if self.ray_address else {   # "local": a new cluster, here
+                "address": "local", "num_cpus": max(os.cpu_count() or 1, self.num_replicas),
+                "object_store_memory": 256 << 20, "include_dashboard": False}
             ray.init(log_to_driver=True, configure_logging=False, **options)
             self._started_ray = True
         else:
