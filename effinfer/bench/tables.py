@@ -244,6 +244,25 @@ def tensor_parallel_table(results: Path) -> str:
             + f"\n{record['model']}; both gave {same} greedy tokens.\n" + source("tensor_parallel_qwen05.json", record))
 
 
+@table("replicas")
+def replicas_table(results: Path) -> str:
+    """One replica against two behind round-robin and prefix-aware routing, on the shared-prefix workload."""
+    record = load(results, "replicas_smollm2.json")
+    rows = []
+    for name, s in record["summary"].items():
+        p50 = s["ttft_p50_s"]
+        bounds = f" [{p50['low']:.2f}, {p50['high']:.2f}]" if p50["low"] is not None else ""
+        rows.append([name, f"{s['prefix_hit_rate']:.0%}", f"{p50['value']:.2f} s{bounds}", f"{s['ttft_p99_s']:.2f} s",
+                     number(s["output_tok_s"])])
+    settings = record["settings"]
+    note = (f"\n{record['model']}; {settings['requests']} requests from {settings['concurrency']} concurrent clients, "
+            f"{settings['tenants']} system prompts of {settings['system_tokens']} tokens, {settings['output_tokens']} "
+            f"output tokens each; each replica's KV pool {settings['kv_cache_memory_gb']} GiB; {settings['threads']} "
+            "threads shared out between the replicas.\n")
+    return (markdown_table(["", "prompt tokens from cache", "TTFT p50 [95% CI]", "TTFT p99", "output tok/s"], "lrrrr",
+                           rows) + note + source("replicas_smollm2.json", record))
+
+
 @table("compare")
 def compare_table(results: Path, name: str) -> str:
     """Any `bench compare` record: each throughput/latency metric per configuration, as its mean and its ratio
