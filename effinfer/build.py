@@ -71,7 +71,7 @@ def _assemble(config: EngineConfig, loaded: LoadedModel, device: torch.device, s
     if config.prune.prune:
         loaded.prune_report = _prune(config, loaded)
     compile_when = _compile_when(config, serving)
-    num_blocks, kv_sizing = _num_blocks(config, loaded, dtype, device)
+    num_blocks, kv_sizing = _num_blocks(config, loaded, dtype, device, group.widest_kv if group is not None else 1.0)
     block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
     scratch_block = block_manager.num_blocks     # one block past the manager's: only compile warm-ups use it
     if group is not None:
@@ -157,15 +157,18 @@ GPU_KV_SHARE = 0.8
 """The auto-sized pool's share of the GPU memory free after the weights (the rest: activations, graphs)."""
 
 
-def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, device: torch.device) -> tuple[int, str]:
-    """Blocks in the KV pool, and how that was decided (for the start-up line)."""
+def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, device: torch.device,
+                widest: float = 1.0) -> tuple[int, str]:
+    """Blocks in the KV pool, and how that was decided (for the start-up line). `widest`: the bytes of a block on
+    the rank that holds the most KV (most heads or layers) over this rank's; every rank allocates the same count, so
+    that rank's memory is what bounds it."""
     cc = config.cache
     if cc.num_blocks:
         return cc.num_blocks, "num_blocks"
     codec = get_kv_dtype(cc.kv_cache_dtype)
+    block_bytes = int(bytes_per_block(loaded.model, cc.block_size, dtype, codec) * widest)
     if cc.kv_cache_memory_gb is not None:
-        return _blocks_in(cc.kv_cache_memory_gb, loaded.model, cc.block_size, dtype, codec), "kv_cache_memory_gb"
-    block_bytes = bytes_per_block(loaded.model, cc.block_size, dtype, codec)
+        return max(1, int(cc.kv_cache_memory_gb * 2**30) // block_bytes), "kv_cache_memory_gb"
     seqs, seq_len = config.scheduler.max_num_seqs, config.scheduler.max_model_len or loaded.config.max_position_embeddings
     wanted = seqs * -(-seq_len // cc.block_size)
     if device.type == "cuda":
@@ -174,7 +177,7 @@ def _num_blocks(config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, d
     else:   # tensor- or pipeline-parallel ranks on one CPU share its memory: each takes its part of the budget
         ranks = config.parallel.world_size
         one_sequence = -(-seq_len // cc.block_size)
-        budget = _blocks_in(CPU_KV_BUDGET_GB / ranks, loaded.model, cc.block_size, dtype, codec)
+        budget = max(1, int(CPU_KV_BUDGET_GB / ranks * 2**30) // block_bytes)
         cap = min(max(budget, one_sequence), available_memory() // 4 // ranks // block_bytes)
         limit = "the CPU budget (--kv-cache-memory-gb sets the size)"
     if wanted <= cap:

@@ -197,11 +197,12 @@ def run_step(step, engine) -> tuple[list, list[str]]:
     """(outputs, []) of one engine step (`step`: `engine.step` or `engine.core_step`); if it raises, ([], the ids
     of every request in the engine), each aborted (its blocks freed): a failed step ends the requests in it, not
     the loop that runs it."""
+    held = list(engine.requests)     # before the step: a dead runner makes the engine end them itself
     try:
         return step(), []
     except Exception:
         log.exception("engine step failed; failing the requests in it")
-        failed = list(engine.requests)
+        failed = list(dict.fromkeys(held + list(engine.requests)))
         for rid in failed:
             engine.abort(rid)
         return [], failed

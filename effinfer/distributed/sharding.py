@@ -29,7 +29,6 @@ ALIGN = 32
 """Split points inside a matrix's input dimension fall on multiples of this where the size allows: a GGUF 4-bit
 block and effinfer's int4 group are 32 values along the input, so a split there cuts no block."""
 
-ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 COLUMN_SPLIT = ("o_proj", "down_proj")
 VOCAB_SPLIT = ("model.embed_tokens.weight", "lm_head.weight")
 

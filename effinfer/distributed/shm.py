@@ -88,7 +88,7 @@ class SharedMemoryComm:
         return tensor.copy_(total)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """[size * rows, ...]: each rank's tensor, in rank order, along a new leading axis folded into the first."""
+        """[size, *shape]: each rank's tensor, in rank order, along a new leading axis."""
         return self._publish(tensor).clone()
 
     def close(self) -> None:

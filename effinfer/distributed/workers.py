@@ -59,8 +59,11 @@ class WorkerGroup:
     active: "WorkerGroup | None" = None
     """torch.distributed has one default group per process, so one multi-process engine per process."""
 
-    def __init__(self, size: int, processes: list[subprocess.Popen], kind: str):
+    def __init__(self, size: int, processes: list[subprocess.Popen], kind: str, widest_kv: float = 1.0):
         self.size, self.processes, self.kind = size, processes, kind
+        self.widest_kv = widest_kv
+        """KV bytes per block of the rank that holds the most (heads x layers) over rank 0's, which holds the least:
+        the pool is sized for that rank, since every rank allocates the same block count."""
         self.failure: str | None = None
 
     @classmethod
@@ -72,13 +75,14 @@ class WorkerGroup:
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=START_TIMEOUT_S))
         backend = backend_for(config)
+        widest = widest_kv_share(config)      # before any worker starts: it reads the model's architecture
         if "nccl" in backend and torch.cuda.device_count() < size:
             raise ValueError(f"{size} {kind} ranks need {size} GPUs (one per rank); this machine has "
                              f"{torch.cuda.device_count()}")
         processes = [subprocess.Popen([sys.executable, "-m", "effinfer.distributed.workers", "--port", str(store.port),
                                        "--rank", str(rank), "--size", str(size), "--backend", backend])
                      for rank in range(1, size)]
-        group = cls(size, processes, kind)
+        group = cls(size, processes, kind, widest)
         try:
             dist.init_process_group(backend, store=store, rank=0, world_size=size, timeout=STEP_TIMEOUT)
         except Exception as exc:
@@ -86,8 +90,13 @@ class WorkerGroup:
             raise WorkerFailed(f"the {kind} workers did not join the group: {exc}; "
                                f"{group.describe_exits() or 'no worker exited'}") from exc
         cls.active = group
-        group.broadcast(config)
-        group.guard(lambda: join_shared_memory(config, backend, 0, group.workers_alive))
+        try:
+            group.broadcast(config)
+            group.guard(lambda: join_shared_memory(config, backend, 0, group.workers_alive))
+        except BaseException:
+            group.failure = group.failure or "the workers could not be set up"
+            group.release()
+            raise
         return group
 
     def workers_alive(self) -> bool:
@@ -111,6 +120,10 @@ class WorkerGroup:
             log.error(self.failure)
             self.release()
             raise WorkerFailed(self.failure) from exc
+        except BaseException as exc:   # Ctrl-C or a bug on rank 0 mid-step: the workers wait in a collective forever
+            self.failure = f"{self.kind} step interrupted on rank 0 ({type(exc).__name__}); the workers were stopped"
+            self.release()
+            raise
 
     def describe_exits(self, wait_s: float = 0.0) -> str:
         """Which workers have exited, and how (waits up to `wait_s` for one that is on its way out)."""
@@ -198,6 +211,17 @@ def part_plan(config, rank: int):
     return partial(Shard.plan, rank=rank, size=pc.tensor_parallel_size)
 
 
+def widest_kv_share(config) -> float:
+    """KV bytes per block of the rank with the most KV heads x layers, over rank 0's."""
+    mc = config.model
+    arch = model_arch_config(mc.model, mc.cache_dir, False)
+    sizes = []
+    for rank in range(config.parallel.world_size):
+        local = part_plan(config, rank)(arch).local_config(arch)
+        sizes.append(local.num_kv_heads * local.num_layers)
+    return max(sizes) / sizes[0]
+
+
 def check_plan(config) -> None:
     """Plan rank 0's part before any worker starts: a split that does not fit the model fails here, once and clearly
     (and a catalog model is pulled here, once, not by every rank at the same time)."""
@@ -266,6 +290,8 @@ def run_worker(port: int, rank: int, size: int, backend: str) -> None:
         device = next(loaded.model.parameters()).device
         cc, mc = config.cache, config.model
         num_blocks = receive()       # the driver sizes the pool; every rank holds the same block ids
+        if num_blocks is None:       # the driver failed to build its part and stopped us
+            return
         allocate_kv_cache(loaded.model, num_blocks, cc.block_size, parse_dtype(mc.dtype), device,
                           get_backend(mc.attention_backend), get_kv_dtype(cc.kv_cache_dtype))
         run_step = own_part(ModelRunner(loaded.model, cc.block_size, device), config)
@@ -288,8 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     try:
         run_worker(args.port, args.rank, args.size, args.backend)
-    except RuntimeError as exc:   # the driver went away: nothing to report to
-        print(f"effinfer worker rank {args.rank}: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+    except Exception as exc:   # the driver went away, or this rank could not load: the driver reports the exit
+        first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"effinfer worker rank {args.rank}: {type(exc).__name__}: {first_line}", file=sys.stderr)
         code = 1
     # Leave without the interpreter's teardown: gloo's threads can abort it, and a worker holds nothing to save.
     sys.stderr.flush()

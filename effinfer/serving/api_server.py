@@ -87,6 +87,8 @@ class ServerConfig:
         check_failure_policy(self.on_engine_failure)
         if self.replicas < 1:
             raise ValueError(f"replicas={self.replicas} must be at least 1")
+        if (self.replicas > 1 or self.ray_address) and not self.engine_process:
+            raise ValueError("replicas run their engines on Ray; drop --no-engine-process")
         if self.routing not in ROUTING:
             raise ValueError(f"routing={self.routing!r} is not supported; choose from {', '.join(ROUTING)}")
         for name in ("engine_stall_timeout", "drain_timeout"):

@@ -193,6 +193,8 @@ class ThreadEngine(EngineClient):
     def dead_reason(self) -> str | None:
         if self._stopping:
             return "the server is shutting down"
+        if self.engine.runner.failure:     # e.g. a tensor-parallel worker died: no step can run again
+            return f"the engine failed: {self.engine.runner.failure}"
         return None if self._thread.is_alive() else "the engine loop is not running"
 
     def _submit(self, command: tuple) -> None:
@@ -237,8 +239,9 @@ class ThreadEngine(EngineClient):
     def _step(self) -> None:
         started = time.perf_counter()
         outputs, failed = run_step(self.engine.step, self.engine)
+        fatal = self.engine.runner.failure
         for rid in failed:
-            self._call(self.deliver, rid, EngineRequestError(STEP_FAILED))
+            self._call(self.deliver, rid, EngineRequestError(f"the engine failed: {fatal}" if fatal else STEP_FAILED))
         for out in outputs:
             self._call(self.deliver, out.request_id, out)
         self._call(self.report_progress, self.engine.stats(), outputs, time.perf_counter() - started)

@@ -38,6 +38,8 @@ ROUTE_BLOCKS = 64
 REMEMBERED_BLOCKS = 100_000
 """Block hashes remembered per replica (least recently routed forgotten first), about a large KV pool's worth."""
 POLL_SECONDS = 1.0
+START_TIMEOUT_S = 900
+"""How long the replicas may take to build their engines (a large model, a first pull) before start-up gives up."""
 MAX_RESTARTS = 5
 """Ray restarts a replica that dies this many times; after that it stays down and the others serve."""
 
@@ -191,8 +193,10 @@ class ReplicaSet(EngineClient):
 
     def start(self) -> None:
         """Start (or join) Ray, create the replicas and wait until every one has built its engine."""
-        import ray
-
+        try:
+            import ray
+        except ImportError as exc:
+            raise RuntimeError("replicas run on Ray, which is not installed: pip install 'ray>=2.40'") from exc
         from effinfer.loader.source import load_tokenizer
 
         if not ray.is_initialized():
@@ -200,23 +204,42 @@ class ReplicaSet(EngineClient):
             options = {"address": self.ray_address} if self.ray_address else {   # "local": a new cluster, here
                 "address": "local", "num_cpus": max(os.cpu_count() or 1, self.num_replicas),
                 "object_store_memory": 256 << 20, "include_dashboard": False}
-            ray.init(log_to_driver=True, configure_logging=False, **options)
+            try:
+                ray.init(log_to_driver=True, configure_logging=False, **options)
+            except (ConnectionError, ValueError) as exc:
+                raise RuntimeError(f"could not start or join Ray ({self.ray_address or 'a local cluster'}): {exc}") from exc
             self._started_ray = True
         else:
             threads = self.config.model.num_threads
-        actor = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, num_cpus=1)(EngineReplica)
+        actor = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0, num_cpus=1,
+                           num_gpus=self._gpus_per_replica(ray))(EngineReplica)
         config = self._replica_config(threads)
         self.actors = [actor.options(name=None).remote(config, self.stall_timeout) for _ in range(self.num_replicas)]
         self.tokenizer = load_tokenizer(self.config.model.model, self.config.model.cache_dir)
         try:
-            infos = ray.get([a.info.remote() for a in self.actors])
+            infos = ray.get([a.info.remote() for a in self.actors], timeout=START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            self.stop()
+            raise RuntimeError(f"the replicas did not start within {START_TIMEOUT_S} s: the cluster may lack what each "
+                               f"asks for ({self._demand(ray)})") from None
         except Exception as exc:
             self.stop()
-            raise RuntimeError(f"the replicas could not start: {exc}") from exc
+            raise RuntimeError(f"the replicas could not start: {_cause(exc)}") from exc
         self.info = infos[0][0]
         self.pids = [pid for _, pid in infos]
         self.info.summary = f"{self.num_replicas} replicas on Ray ({self.router.policy} routing); each: {self.info.summary}"
         self.info.settings = {**self.info.settings, "replicas": str(self.num_replicas), "routing": self.router.policy}
+
+    def _gpus_per_replica(self, ray) -> int:
+        """One GPU each where the replicas run on GPUs (asked for, or `auto` on a cluster with a GPU per replica), so
+        that Ray places them on different GPUs; none for CPU replicas."""
+        device, ranks = self.config.model.device, self.config.parallel.world_size   # a split replica: a GPU a rank
+        if device.startswith("cuda"):
+            return ranks
+        return ranks if device == "auto" and ray.cluster_resources().get("GPU", 0) >= self.num_replicas * ranks else 0
+
+    def _demand(self, ray) -> str:
+        return f"1 CPU and {self._gpus_per_replica(ray)} GPUs each"
 
     def _replica_config(self, threads: int | None):
         import dataclasses
@@ -288,6 +311,9 @@ class ReplicaSet(EngineClient):
                 self.report_progress(self.stats, [item[1]], None)     # token counters, between polls
                 yield item
             finished = True
+        except ray.exceptions.RayTaskError as exc:   # the replica refused it (a bad request): its own error, no traceback
+            finished = True
+            raise _cause(exc) from None
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             finished = True
             self.router.replicas[index].healthy = False
@@ -317,6 +343,12 @@ class ReplicaSet(EngineClient):
                 self.replica_stats[index] = stats
             self.report_progress(sum_stats(self.replica_stats), [], None)
             await asyncio.sleep(POLL_SECONDS)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised, without Ray's wrapping (whose text is the remote traceback)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
 
 
 class ReplicaLost(RuntimeError):

@@ -110,6 +110,14 @@ def test_two_stages_give_one_process_greedy_outputs_in_fp32(tiny_folder):
     assert greedy(str(tiny_folder), pipeline_parallel_size=2, **COMMON) == greedy(str(tiny_folder), **COMMON)
 
 
+def test_three_stages_pass_each_micro_batch_through_a_middle_stage(tmp_path):
+    """With 3 stages rank 1 receives from rank 0 and sends to rank 2 (with 2, "next" and "back to rank 0" coincide):
+    Gemma 3's 3 layers, one a stage, sliding, sliding, global."""
+    save_tiny_folder("gemma3", tmp_path)
+    options = {**COMMON, "pipeline_microbatches": 3}
+    assert greedy(str(tmp_path), pipeline_parallel_size=3, **options) == greedy(str(tmp_path), **COMMON)
+
+
 @pytest.mark.parametrize("microbatches", [1, 3])
 def test_any_number_of_micro_batches_gives_the_same_outputs_scores_and_embeddings(llama_folder, microbatches):
     """Embeddings pool every row of the last stage; scores take logits at every position."""
@@ -141,7 +149,7 @@ def test_the_engine_core_process_runs_the_pipeline_and_exits_when_a_stage_dies(l
         llm.engine.step()
         [worker] = worker_pids(llm.engine.pid)
         os.kill(worker, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match="worker rank 1 exited with code -9|the engine process died"):
+        with pytest.raises(RuntimeError, match="worker rank 1 exited with code -9"):
             deadline = time.monotonic() + 30
             while llm.engine.has_unfinished() and time.monotonic() < deadline:
                 llm.engine.step()

@@ -101,6 +101,13 @@ def test_two_ranks_give_one_rank_greedy_outputs_in_fp32(tiny_folder):
     assert greedy(str(tiny_folder), 2, **COMMON) == greedy(str(tiny_folder), 1, **COMMON)
 
 
+def test_three_ranks_pad_the_vocabulary_and_share_one_kv_head(tmp_path):
+    """Gemma 3 tiny at 3 ranks: 256 words in 3 slices of 86 (the last padded), one KV head replicated on all three,
+    its 4 query heads split 1 + 1 + 2."""
+    save_tiny_folder("gemma3", tmp_path)
+    assert greedy(str(tmp_path), 3, **COMMON) == greedy(str(tmp_path), 1, **COMMON)
+
+
 def test_smollm2_split_unevenly_gives_the_same_greedy_text(smollm2_path):
     options = dict(dtype="float32", quantization="none", show_progress=False, kv_cache_memory_gb=0.05, max_num_seqs=4)
     prompts = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):"]
@@ -193,7 +200,7 @@ def test_the_core_process_fails_its_requests_and_exits_when_a_worker_dies(llama_
         llm.engine.step()
         [worker] = worker_pids(llm.engine.pid)
         os.kill(worker, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match="worker rank 1 exited with code -9|the engine process died"):
+        with pytest.raises(RuntimeError, match="worker rank 1 exited with code -9"):
             deadline = time.monotonic() + 60
             while llm.engine.has_unfinished() and time.monotonic() < deadline:
                 for output in llm.engine.step():
