@@ -19,7 +19,7 @@ from effinfer.distributed.stages import Stage
 from effinfer.distributed.workers import WorkerFailed
 from effinfer.engine.model_runner import ScheduledSeq
 from effinfer.loader.arch_config import ArchConfig
-from tests.distributed.test_tensor_parallel import worker_pids
+from tests.helpers import worker_pids
 from tests.tiny_models import save_tiny_folder
 
 COMMON = dict(dtype="float32", show_progress=False, num_blocks=64, max_num_seqs=8, max_model_len=256)

@@ -17,6 +17,7 @@ from effinfer import LLM, SamplingParams
 from effinfer.distributed.sharding import Shard, check_splittable
 from effinfer.distributed.workers import WorkerFailed
 from effinfer.loader.arch_config import ArchConfig
+from tests.helpers import worker_pids
 from tests.tiny_models import save_tiny_folder
 
 COMMON = dict(dtype="float32", show_progress=False, num_blocks=64, max_num_seqs=8, max_model_len=256)
@@ -146,25 +147,6 @@ def test_what_a_split_model_cannot_run_yet_is_refused(tiny_folder):
 
 
 # ---- a worker that dies ---------------------------------------------------------------------------------------
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from /proc)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
-def worker_pids(parent: int) -> list[int]:
-    return [p for p in child_pids(parent)
-            if b"effinfer.distributed.workers" in Path(f"/proc/{p}/cmdline").read_bytes()]
-
-
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama-tp")
