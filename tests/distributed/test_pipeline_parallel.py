@@ -161,13 +161,6 @@ def test_the_engine_core_process_runs_the_pipeline_and_exits_when_a_stage_dies(l
 
 
 # ---- a stage that dies -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-pp")
-    save_tiny_folder("llama", path)
-    return path
-
-
 def test_a_dead_stage_fails_the_step_with_its_rank_and_frees_every_block(llama_folder):
     llm = LLM(str(llama_folder), pipeline_parallel_size=2, **COMMON)
     try:

@@ -147,13 +147,6 @@ def test_what_a_split_model_cannot_run_yet_is_refused(tiny_folder):
 
 
 # ---- a worker that dies ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-tp")
-    save_tiny_folder("llama", path)
-    return path
-
-
 def test_a_dead_worker_fails_the_step_with_its_rank_and_exit_code(llama_folder):
     llm = LLM(str(llama_folder), tensor_parallel_size=2, **COMMON)
     try:
